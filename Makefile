@@ -1,0 +1,50 @@
+# Every target creates what it needs: the venv with the pinned packages, the pinned CDK CLI.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+CDK := node_modules/.bin/cdk
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+
+# Settings for `make deploy`/`make synth`, e.g. make deploy CONTEXT="-c num_nodes=4".
+CONTEXT ?=
+# Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
+ARGS ?=
+
+.PHONY: venv dev cli test lint synth deploy destroy local rehearse clean
+
+$(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(CDK): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+venv: $(VENV)/.runtime
+dev: $(VENV)/.dev
+cli: $(CDK)
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+test: dev cli
+	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest
+
+synth: venv cli
+	$(CDK) synth $(CONTEXT)
+
+deploy: venv cli
+	$(CDK) deploy $(CONTEXT)
+
+destroy: venv cli
+	$(CDK) destroy $(CONTEXT)
+
+clean:
+	rm -rf cdk.out .pytest_cache .ruff_cache

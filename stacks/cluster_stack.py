@@ -1,0 +1,265 @@
+"""The training cluster: network, role, artifacts bucket, payload and N identical nodes."""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
+from stacks.payload import payload_asset
+from stacks.user_data import render_boot_script
+
+UBUNTU_AMI_PARAMETER = (
+    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+)
+VPC_CIDR = "10.42.0.0/16"
+ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs' root device
+INITIAL_PHASE = "booting"
+
+
+def _ack(scope: Construct, rule: str, reason: str) -> None:
+    cdk.Validations.of(scope).acknowledge(cdk.Acknowledgment(id=rule, reason=reason))
+
+
+class ClusterStack(cdk.Stack):
+    def __init__(self, scope: Construct, construct_id: str, *, config: ClusterConfig) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            stack_name=config.stack_name,
+            description=(
+                f"Lightning Fabric training cluster: {config.num_nodes} x {config.instance_type}, "
+                f"{config.devices_per_node} {config.accelerator} device(s) per node"
+            ),
+        )
+        self.config = config
+        self.vpc = self._network()
+        self.security_group = self._security_group()
+        self.bucket = self._artifacts_bucket()
+        self.payload = payload_asset(self, "Payload", config.script)
+        self.phase_parameters = [
+            ssm.StringParameter(
+                self,
+                f"Node{rank}Phase",
+                parameter_name=config.phase_parameter(rank),
+                string_value=INITIAL_PHASE,
+                description=f"Phase of node {rank}, written by its node agent",
+            )
+            for rank in range(config.num_nodes)
+        ]
+        self.role = self._node_role()
+        self.nodes = self._nodes()
+        self.main_address = ssm.StringParameter(
+            self,
+            "MainAddress",
+            parameter_name=config.main_address_parameter,
+            string_value=self.nodes[0].instance_private_ip,
+            description="Private IP of node 0, the main node of fabric run",
+        )
+        self._outputs()
+
+    def _network(self) -> ec2.Vpc:
+        # One public subnet in one AZ: nodes are close together and no NAT gateway bills.
+        vpc = ec2.Vpc(
+            self,
+            "Vpc",
+            ip_addresses=ec2.IpAddresses.cidr(VPC_CIDR),
+            max_azs=1,
+            nat_gateways=0,
+            restrict_default_security_group=False,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(
+                    name="nodes", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=24
+                )
+            ],
+        )
+        _ack(
+            vpc,
+            "AwsSolutions-VPC7",
+            "The VPC holds only the short-lived training nodes; flow logs would add cost "
+            "without a consumer. Node logs go to the journal and the boot log.",
+        )
+        return vpc
+
+    def _security_group(self) -> ec2.SecurityGroup:
+        group = ec2.SecurityGroup(
+            self,
+            "Nodes",
+            vpc=self.vpc,
+            description="Fabric cluster nodes: SSH from ssh_cidr, all TCP between nodes",
+            allow_all_outbound=True,  # uv, PyPI and the PyTorch index at boot
+        )
+        ssh_peer = (
+            ec2.Peer.ipv4(self.config.ssh_cidr)
+            if self.config.ssh_cidr
+            else ec2.Peer.ipv4(VPC_CIDR)
+        )
+        group.add_ingress_rule(ssh_peer, ec2.Port.tcp(22), "SSH")
+        # gloo and NCCL open ephemeral ports beyond main_port between every pair of nodes.
+        group.add_ingress_rule(group, ec2.Port.all_tcp(), "All TCP between cluster nodes")
+        if self.config.ssh_cidr == "0.0.0.0/0":
+            cdk.Annotations.of(group).add_warning_v2(
+                "fabric:ssh-open-to-world",
+                "ssh_cidr=0.0.0.0/0 opens SSH to the whole internet; prefer your own /32 or "
+                "Session Manager (no SSH needed).",
+            )
+            _ack(group, "AwsSolutions-EC23", "The user chose ssh_cidr=0.0.0.0/0 explicitly.")
+        return group
+
+    def _artifacts_bucket(self) -> s3.Bucket:
+        bucket = s3.Bucket(
+            self,
+            "Artifacts",
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            enforce_ssl=True,
+            # Checkpoints outlive the cluster: cdk destroy keeps this bucket.
+            removal_policy=cdk.RemovalPolicy.RETAIN,
+        )
+        _ack(
+            bucket,
+            "AwsSolutions-S1",
+            "Only the cluster's own role writes checkpoints here; CloudTrail covers access.",
+        )
+        return bucket
+
+    def _node_role(self) -> iam.Role:
+        role = iam.Role(
+            self,
+            "NodeRole",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description="Fabric cluster node: Session Manager, its parameters, payload, artifacts",
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")
+            ],
+        )
+        self.payload.grant_read(role)
+        self.bucket.grant_read_write(role)
+        for parameter in self.phase_parameters:
+            parameter.grant_write(role)
+        # By ARN, not through the parameter: it refers to node 0, which depends on this role.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["ssm:GetParameter"],
+                resources=[
+                    self.format_arn(
+                        service="ssm",
+                        resource="parameter",
+                        resource_name=self.config.main_address_parameter.lstrip("/"),
+                    )
+                ],
+            )
+        )
+        _ack(
+            role,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/"
+            "AmazonSSMManagedInstanceCore]",
+            "AWS's policy for Session Manager access, so nodes need no open SSH.",
+        )
+        for finding, reason in (
+            ("Action::s3:GetBucket*", "CDK grant_read of the payload asset and the bucket."),
+            ("Action::s3:GetObject*", "CDK grant_read of the payload asset and the bucket."),
+            ("Action::s3:List*", "CDK grant_read of the payload asset and the bucket."),
+            ("Action::s3:DeleteObject*", "Rank 0 replaces older checkpoints in the bucket."),
+            ("Action::s3:Abort*", "Aborts its own failed multipart checkpoint uploads."),
+            (
+                f"Resource::<{self.get_logical_id(self.bucket.node.default_child)}.Arn>/*",
+                "Nodes write checkpoints and metrics under any key of the cluster's own bucket.",
+            ),
+            (
+                "Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-"
+                "<AWS::Region>/*",
+                "Read of the CDK asset bucket, where the payload zip lives.",
+            ),
+        ):
+            _ack(role, f"AwsSolutions-IAM5[{finding}]", reason)
+        return role
+
+    def _nodes(self) -> list[ec2.Instance]:
+        config = self.config
+        user_data = ec2.UserData.custom(
+            render_boot_script(
+                config,
+                region=self.region,
+                payload_url=self.payload.s3_object_url,
+                artifacts_bucket=self.bucket.bucket_name,
+            )
+        )
+        profile = iam.InstanceProfile(self, "NodeProfile", role=self.role)
+        placement_group = (
+            ec2.PlacementGroup(self, "Placement", strategy=ec2.PlacementGroupStrategy.CLUSTER)
+            if config.supports_cluster_placement_group
+            else None
+        )
+        key_pair = (
+            ec2.KeyPair.from_key_pair_name(self, "KeyPair", config.key_pair)
+            if config.key_pair
+            else None
+        )
+        image = ec2.MachineImage.from_ssm_parameter(UBUNTU_AMI_PARAMETER, os=ec2.OperatingSystemType.LINUX)
+        nodes = []
+        for rank in range(config.num_nodes):
+            node = ec2.Instance(
+                self,
+                f"Node{rank}",
+                instance_type=ec2.InstanceType(config.instance_type),
+                machine_image=image,
+                vpc=self.vpc,
+                vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
+                security_group=self.security_group,
+                instance_profile=profile,
+                user_data=user_data,
+                key_pair=key_pair,
+                placement_group=placement_group,
+                http_tokens=ec2.HttpTokens.REQUIRED,
+                instance_metadata_tags=True,
+                instance_initiated_shutdown_behavior=ec2.InstanceInitiatedShutdownBehavior.STOP,
+                block_devices=[
+                    ec2.BlockDevice(
+                        device_name=ROOT_DEVICE,
+                        volume=ec2.BlockDeviceVolume.ebs(
+                            config.volume_gb,
+                            encrypted=True,
+                            volume_type=ec2.EbsDeviceVolumeType.GP3,
+                            delete_on_termination=True,
+                        ),
+                    )
+                ],
+            )
+            cdk.Tags.of(node).add(TAG_NODE_RANK, str(rank))
+            cdk.Tags.of(node).add(TAG_NUM_NODES, str(config.num_nodes))
+            _ack(
+                node,
+                "AwsSolutions-EC28",
+                "Training nodes live for one run; detailed monitoring would bill per node.",
+            )
+            _ack(
+                node,
+                "AwsSolutions-EC29",
+                "Nodes are disposable by design (cdk destroy); their results are in the "
+                "retained artifacts bucket.",
+            )
+            nodes.append(node)
+        return nodes
+
+    def _outputs(self) -> None:
+        for rank, node in enumerate(self.nodes):
+            cdk.CfnOutput(self, f"Node{rank}InstanceId", value=node.instance_id)
+            cdk.CfnOutput(self, f"Node{rank}PrivateIp", value=node.instance_private_ip)
+            cdk.CfnOutput(
+                self,
+                f"Node{rank}Session",
+                description=f"Shell on node {rank} through Session Manager",
+                value=cdk.Fn.join(
+                    "",
+                    ["aws ssm start-session --region ", self.region, " --target ", node.instance_id],
+                ),
+            )
+        cdk.CfnOutput(self, "ArtifactsBucket", value=self.bucket.bucket_name)
+        cdk.CfnOutput(
+            self, "MainAddressParameter", value=self.config.main_address_parameter
+        )

@@ -1,0 +1,241 @@
+"""The cluster's settings: read from CDK context and validated in one place, before any construct.
+
+Every default lives in cdk.json's "context". Values arrive as JSON from cdk.json and as strings
+from the CLI (`cdk deploy -c num_nodes=4`); both are accepted. A bad value raises ConfigError
+whose message is one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+TAG_NODE_RANK = "fabric:node-rank"
+TAG_NUM_NODES = "fabric:num-nodes"
+
+# NVIDIA GPU families on x86_64 (the node AMIs are amd64).
+GPU_FAMILIES = frozenset(
+    {"g4dn", "g5", "g6", "g6e", "gr6", "p3", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en"}
+)
+# Burstable and Mac families cannot join a cluster placement group.
+_NO_PLACEMENT_GROUP = re.compile(r"^(t\d+[a-z]*|mac\d*[a-z0-9-]*)$")
+_GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
+_INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
+_STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
+_KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]$")
+
+MAX_NODES = 64
+MAX_DEVICES_PER_NODE = 128
+MAX_VOLUME_GB = 16384
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message is the one line a user sees."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    stack_name: str
+    num_nodes: int
+    devices_per_node: int
+    accelerator: str
+    instance_type: str
+    volume_gb: int
+    ssh_cidr: str | None  # None: only from inside the VPC
+    key_pair: str | None
+    main_port: int
+    script: str
+    script_args: tuple[str, ...]
+    stop_when_done: bool
+
+    @property
+    def instance_family(self) -> str:
+        return self.instance_type.split(".", 1)[0]
+
+    @property
+    def supports_cluster_placement_group(self) -> bool:
+        return not _NO_PLACEMENT_GROUP.match(self.instance_family)
+
+    @property
+    def parameter_prefix(self) -> str:
+        return f"/fabric/{self.stack_name}"
+
+    @property
+    def main_address_parameter(self) -> str:
+        return f"{self.parameter_prefix}/main-address"
+
+    @property
+    def phase_parameter_template(self) -> str:
+        """Where node {rank} records its phase; the node agent fills in the rank."""
+        return f"{self.parameter_prefix}/node-{{rank}}/phase"
+
+    def phase_parameter(self, rank: int) -> str:
+        return self.phase_parameter_template.format(rank=rank)
+
+
+def _invalid(key: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid setting {key}={value!r}: {allowed}")
+
+
+def _integer(key: str, value: object, low: int, high: int) -> int:
+    allowed = f"expected an integer from {low} to {high}"
+    if isinstance(value, bool):
+        raise _invalid(key, value, allowed)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value):
+        number = int(value)
+    else:
+        raise _invalid(key, value, allowed)
+    if not low <= number <= high:
+        raise _invalid(key, value, allowed)
+    return number
+
+
+def _boolean(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _invalid(key, value, "expected true or false")
+
+
+def _string(key: str, value: object, allowed: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(key, value, allowed)
+    return value.strip()
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    allowed = "expected one of " + ", ".join(choices)
+    text = _string(key, value, allowed).lower()
+    if text not in choices:
+        raise _invalid(key, value, allowed)
+    return text
+
+
+def _stack_name(value: object) -> str:
+    allowed = "expected a CloudFormation stack name: a letter, then up to 127 letters, digits or -"
+    text = _string("stack_name", value, allowed)
+    if not _STACK_NAME.match(text):
+        raise _invalid("stack_name", value, allowed)
+    return text
+
+
+def _instance_type(value: object, accelerator: str) -> str:
+    allowed = "expected an EC2 instance type name such as t2.large, c7i.2xlarge or g5.xlarge"
+    text = _string("instance_type", value, allowed).lower()
+    match = _INSTANCE_TYPE.match(text)
+    if not match:
+        raise _invalid("instance_type", value, allowed)
+    family = match.group(1)
+    if _GRAVITON.match(family) and family not in GPU_FAMILIES:
+        raise _invalid(
+            "instance_type", value, "arm64 (Graviton) types are not supported: the node AMI is amd64"
+        )
+    if accelerator == "gpu" and family not in GPU_FAMILIES:
+        families = ", ".join(sorted(GPU_FAMILIES))
+        raise _invalid(
+            "instance_type", value, f"accelerator=gpu needs an NVIDIA GPU family ({families})"
+        )
+    return text
+
+
+def _ssh_cidr(value: object) -> str | None:
+    allowed = 'expected "vpc" (SSH only from inside the VPC) or an IPv4 CIDR such as 203.0.113.7/32'
+    text = _string("ssh_cidr", value, allowed)
+    if text.lower() == "vpc":
+        return None
+    if "/" not in text:
+        raise _invalid("ssh_cidr", value, allowed)
+    try:
+        return str(ipaddress.IPv4Network(text, strict=True))
+    except ValueError:
+        raise _invalid("ssh_cidr", value, allowed) from None
+
+
+def _key_pair(value: object) -> str | None:
+    allowed = 'expected "" (no key pair) or the name of an existing EC2 key pair (printable ASCII)'
+    if value is None:
+        return None
+    text = _string("key_pair", value, allowed)
+    if text == "":
+        return None
+    if not _KEY_PAIR.match(text):
+        raise _invalid("key_pair", value, allowed)
+    return text
+
+
+def _script(value: object, project_dir: Path) -> str:
+    allowed = f"expected the relative path of a file inside the project ({project_dir})"
+    text = _string("script", value, allowed)
+    if not text or Path(text).is_absolute():
+        raise _invalid("script", value, allowed)
+    path = (project_dir / text).resolve()
+    if not path.is_relative_to(project_dir.resolve()) or not path.is_file():
+        raise _invalid("script", value, allowed)
+    return path.relative_to(project_dir.resolve()).as_posix()
+
+
+def _script_args(value: object) -> tuple[str, ...]:
+    allowed = "expected a string of arguments for the script, shell-quoted"
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    text = _string("script_args", value, allowed)
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as error:
+        raise _invalid("script_args", value, f"{allowed} ({error})") from None
+
+
+SETTINGS = (
+    "stack_name",
+    "num_nodes",
+    "devices_per_node",
+    "accelerator",
+    "instance_type",
+    "volume_gb",
+    "ssh_cidr",
+    "key_pair",
+    "main_port",
+    "script",
+    "script_args",
+    "stop_when_done",
+)
+
+
+def load_config(
+    get_context: Callable[[str], object], project_dir: Path = PROJECT_DIR
+) -> ClusterConfig:
+    """Validates every setting; raises ConfigError on the first bad or missing one."""
+    raw: dict[str, object] = {}
+    for key in SETTINGS:
+        value = get_context(key)
+        if value is None and key != "key_pair":
+            raise ConfigError(
+                f"missing setting {key}: set it in cdk.json \"context\" or pass -c {key}=VALUE"
+            )
+        raw[key] = value
+    accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
+    return ClusterConfig(
+        stack_name=_stack_name(raw["stack_name"]),
+        num_nodes=_integer("num_nodes", raw["num_nodes"], 1, MAX_NODES),
+        devices_per_node=_integer(
+            "devices_per_node", raw["devices_per_node"], 1, MAX_DEVICES_PER_NODE
+        ),
+        accelerator=accelerator,
+        instance_type=_instance_type(raw["instance_type"], accelerator),
+        volume_gb=_integer("volume_gb", raw["volume_gb"], 30, MAX_VOLUME_GB),
+        ssh_cidr=_ssh_cidr(raw["ssh_cidr"]),
+        key_pair=_key_pair(raw["key_pair"]),
+        main_port=_integer("main_port", raw["main_port"], 1024, 65535),
+        script=_script(raw["script"], project_dir),
+        script_args=_script_args(raw["script_args"]),
+        stop_when_done=_boolean("stop_when_done", raw["stop_when_done"]),
+    )
+

@@ -1,0 +1,63 @@
+"""Renders userdata/boot.sh with the stack's values into the EC2 user data."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from stacks.config import PROJECT_DIR, ClusterConfig
+
+BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
+NODE_REQUIREMENTS = PROJECT_DIR / "userdata" / "requirements-node.txt"
+SETTINGS_MARKER = "# @@SETTINGS@@"
+UV_VERSION = "0.13.9"
+PYTHON_VERSION = "3.12"
+EC2_USER_DATA_LIMIT = 16 * 1024
+
+
+def pinned_version(package: str, requirements: Path = NODE_REQUIREMENTS) -> str:
+    """The version pinned with == for a package in a requirements file."""
+    for line in requirements.read_text().splitlines():
+        match = re.match(rf"^{re.escape(package)}==([^\s#;]+)", line.strip())
+        if match:
+            return match.group(1)
+    raise ValueError(f"{requirements} does not pin {package}==VERSION")
+
+
+def _quote(value: str) -> str:
+    # shlex.quote keeps CDK tokens intact: they resolve inside the single quotes.
+    return shlex.quote(value)
+
+
+def render_boot_script(
+    config: ClusterConfig,
+    *,
+    region: str,
+    payload_url: str,
+    artifacts_bucket: str,
+) -> str:
+    """boot.sh with its settings block filled in; region/url/bucket may be CDK tokens."""
+    settings = {
+        "STACK_NAME": config.stack_name,
+        "REGION": region,
+        "ACCELERATOR": config.accelerator,
+        "DEVICES_PER_NODE": str(config.devices_per_node),
+        "MAIN_PORT": str(config.main_port),
+        "MAIN_ADDRESS_PARAMETER": config.main_address_parameter,
+        "PHASE_PARAMETER": config.phase_parameter_template,
+        "PAYLOAD_URL": payload_url,
+        "ARTIFACTS_BUCKET": artifacts_bucket,
+        "SCRIPT": config.script,
+        "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
+        "UV_VERSION": UV_VERSION,
+        "PYTHON_VERSION": PYTHON_VERSION,
+        "TORCH_VERSION": pinned_version("torch"),
+        "BOTO3_VERSION": pinned_version("boto3"),
+    }
+    lines = [f"readonly {name}={_quote(value)}" for name, value in settings.items()]
+    lines.append("SCRIPT_ARGS=(" + " ".join(_quote(arg) for arg in config.script_args) + ")")
+    script = BOOT_SCRIPT.read_text()
+    if script.count(SETTINGS_MARKER) != 1:
+        raise ValueError(f"{BOOT_SCRIPT} must hold the line {SETTINGS_MARKER!r} exactly once")
+    return script.replace(SETTINGS_MARKER, "\n".join(lines))

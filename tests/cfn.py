@@ -1,0 +1,70 @@
+"""Helpers for tests that synthesize the app and read its CloudFormation template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aws_cdk.assertions import Template
+
+from stacks.cluster_app import build_app
+from stacks.config import PROJECT_DIR
+
+
+def cdk_json_context(**overrides: Any) -> dict[str, Any]:
+    """cdk.json's context (what the CLI passes in) with overrides, as -c would set them."""
+    context = json.loads((PROJECT_DIR / "cdk.json").read_text())["context"]
+    context.update(overrides)
+    return context
+
+
+class Synth:
+    """One synthesized app: the template, the validation report and the assembly folder."""
+
+    def __init__(self, outdir: Path, **overrides: Any) -> None:
+        app, self.stack = build_app(cdk_json_context(**overrides), outdir=str(outdir))
+        app.synth()  # raises when a validation plugin (cdk-nag) reports an error
+        self.outdir = outdir
+        self.template_path = outdir / f"{self.stack.artifact_id}.template.json"
+        self.template_dict: dict[str, Any] = json.loads(self.template_path.read_text())
+        self.template = Template.from_json(self.template_dict)
+        self.report = json.loads((outdir / "validation-report.json").read_text())
+
+    def resources(self, resource_type: str) -> dict[str, dict[str, Any]]:
+        return {
+            logical_id: resource
+            for logical_id, resource in self.template_dict["Resources"].items()
+            if resource["Type"] == resource_type
+        }
+
+    def instances_by_rank(self) -> list[dict[str, Any]]:
+        def rank(resource: dict[str, Any]) -> int:
+            tags = {tag["Key"]: tag["Value"] for tag in resource["Properties"]["Tags"]}
+            return int(tags["fabric:node-rank"])
+
+        return sorted(self.resources("AWS::EC2::Instance").values(), key=rank)
+
+    def violations(self, plugin: str) -> list[dict[str, Any]]:
+        return [
+            violation
+            for report in self.report["pluginReports"]
+            if report["pluginName"] == plugin
+            for violation in report["violations"]
+        ]
+
+
+def join_text(value: Any, placeholder: str = "PLACEHOLDER") -> str:
+    """Flattens an Fn::Join (as used for user data) into text, intrinsics as a placeholder."""
+    if isinstance(value, str):
+        return value
+    if "Fn::Base64" in value:
+        return join_text(value["Fn::Base64"], placeholder)
+    if "Fn::Join" in value:
+        separator, parts = value["Fn::Join"]
+        return separator.join(join_text(part, placeholder) for part in parts)
+    return placeholder
+
+
+def user_data_text(instance: dict[str, Any], placeholder: str = "PLACEHOLDER") -> str:
+    return join_text(instance["Properties"]["UserData"], placeholder)

@@ -1,0 +1,124 @@
+"""Every setting: good values in both forms (JSON from cdk.json, strings from -c) and bad ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stacks.config import ConfigError, load_config
+from tests.cfn import cdk_json_context
+
+
+def load(**overrides: Any):
+    context = cdk_json_context(**overrides)
+    return load_config(context.get)
+
+
+def test_defaults_from_cdk_json() -> None:
+    config = load()
+    assert (config.num_nodes, config.devices_per_node, config.accelerator) == (2, 2, "cpu")
+    assert (config.instance_type, config.volume_gb, config.main_port) == ("t2.large", 50, 29400)
+    assert config.ssh_cidr is None and config.key_pair is None
+    assert config.script == "trainer/train.py" and config.script_args == ()
+    assert config.stop_when_done is True
+    assert config.main_address_parameter == "/fabric/FabricCluster/main-address"
+    assert config.phase_parameter(3) == "/fabric/FabricCluster/node-3/phase"
+    assert not config.supports_cluster_placement_group
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "attribute", "expected"),
+    [
+        ("num_nodes", "4", "num_nodes", 4),
+        ("num_nodes", 64, "num_nodes", 64),
+        ("num_nodes", "1", "num_nodes", 1),
+        ("devices_per_node", "8", "devices_per_node", 8),
+        ("accelerator", "CPU", "accelerator", "cpu"),
+        ("volume_gb", "30", "volume_gb", 30),
+        ("ssh_cidr", "203.0.113.7/32", "ssh_cidr", "203.0.113.7/32"),
+        ("ssh_cidr", "0.0.0.0/0", "ssh_cidr", "0.0.0.0/0"),
+        ("key_pair", "my-key", "key_pair", "my-key"),
+        ("main_port", "1024", "main_port", 1024),
+        ("main_port", 65535, "main_port", 65535),
+        ("script", "trainer/../trainer/train.py", "script", "trainer/train.py"),
+        ("script_args", "--epochs 3 --run-name 'a b'", "script_args",
+         ("--epochs", "3", "--run-name", "a b")),
+        ("script_args", ["--epochs", "3"], "script_args", ("--epochs", "3")),
+        ("stop_when_done", "false", "stop_when_done", False),
+        ("stop_when_done", "True", "stop_when_done", True),
+        ("stop_when_done", False, "stop_when_done", False),
+        ("instance_type", "C7i.2xlarge", "instance_type", "c7i.2xlarge"),
+        ("stack_name", "Team-Run-7", "stack_name", "Team-Run-7"),
+    ],
+)
+def test_good_values(key: str, value: Any, attribute: str, expected: Any) -> None:
+    assert getattr(load(**{key: value}), attribute) == expected
+
+
+def test_gpu_needs_a_gpu_family_and_accepts_one() -> None:
+    assert load(accelerator="GPU", instance_type="g5.xlarge").instance_type == "g5.xlarge"
+    assert load(accelerator="gpu", instance_type="p4d.24xlarge").supports_cluster_placement_group
+
+
+BAD = [
+    ("num_nodes", "0", "from 1 to 64"),
+    ("num_nodes", "65", "from 1 to 64"),
+    ("num_nodes", "two", "from 1 to 64"),
+    ("num_nodes", "2.5", "from 1 to 64"),
+    ("num_nodes", 2.0, "from 1 to 64"),
+    ("num_nodes", True, "from 1 to 64"),
+    ("num_nodes", "", "from 1 to 64"),
+    ("devices_per_node", "0", "from 1 to 128"),
+    ("devices_per_node", "-2", "from 1 to 128"),
+    ("devices_per_node", [2], "from 1 to 128"),
+    ("accelerator", "tpu", "one of cpu, gpu"),
+    ("accelerator", 1, "one of cpu, gpu"),
+    ("instance_type", "large", "EC2 instance type name"),
+    ("instance_type", "t2 large", "EC2 instance type name"),
+    ("instance_type", "m7g.large", "Graviton"),
+    ("volume_gb", "29", "from 30 to 16384"),
+    ("volume_gb", "fifty", "from 30 to 16384"),
+    ("ssh_cidr", "10.0.0.1", "IPv4 CIDR"),
+    ("ssh_cidr", "10.0.0.1/8", "IPv4 CIDR"),
+    ("ssh_cidr", "300.0.0.0/8", "IPv4 CIDR"),
+    ("ssh_cidr", "::/0", "IPv4 CIDR"),
+    ("ssh_cidr", "anywhere", "IPv4 CIDR"),
+    ("key_pair", "bad\nname", "key pair"),
+    ("key_pair", 7, "key pair"),
+    ("main_port", "80", "from 1024 to 65535"),
+    ("main_port", "65536", "from 1024 to 65535"),
+    ("main_port", "port", "from 1024 to 65535"),
+    ("script", "trainer/missing.py", "inside the project"),
+    ("script", "/etc/passwd", "inside the project"),
+    ("script", "../shared/DESIGN.md", "inside the project"),
+    ("script", "trainer", "inside the project"),
+    ("script_args", "--name 'unclosed", "shell-quoted"),
+    ("script_args", 5, "shell-quoted"),
+    ("stop_when_done", "yes", "true or false"),
+    ("stop_when_done", 1, "true or false"),
+    ("stack_name", "1stack", "CloudFormation stack name"),
+    ("stack_name", "my_stack", "CloudFormation stack name"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), BAD)
+def test_bad_values_name_key_value_and_what_is_allowed(key: str, value: Any, allowed: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(**{key: value})
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"invalid setting {key}={value!r}: ")
+    assert allowed in message
+
+
+def test_cpu_instance_type_refused_for_gpu() -> None:
+    with pytest.raises(ConfigError, match=r"instance_type='t2.large': accelerator=gpu needs"):
+        load(accelerator="gpu")
+
+
+def test_missing_setting_says_where_to_set_it() -> None:
+    context = cdk_json_context()
+    del context["num_nodes"]
+    with pytest.raises(ConfigError, match=r"missing setting num_nodes: set it in cdk.json"):
+        load_config(context.get)

@@ -1,0 +1,216 @@
+"""Assertions on the synthesized template, for the defaults and for a 4-node GPU cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Match
+
+from stacks.cluster_stack import UBUNTU_AMI_PARAMETER, VPC_CIDR
+from tests.cfn import Synth, user_data_text
+
+CASES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "gpu4": {"num_nodes": 4, "accelerator": "gpu", "instance_type": "g5.xlarge"},
+}
+EXPECTED = {
+    "defaults": {"nodes": 2, "type": "t2.large", "placement": False},
+    "gpu4": {"nodes": 4, "type": "g5.xlarge", "placement": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def synth(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    synth = Synth(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+    synth.case = request.param  # type: ignore[attr-defined]
+    return synth
+
+
+def expected(synth: Synth) -> dict[str, Any]:
+    return EXPECTED[synth.case]  # type: ignore[attr-defined]
+
+
+def test_vpc_has_one_public_subnet_and_no_nat(synth: Synth) -> None:
+    synth.template.resource_count_is("AWS::EC2::VPC", 1)
+    synth.template.has_resource_properties("AWS::EC2::VPC", {"CidrBlock": VPC_CIDR})
+    synth.template.resource_count_is("AWS::EC2::Subnet", 1)
+    synth.template.has_resource_properties("AWS::EC2::Subnet", {"MapPublicIpOnLaunch": True})
+    synth.template.resource_count_is("AWS::EC2::NatGateway", 0)
+    subnet_id = next(iter(synth.resources("AWS::EC2::Subnet")))
+    for node in synth.instances_by_rank():
+        assert node["Properties"]["SubnetId"] == {"Ref": subnet_id}
+
+
+def test_security_group_allows_ssh_from_vpc_and_all_tcp_between_nodes(synth: Synth) -> None:
+    (group_id, group), = synth.resources("AWS::EC2::SecurityGroup").items()
+    inline = group["Properties"]["SecurityGroupIngress"]
+    assert inline == [
+        {"CidrIp": VPC_CIDR, "Description": "SSH", "FromPort": 22, "IpProtocol": "tcp",
+         "ToPort": 22}
+    ]
+    separate = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupIngress").values()]
+    assert len(separate) == 1
+    rule = separate[0]
+    assert rule["IpProtocol"] == "tcp"
+    assert (rule["FromPort"], rule["ToPort"]) == (0, 65535)
+    assert rule["SourceSecurityGroupId"] == {"Fn::GetAtt": [group_id, "GroupId"]}
+    assert rule["GroupId"] == {"Fn::GetAtt": [group_id, "GroupId"]}
+
+
+def test_instances_run_ubuntu_with_imdsv2_tags_and_encrypted_gp3(synth: Synth) -> None:
+    nodes = synth.instances_by_rank()
+    assert len(nodes) == expected(synth)["nodes"]
+    image_parameter = synth.template_dict["Parameters"][
+        nodes[0]["Properties"]["ImageId"]["Ref"]
+    ]
+    assert image_parameter["Default"] == UBUNTU_AMI_PARAMETER
+    assert image_parameter["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    for rank, node in enumerate(nodes):
+        props = node["Properties"]
+        assert props["InstanceType"] == expected(synth)["type"]
+        assert props["MetadataOptions"] == {"HttpTokens": "required", "InstanceMetadataTags": "enabled"}
+        assert props["BlockDeviceMappings"] == [
+            {"DeviceName": "/dev/sda1", "Ebs": {"DeleteOnTermination": True, "Encrypted": True,
+                                                "VolumeSize": 50, "VolumeType": "gp3"}}
+        ]
+        assert props["InstanceInitiatedShutdownBehavior"] == "stop"
+        tags = {tag["Key"]: tag["Value"] for tag in props["Tags"]}
+        assert tags["fabric:node-rank"] == str(rank)
+        assert tags["fabric:num-nodes"] == str(len(nodes))
+        assert "KeyName" not in props
+
+
+def test_rank_tags_are_zero_to_n_minus_one(synth: Synth) -> None:
+    ranks = sorted(
+        int({t["Key"]: t["Value"] for t in r["Properties"]["Tags"]}["fabric:node-rank"])
+        for r in synth.resources("AWS::EC2::Instance").values()
+    )
+    assert ranks == list(range(expected(synth)["nodes"]))
+
+
+def test_user_data_is_identical_on_every_node(synth: Synth) -> None:
+    user_data = [json.dumps(n["Properties"]["UserData"], sort_keys=True)
+                 for n in synth.instances_by_rank()]
+    assert len(set(user_data)) == 1
+    assert user_data_text(synth.instances_by_rank()[0]).startswith("#!/bin/bash\n")
+
+
+def test_placement_group_only_where_supported(synth: Synth) -> None:
+    groups = synth.resources("AWS::EC2::PlacementGroup")
+    if expected(synth)["placement"]:
+        (group_id, group), = groups.items()
+        assert group["Properties"]["Strategy"] == "cluster"
+        for node in synth.instances_by_rank():
+            assert node["Properties"]["PlacementGroupName"] == {"Fn::GetAtt": [group_id, "GroupName"]}
+    else:
+        assert groups == {}
+        assert all("PlacementGroupName" not in n["Properties"] for n in synth.instances_by_rank())
+
+
+def test_main_address_parameter_is_node0_private_ip(synth: Synth) -> None:
+    node0 = next(
+        logical_id for logical_id, r in synth.resources("AWS::EC2::Instance").items()
+        if {"Key": "fabric:node-rank", "Value": "0"} in r["Properties"]["Tags"]
+    )
+    synth.template.has_resource_properties(
+        "AWS::SSM::Parameter",
+        {"Name": "/fabric/FabricCluster/main-address", "Type": "String",
+         "Value": {"Fn::GetAtt": [node0, "PrivateIp"]}},
+    )
+
+
+def test_artifacts_bucket_is_private_encrypted_tls_only_and_retained(synth: Synth) -> None:
+    (bucket_id, bucket), = synth.resources("AWS::S3::Bucket").items()
+    assert bucket["DeletionPolicy"] == "Retain"
+    assert bucket["UpdateReplacePolicy"] == "Retain"
+    props = bucket["Properties"]
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True, "RestrictPublicBuckets": True,
+    }
+    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
+        "ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    synth.template.has_resource_properties(
+        "AWS::S3::BucketPolicy",
+        {"Bucket": {"Ref": bucket_id}, "PolicyDocument": {"Statement": Match.array_with([
+            Match.object_like({"Effect": "Deny", "Action": "s3:*",
+                               "Condition": {"Bool": {"aws:SecureTransport": "false"}}})
+        ])}},
+    )
+
+
+def _policy_statements(synth: Synth) -> list[dict[str, Any]]:
+    return [
+        statement
+        for policy in synth.resources("AWS::IAM::Policy").values()
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+    ]
+
+
+def test_role_is_least_privilege(synth: Synth) -> None:
+    (role_id, role), = synth.resources("AWS::IAM::Role").items()
+    managed = json.dumps(role["Properties"]["ManagedPolicyArns"])
+    assert "AmazonSSMManagedInstanceCore" in managed
+    assert "AdministratorAccess" not in managed and "PowerUser" not in managed
+    statements = _policy_statements(synth)
+    for statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert "*" not in actions and not any(a.endswith(":*") for a in actions), statement
+        assert statement["Resource"] != "*", statement
+    get_parameter = [s for s in statements if s["Action"] == "ssm:GetParameter"]
+    assert len(get_parameter) == 1
+    assert json.dumps(get_parameter[0]["Resource"]).endswith(
+        ':parameter/fabric/FabricCluster/main-address"]]}')
+    put_parameter = [s for s in statements if s["Action"] == "ssm:PutParameter"]
+    assert len(put_parameter) == 1
+    phase_ids = {logical_id for logical_id, r in synth.resources("AWS::SSM::Parameter").items()
+                 if r["Properties"]["Name"].endswith("/phase")}
+    assert len(phase_ids) == expected(synth)["nodes"]
+    assert {json.dumps(r).split('"Ref": "')[-1].split('"')[0]
+            for r in put_parameter[0]["Resource"]} == phase_ids
+    bucket_id = next(iter(synth.resources("AWS::S3::Bucket")))
+    writes = [s for s in statements if "s3:PutObject" in s["Action"]]
+    assert len(writes) == 1
+    assert bucket_id in json.dumps(writes[0]["Resource"])
+    assert "cdk-hnb659fds-assets" not in json.dumps(writes[0]["Resource"])
+
+
+def test_payload_is_an_s3_asset_with_trainer_and_userdata(synth: Synth) -> None:
+    assets = json.loads((synth.outdir / f"{synth.stack.artifact_id}.assets.json").read_text())
+    zips = [a for a in assets["files"].values() if a["source"]["packaging"] == "zip"]
+    assert len(zips) == 1
+    folder = synth.outdir / zips[0]["source"]["path"]
+    assert (folder / "trainer" / "train.py").is_file()
+    assert (folder / "userdata" / "agent.py").is_file()
+    assert (folder / "userdata" / "requirements-node.txt").is_file()
+    assert not (folder / "tests").exists() and not (folder / "stacks").exists()
+    text = user_data_text(synth.instances_by_rank()[0])
+    assert ".zip" in text and "PAYLOAD_URL=" in text
+
+
+def test_outputs_name_every_node_the_bucket_and_the_parameter(synth: Synth) -> None:
+    outputs = synth.template_dict["Outputs"]
+    for rank in range(expected(synth)["nodes"]):
+        assert f"Node{rank}InstanceId" in outputs
+        assert "PrivateIp" in json.dumps(outputs[f"Node{rank}PrivateIp"])
+        session = json.dumps(outputs[f"Node{rank}Session"])
+        assert "aws ssm start-session --region " in session and " --target " in session
+    assert "ArtifactsBucket" in outputs
+    assert outputs["MainAddressParameter"]["Value"] == "/fabric/FabricCluster/main-address"
+
+
+def test_cdk_nag_has_no_unacknowledged_findings(synth: Synth) -> None:
+    assert synth.violations("AwsSolutions") == []
+
+
+def test_cfn_lint_is_clean(synth: Synth) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable", str(synth.template_path)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

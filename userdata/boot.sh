@@ -1,0 +1,166 @@
+#!/bin/bash
+# Boot script of every node of a fabric cluster: the EC2 user data, byte-for-byte the same on
+# every node. What differs between nodes is in their tags (fabric:node-rank); the node agent
+# (userdata/agent.py) reads them, finds the main node through SSM and starts `fabric run`.
+#
+# Phases: uv -> venv -> payload -> install -> agent (a systemd unit, so it survives and logs to
+# the journal). Every phase is logged with a UTC timestamp to $FABRIC_HOME/boot.log and stdout
+# (cloud-init copies stdout to the console and /var/log/cloud-init-output.log).
+set -euo pipefail
+
+# Settings, rendered by stacks/user_data.py at synth time.
+# @@SETTINGS@@
+
+FABRIC_HOME=/opt/fabric
+# Rehearsal switch (make rehearse, never on EC2): use an existing venv instead of installing,
+# run the agent directly instead of through systemd, and never power anything off.
+REHEARSAL_VENV=${FABRIC_REHEARSAL_VENV:-}
+if [[ -n $REHEARSAL_VENV ]]; then
+  FABRIC_HOME=${FABRIC_REHEARSAL_HOME:?FABRIC_REHEARSAL_HOME must be set in a rehearsal}
+fi
+VENV=$FABRIC_HOME/venv
+PAYLOAD_DIR=$FABRIC_HOME/payload
+RUN_DIR=$FABRIC_HOME/run
+export HOME=${HOME:-/root}
+export UV_CACHE_DIR=$FABRIC_HOME/cache/uv
+export AWS_DEFAULT_REGION=$REGION
+export PYTHONUNBUFFERED=1
+mkdir -p "$FABRIC_HOME"
+exec > >(tee -a "$FABRIC_HOME/boot.log") 2>&1
+
+phase=start
+log() { printf '%s [fabric-boot] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ)" "$*"; }
+begin() {
+  phase=$1
+  log "phase $phase: $2"
+}
+
+# True only on an EC2 instance (Xen: /sys/hypervisor/uuid, Nitro: the DMI asset tag).
+on_real_ec2() {
+  [[ -z $REHEARSAL_VENV && -z ${AWS_EC2_METADATA_SERVICE_ENDPOINT:-} ]] || return 1
+  grep -qi '^ec2' /sys/hypervisor/uuid 2>/dev/null && return 0
+  grep -q '^i-' /sys/devices/virtual/dmi/id/board_asset_tag 2>/dev/null
+}
+
+report_phase() {
+  [[ -x $VENV/bin/python && -f $PAYLOAD_DIR/userdata/report.py ]] || return 0
+  (cd "$PAYLOAD_DIR" && "$VENV/bin/python" -m userdata.report \
+    --phase-parameter "$PHASE_PARAMETER" "$1") || log "could not record phase '$1'"
+}
+
+on_error() {
+  local status=$?
+  log "FAILED in phase $phase (exit status $status)"
+  report_phase "failed: boot phase $phase (exit status $status)"
+  if [[ $STOP_WHEN_DONE == true ]] && on_real_ec2; then
+    log "stop_when_done: powering off so that a broken node does not bill"
+    systemctl poweroff
+  fi
+  exit "$status"
+}
+trap on_error ERR
+
+log "fabric cluster node boot: stack $STACK_NAME, region $REGION, accelerator $ACCELERATOR"
+if [[ -n $REHEARSAL_VENV ]]; then
+  log "REHEARSAL: using the venv $REHEARSAL_VENV, skipping every install; power-off disabled"
+fi
+
+if [[ -z $REHEARSAL_VENV ]]; then
+  begin uv "installing uv $UV_VERSION"
+  curl --proto '=https' --tlsv1.2 -LsSf --retry 5 "https://astral.sh/uv/$UV_VERSION/install.sh" |
+    env UV_INSTALL_DIR="$FABRIC_HOME/bin" UV_NO_MODIFY_PATH=1 sh
+  uv=$FABRIC_HOME/bin/uv
+
+  begin venv "creating $VENV (Python $PYTHON_VERSION) with boto3"
+  "$uv" venv --python "$PYTHON_VERSION" "$VENV"
+  "$uv" pip install --python "$VENV/bin/python" "boto3==$BOTO3_VERSION"
+else
+  ln -sfn "$REHEARSAL_VENV" "$VENV"
+fi
+
+begin payload "fetching $PAYLOAD_URL"
+"$VENV/bin/python" - "$PAYLOAD_URL" "$FABRIC_HOME/payload.zip" <<'PY'
+import sys
+
+import boto3
+
+bucket, _, key = sys.argv[1].removeprefix("s3://").partition("/")
+boto3.client("s3").download_file(bucket, key, sys.argv[2])
+PY
+rm -rf "$PAYLOAD_DIR"
+"$VENV/bin/python" -m zipfile -e "$FABRIC_HOME/payload.zip" "$PAYLOAD_DIR"
+report_phase installing
+
+if [[ -z $REHEARSAL_VENV ]]; then
+  if [[ $ACCELERATOR == cpu ]]; then
+    begin install "torch $TORCH_VERSION (CPU build) and the node requirements"
+    torch_index=(--index-url https://download.pytorch.org/whl/cpu)
+  else
+    begin install "torch $TORCH_VERSION (CUDA build) and the node requirements"
+    torch_index=()
+  fi
+  "$uv" pip install --python "$VENV/bin/python" "${torch_index[@]}" "torch==$TORCH_VERSION"
+  "$uv" pip install --python "$VENV/bin/python" -r "$PAYLOAD_DIR/userdata/requirements-node.txt"
+else
+  begin install "REHEARSAL: skipped, the venv $REHEARSAL_VENV is used as it is"
+fi
+
+begin agent "starting the node agent"
+mkdir -p "$RUN_DIR"
+stop_flag=()
+[[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
+agent=("$VENV/bin/python" -m userdata.agent
+  --main-address-parameter "$MAIN_ADDRESS_PARAMETER"
+  --phase-parameter "$PHASE_PARAMETER"
+  --accelerator "$ACCELERATOR"
+  --devices-per-node "$DEVICES_PER_NODE"
+  --main-port "$MAIN_PORT"
+  --run-dir "$RUN_DIR"
+  --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME"
+  "${stop_flag[@]}"
+  "$SCRIPT" -- "${SCRIPT_ARGS[@]}")
+{
+  echo '#!/bin/bash'
+  echo "# Written by the boot script: the node agent's command, run by fabric-agent.service."
+  printf 'cd %q && exec' "$PAYLOAD_DIR"
+  printf ' %q' "${agent[@]}"
+  echo
+} >"$FABRIC_HOME/run-agent.sh"
+chmod 755 "$FABRIC_HOME/run-agent.sh"
+{
+  echo "AWS_DEFAULT_REGION=$REGION"
+  echo "PYTHONUNBUFFERED=1"
+  echo "HOME=$HOME"
+  # The only place that allows the agent to power the node off: a real EC2 boot.
+  if on_real_ec2; then echo "FABRIC_POWEROFF=allowed"; fi
+} >"$FABRIC_HOME/agent.env"
+
+if [[ -n $REHEARSAL_VENV ]]; then
+  log "REHEARSAL: running the unit's command directly (no systemd)"
+  trap - ERR
+  set -a
+  # shellcheck disable=SC1091
+  source "$FABRIC_HOME/agent.env"
+  set +a
+  exec "$FABRIC_HOME/run-agent.sh"
+fi
+
+cat >/etc/systemd/system/fabric-agent.service <<EOF
+[Unit]
+Description=Fabric cluster node agent (finds the main node, runs fabric run)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+EnvironmentFile=$FABRIC_HOME/agent.env
+ExecStart=$FABRIC_HOME/run-agent.sh
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+EOF
+systemctl daemon-reload
+systemctl enable --now --no-block fabric-agent.service
+log "boot done: follow the agent with 'journalctl -u fabric-agent -f'"
