@@ -94,9 +94,7 @@ class ClusterStack(cdk.Stack):
             allow_all_outbound=True,  # uv, PyPI and the PyTorch index at boot
         )
         ssh_peer = (
-            ec2.Peer.ipv4(self.config.ssh_cidr)
-            if self.config.ssh_cidr
-            else ec2.Peer.ipv4(VPC_CIDR)
+            ec2.Peer.ipv4(self.config.ssh_cidr) if self.config.ssh_cidr else ec2.Peer.ipv4(VPC_CIDR)
         )
         group.add_ingress_rule(ssh_peer, ec2.Port.tcp(22), "SSH")
         # gloo and NCCL open ephemeral ports beyond main_port between every pair of nodes.
@@ -200,7 +198,9 @@ class ClusterStack(cdk.Stack):
             if config.key_pair
             else None
         )
-        image = ec2.MachineImage.from_ssm_parameter(UBUNTU_AMI_PARAMETER, os=ec2.OperatingSystemType.LINUX)
+        image = ec2.MachineImage.from_ssm_parameter(
+            UBUNTU_AMI_PARAMETER, os=ec2.OperatingSystemType.LINUX
+        )
         nodes = []
         for rank in range(config.num_nodes):
             node = ec2.Instance(
@@ -256,10 +256,13 @@ class ClusterStack(cdk.Stack):
                 description=f"Shell on node {rank} through Session Manager",
                 value=cdk.Fn.join(
                     "",
-                    ["aws ssm start-session --region ", self.region, " --target ", node.instance_id],
+                    [
+                        "aws ssm start-session --region ",
+                        self.region,
+                        " --target ",
+                        node.instance_id,
+                    ],
                 ),
             )
         cdk.CfnOutput(self, "ArtifactsBucket", value=self.bucket.bucket_name)
-        cdk.CfnOutput(
-            self, "MainAddressParameter", value=self.config.main_address_parameter
-        )
+        cdk.CfnOutput(self, "MainAddressParameter", value=self.config.main_address_parameter)

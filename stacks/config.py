@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-TAG_NODE_RANK = "fabric:node-rank"
-TAG_NUM_NODES = "fabric:num-nodes"
+__all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES"]  # the tag contract, defined where nodes read it
 
 # NVIDIA GPU families on x86_64 (the node AMIs are amd64).
 GPU_FAMILIES = frozenset(
@@ -29,7 +30,6 @@ _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]$")
 
-MAX_NODES = 64
 MAX_DEVICES_PER_NODE = 128
 MAX_VOLUME_GB = 16384
 
@@ -136,7 +136,9 @@ def _instance_type(value: object, accelerator: str) -> str:
     family = match.group(1)
     if _GRAVITON.match(family) and family not in GPU_FAMILIES:
         raise _invalid(
-            "instance_type", value, "arm64 (Graviton) types are not supported: the node AMI is amd64"
+            "instance_type",
+            value,
+            "arm64 (Graviton) types are not supported: the node AMI is amd64",
         )
     if accelerator == "gpu" and family not in GPU_FAMILIES:
         families = ", ".join(sorted(GPU_FAMILIES))
@@ -218,7 +220,7 @@ def load_config(
         value = get_context(key)
         if value is None and key != "key_pair":
             raise ConfigError(
-                f"missing setting {key}: set it in cdk.json \"context\" or pass -c {key}=VALUE"
+                f'missing setting {key}: set it in cdk.json "context" or pass -c {key}=VALUE'
             )
         raw[key] = value
     accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
@@ -238,4 +240,3 @@ def load_config(
         script_args=_script_args(raw["script_args"]),
         stop_when_done=_boolean("stop_when_done", raw["stop_when_done"]),
     )
-

@@ -25,8 +25,13 @@ def run_app(outdir: Path, **overrides: Any) -> subprocess.CompletedProcess[str]:
         "CDK_OUTDIR": str(outdir),
     }
     return subprocess.run(
-        [sys.executable, "app.py"], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
-        check=False, timeout=120,
+        [sys.executable, "app.py"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
 
 
@@ -34,10 +39,18 @@ def run_app(outdir: Path, **overrides: Any) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("num_nodes", "0"), ("devices_per_node", "x"), ("accelerator", "tpu"),
-        ("instance_type", "huge"), ("volume_gb", "10"), ("ssh_cidr", "1.2.3.4"),
-        ("key_pair", "a\tb"), ("main_port", "22"), ("script", "nope.py"),
-        ("script_args", "'"), ("stop_when_done", "maybe"), ("stack_name", "_x"),
+        ("num_nodes", "0"),
+        ("devices_per_node", "x"),
+        ("accelerator", "tpu"),
+        ("instance_type", "huge"),
+        ("volume_gb", "10"),
+        ("ssh_cidr", "1.2.3.4"),
+        ("key_pair", "a\tb"),
+        ("main_port", "22"),
+        ("script", "nope.py"),
+        ("script_args", "'"),
+        ("stop_when_done", "maybe"),
+        ("stack_name", "_x"),
     ],
 )
 def test_bad_value_is_one_line_exit_1_and_no_template(tmp_path: Path, key: str, value: str) -> None:
@@ -53,14 +66,23 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
     assert CDK.exists(), "run the tests with `make test`: it installs the pinned aws-cdk CLI"
     project = tmp_path / "project"
     shutil.copytree(
-        PROJECT_DIR, project,
+        PROJECT_DIR,
+        project,
         ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "runs"),
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
+    }
     good = subprocess.run(
         [str(CDK), "synth", "--quiet", "-c", "num_nodes=3", "-c", "stop_when_done=false"],
-        cwd=project, env=env, capture_output=True, text=True, check=False, timeout=300,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert good.returncode == 0, good.stdout + good.stderr
     template = json.loads((project / "cdk.out" / "FabricCluster.template.json").read_text())
@@ -70,7 +92,12 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
     shutil.rmtree(project / "cdk.out")
     bad = subprocess.run(
         [str(CDK), "synth", "--quiet", "-c", "num_nodes=100"],
-        cwd=project, env=env, capture_output=True, text=True, check=False, timeout=300,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert bad.returncode != 0
     assert "error: invalid setting num_nodes='100': expected an integer from 1 to 64" in bad.stderr

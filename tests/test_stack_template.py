@@ -16,11 +16,34 @@ from tests.cfn import Synth, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "gpu4": {"num_nodes": 4, "accelerator": "gpu", "instance_type": "g5.xlarge"},
+    "gpu4": {
+        "num_nodes": 4,
+        "accelerator": "gpu",
+        "instance_type": "g5.xlarge",
+        "script_args": "--epochs 3 --note 'a b'",
+        "stop_when_done": "false",
+        "main_port": "29500",
+    },
 }
 EXPECTED = {
     "defaults": {"nodes": 2, "type": "t2.large", "placement": False},
     "gpu4": {"nodes": 4, "type": "g5.xlarge", "placement": True},
+}
+RENDERED = {
+    "defaults": {
+        "ACCELERATOR": "cpu",
+        "DEVICES_PER_NODE": "2",
+        "MAIN_PORT": "29400",
+        "STOP_WHEN_DONE": "true",
+        "ARGS": [],
+    },
+    "gpu4": {
+        "ACCELERATOR": "gpu",
+        "DEVICES_PER_NODE": "2",
+        "MAIN_PORT": "29500",
+        "STOP_WHEN_DONE": "false",
+        "ARGS": ["--epochs", "3", "--note", "a b"],
+    },
 }
 
 
@@ -47,11 +70,16 @@ def test_vpc_has_one_public_subnet_and_no_nat(synth: Synth) -> None:
 
 
 def test_security_group_allows_ssh_from_vpc_and_all_tcp_between_nodes(synth: Synth) -> None:
-    (group_id, group), = synth.resources("AWS::EC2::SecurityGroup").items()
+    ((group_id, group),) = synth.resources("AWS::EC2::SecurityGroup").items()
     inline = group["Properties"]["SecurityGroupIngress"]
     assert inline == [
-        {"CidrIp": VPC_CIDR, "Description": "SSH", "FromPort": 22, "IpProtocol": "tcp",
-         "ToPort": 22}
+        {
+            "CidrIp": VPC_CIDR,
+            "Description": "SSH",
+            "FromPort": 22,
+            "IpProtocol": "tcp",
+            "ToPort": 22,
+        }
     ]
     separate = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupIngress").values()]
     assert len(separate) == 1
@@ -65,18 +93,26 @@ def test_security_group_allows_ssh_from_vpc_and_all_tcp_between_nodes(synth: Syn
 def test_instances_run_ubuntu_with_imdsv2_tags_and_encrypted_gp3(synth: Synth) -> None:
     nodes = synth.instances_by_rank()
     assert len(nodes) == expected(synth)["nodes"]
-    image_parameter = synth.template_dict["Parameters"][
-        nodes[0]["Properties"]["ImageId"]["Ref"]
-    ]
+    image_parameter = synth.template_dict["Parameters"][nodes[0]["Properties"]["ImageId"]["Ref"]]
     assert image_parameter["Default"] == UBUNTU_AMI_PARAMETER
     assert image_parameter["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     for rank, node in enumerate(nodes):
         props = node["Properties"]
         assert props["InstanceType"] == expected(synth)["type"]
-        assert props["MetadataOptions"] == {"HttpTokens": "required", "InstanceMetadataTags": "enabled"}
+        assert props["MetadataOptions"] == {
+            "HttpTokens": "required",
+            "InstanceMetadataTags": "enabled",
+        }
         assert props["BlockDeviceMappings"] == [
-            {"DeviceName": "/dev/sda1", "Ebs": {"DeleteOnTermination": True, "Encrypted": True,
-                                                "VolumeSize": 50, "VolumeType": "gp3"}}
+            {
+                "DeviceName": "/dev/sda1",
+                "Ebs": {
+                    "DeleteOnTermination": True,
+                    "Encrypted": True,
+                    "VolumeSize": 50,
+                    "VolumeType": "gp3",
+                },
+            }
         ]
         assert props["InstanceInitiatedShutdownBehavior"] == "stop"
         tags = {tag["Key"]: tag["Value"] for tag in props["Tags"]}
@@ -94,8 +130,9 @@ def test_rank_tags_are_zero_to_n_minus_one(synth: Synth) -> None:
 
 
 def test_user_data_is_identical_on_every_node(synth: Synth) -> None:
-    user_data = [json.dumps(n["Properties"]["UserData"], sort_keys=True)
-                 for n in synth.instances_by_rank()]
+    user_data = [
+        json.dumps(n["Properties"]["UserData"], sort_keys=True) for n in synth.instances_by_rank()
+    ]
     assert len(set(user_data)) == 1
     assert user_data_text(synth.instances_by_rank()[0]).startswith("#!/bin/bash\n")
 
@@ -103,10 +140,12 @@ def test_user_data_is_identical_on_every_node(synth: Synth) -> None:
 def test_placement_group_only_where_supported(synth: Synth) -> None:
     groups = synth.resources("AWS::EC2::PlacementGroup")
     if expected(synth)["placement"]:
-        (group_id, group), = groups.items()
+        ((group_id, group),) = groups.items()
         assert group["Properties"]["Strategy"] == "cluster"
         for node in synth.instances_by_rank():
-            assert node["Properties"]["PlacementGroupName"] == {"Fn::GetAtt": [group_id, "GroupName"]}
+            assert node["Properties"]["PlacementGroupName"] == {
+                "Fn::GetAtt": [group_id, "GroupName"]
+            }
     else:
         assert groups == {}
         assert all("PlacementGroupName" not in n["Properties"] for n in synth.instances_by_rank())
@@ -114,33 +153,55 @@ def test_placement_group_only_where_supported(synth: Synth) -> None:
 
 def test_main_address_parameter_is_node0_private_ip(synth: Synth) -> None:
     node0 = next(
-        logical_id for logical_id, r in synth.resources("AWS::EC2::Instance").items()
+        logical_id
+        for logical_id, r in synth.resources("AWS::EC2::Instance").items()
         if {"Key": "fabric:node-rank", "Value": "0"} in r["Properties"]["Tags"]
     )
     synth.template.has_resource_properties(
         "AWS::SSM::Parameter",
-        {"Name": "/fabric/FabricCluster/main-address", "Type": "String",
-         "Value": {"Fn::GetAtt": [node0, "PrivateIp"]}},
+        {
+            "Name": "/fabric/FabricCluster/main-address",
+            "Type": "String",
+            "Value": {"Fn::GetAtt": [node0, "PrivateIp"]},
+        },
     )
 
 
 def test_artifacts_bucket_is_private_encrypted_tls_only_and_retained(synth: Synth) -> None:
-    (bucket_id, bucket), = synth.resources("AWS::S3::Bucket").items()
+    ((bucket_id, bucket),) = synth.resources("AWS::S3::Bucket").items()
     assert bucket["DeletionPolicy"] == "Retain"
     assert bucket["UpdateReplacePolicy"] == "Retain"
     props = bucket["Properties"]
     assert props["PublicAccessBlockConfiguration"] == {
-        "BlockPublicAcls": True, "BlockPublicPolicy": True,
-        "IgnorePublicAcls": True, "RestrictPublicBuckets": True,
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
     }
-    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
-        "ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    assert (
+        props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
+            "ServerSideEncryptionByDefault"
+        ]["SSEAlgorithm"]
+        == "AES256"
+    )
     synth.template.has_resource_properties(
         "AWS::S3::BucketPolicy",
-        {"Bucket": {"Ref": bucket_id}, "PolicyDocument": {"Statement": Match.array_with([
-            Match.object_like({"Effect": "Deny", "Action": "s3:*",
-                               "Condition": {"Bool": {"aws:SecureTransport": "false"}}})
-        ])}},
+        {
+            "Bucket": {"Ref": bucket_id},
+            "PolicyDocument": {
+                "Statement": Match.array_with(
+                    [
+                        Match.object_like(
+                            {
+                                "Effect": "Deny",
+                                "Action": "s3:*",
+                                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                            }
+                        )
+                    ]
+                )
+            },
+        },
     )
 
 
@@ -153,26 +214,33 @@ def _policy_statements(synth: Synth) -> list[dict[str, Any]]:
 
 
 def test_role_is_least_privilege(synth: Synth) -> None:
-    (role_id, role), = synth.resources("AWS::IAM::Role").items()
+    ((_, role),) = synth.resources("AWS::IAM::Role").items()
     managed = json.dumps(role["Properties"]["ManagedPolicyArns"])
     assert "AmazonSSMManagedInstanceCore" in managed
     assert "AdministratorAccess" not in managed and "PowerUser" not in managed
     statements = _policy_statements(synth)
     for statement in statements:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
         assert "*" not in actions and not any(a.endswith(":*") for a in actions), statement
         assert statement["Resource"] != "*", statement
     get_parameter = [s for s in statements if s["Action"] == "ssm:GetParameter"]
     assert len(get_parameter) == 1
     assert json.dumps(get_parameter[0]["Resource"]).endswith(
-        ':parameter/fabric/FabricCluster/main-address"]]}')
+        ':parameter/fabric/FabricCluster/main-address"]]}'
+    )
     put_parameter = [s for s in statements if s["Action"] == "ssm:PutParameter"]
     assert len(put_parameter) == 1
-    phase_ids = {logical_id for logical_id, r in synth.resources("AWS::SSM::Parameter").items()
-                 if r["Properties"]["Name"].endswith("/phase")}
+    phase_ids = {
+        logical_id
+        for logical_id, r in synth.resources("AWS::SSM::Parameter").items()
+        if r["Properties"]["Name"].endswith("/phase")
+    }
     assert len(phase_ids) == expected(synth)["nodes"]
-    assert {json.dumps(r).split('"Ref": "')[-1].split('"')[0]
-            for r in put_parameter[0]["Resource"]} == phase_ids
+    assert {
+        json.dumps(r).split('"Ref": "')[-1].split('"')[0] for r in put_parameter[0]["Resource"]
+    } == phase_ids
     bucket_id = next(iter(synth.resources("AWS::S3::Bucket")))
     writes = [s for s in statements if "s3:PutObject" in s["Action"]]
     assert len(writes) == 1
@@ -210,7 +278,76 @@ def test_cdk_nag_has_no_unacknowledged_findings(synth: Synth) -> None:
 
 def test_cfn_lint_is_clean(synth: Synth) -> None:
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable", str(synth.template_path)],
-        capture_output=True, text=True, check=False,
+        [
+            str(Path(sys.executable).parent / "cfn-lint"),
+            "--format",
+            "parseable",
+            str(synth.template_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_boot_script_passes_shellcheck(synth: Synth, tmp_path: Path) -> None:
+    script = tmp_path / "user-data.sh"
+    script.write_text(user_data_text(synth.instances_by_rank()[0]))
+    result = subprocess.run(
+        ["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> None:
+    text = user_data_text(synth.instances_by_rank()[0], placeholder="TOKEN")
+    settings = "\n".join(
+        line for line in text.splitlines() if line.startswith(("readonly ", "SCRIPT_ARGS="))
+    )
+    names = [
+        "STACK_NAME",
+        "ACCELERATOR",
+        "DEVICES_PER_NODE",
+        "MAIN_PORT",
+        "SCRIPT",
+        "MAIN_ADDRESS_PARAMETER",
+        "PHASE_PARAMETER",
+        "STOP_WHEN_DONE",
+        "TORCH_VERSION",
+    ]
+    shown = subprocess.run(
+        [
+            "bash",
+            "-c",
+            settings + '\nfor v in "$@"; do printf "%s=%s\\n" "$v" "${!v}"; done;'
+            ' for a in "${SCRIPT_ARGS[@]}"; do printf "ARG=%s\\n" "$a"; done',
+            "bash",
+            *names,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    values = dict(line.split("=", 1) for line in shown if not line.startswith("ARG="))
+    args = [line[4:] for line in shown if line.startswith("ARG=")]
+    want = RENDERED[synth.case]  # type: ignore[attr-defined]
+    for key in ("ACCELERATOR", "DEVICES_PER_NODE", "MAIN_PORT", "STOP_WHEN_DONE"):
+        assert values[key] == want[key]
+    assert args == want["ARGS"]
+    assert values["STACK_NAME"] == "FabricCluster"
+    assert values["SCRIPT"] == "trainer/train.py"
+    assert values["MAIN_ADDRESS_PARAMETER"] == "/fabric/FabricCluster/main-address"
+    assert values["PHASE_PARAMETER"] == "/fabric/FabricCluster/node-{rank}/phase"
+    assert values["TORCH_VERSION"] == "2.13.0"
+    # The agent's command line is built from exactly these settings.
+    for option, variable in (
+        ("--main-address-parameter", "MAIN_ADDRESS_PARAMETER"),
+        ("--phase-parameter", "PHASE_PARAMETER"),
+        ("--accelerator", "ACCELERATOR"),
+        ("--devices-per-node", "DEVICES_PER_NODE"),
+        ("--main-port", "MAIN_PORT"),
+    ):
+        assert f'{option} "${variable}"' in text
+    assert '"$SCRIPT" -- "${SCRIPT_ARGS[@]}")' in text
+    assert "python -m userdata.agent" in text.replace('"$VENV/bin/python" -m', "python -m")

@@ -1,0 +1,154 @@
+"""A small IMDSv2 server: token first (PUT), then metadata with the token (401 without).
+
+moto does not serve instance tags over IMDS, so tests and the rehearsal run this instead.
+`mode` injects faults: "no-token-api" (PUT answers 403), "error" (500), "html", "slow".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import ClassVar
+
+MODES = ("ok", "no-token-api", "error", "html", "slow")
+
+
+class ImdsStub:
+    def __init__(
+        self,
+        values: dict[str, str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        mode: str = "ok",
+        slow_seconds: float = 5.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.values = dict(values)
+        self.mode = mode
+        self.slow_seconds = slow_seconds
+        self.tokens: set[str] = set()
+        self.requests: list[tuple[str, str, bool]] = []  # method, path, had a valid token
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version: ClassVar[str] = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: str, content_type: str = "text/plain") -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _fault(self) -> bool:
+                if stub.mode == "slow":
+                    time.sleep(stub.slow_seconds)
+                if stub.mode == "error":
+                    self._send(500, "Internal Server Error")
+                    return True
+                if stub.mode == "html":
+                    self._send(200, "<html><body>Captive portal</body></html>", "text/html")
+                    return True
+                return False
+
+            def do_PUT(self) -> None:
+                stub.requests.append(("PUT", self.path, False))
+                if self._fault():
+                    return
+                if stub.mode == "no-token-api" or self.path != "/latest/api/token":
+                    self._send(403, "Forbidden")
+                    return
+                if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    self._send(400, "Missing TTL")
+                    return
+                token = secrets.token_urlsafe(24)
+                stub.tokens.add(token)
+                self._send(200, token)
+
+            def do_GET(self) -> None:
+                valid = self.headers.get("X-aws-ec2-metadata-token") in stub.tokens
+                stub.requests.append(("GET", self.path, valid))
+                if self._fault():
+                    return
+                if not valid:
+                    self._send(401, "Unauthorized")
+                    return
+                prefix = "/latest/meta-data/"
+                key = self.path[len(prefix) :] if self.path.startswith(prefix) else None
+                if key is None or key not in stub.values:
+                    self._send(404, "Not Found")
+                    return
+                self._send(200, stub.values[key])
+
+        return Handler
+
+    def start(self) -> ImdsStub:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> ImdsStub:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def node_values(
+    instance_id: str,
+    private_ip: str,
+    rank: int | str | None,
+    num_nodes: int | str | None,
+    region: str = "us-east-1",
+) -> dict[str, str]:
+    """The metadata an EC2 node of the cluster sees; None leaves a tag out."""
+    values = {"instance-id": instance_id, "local-ipv4": private_ip, "placement/region": region}
+    if rank is not None:
+        values["tags/instance/fabric:node-rank"] = str(rank)
+    if num_nodes is not None:
+        values["tags/instance/fabric:num-nodes"] = str(num_nodes)
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve IMDSv2 for one emulated node.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--values", required=True, help="JSON object: metadata path -> value")
+    args = parser.parse_args()
+    stub = ImdsStub(json.loads(args.values), host=args.host, port=args.port).start()
+    print(stub.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The node agent against real HTTP servers: moto (SSM, S3) and an IMDSv2 stub, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rehearsal.imds_stub import ImdsStub, node_values
+from stacks.config import PROJECT_DIR
+
+MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
+
+
+def parameter_name() -> str:
+    return f"/fabric/Test{uuid.uuid4().hex[:8]}/main-address"
+
+
+def run_agent(
+    env: dict[str, str], imds: ImdsStub, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = {**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
+    return subprocess.run(
+        [sys.executable, "-m", "userdata.agent", *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(("rank", "num_nodes"), [(0, 2), (1, 2), (0, 4), (1, 4), (3, 4)])
+def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: int) -> None:
+    name = parameter_name()
+    ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+    own_ip = MAIN_IP if rank == 0 else f"127.0.0.{10 + rank}"
+    with ImdsStub(node_values(f"i-{rank:017x}", own_ip, rank, num_nodes)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--main-address-parameter",
+            name,
+            "--devices-per-node",
+            "2",
+            "--main-port",
+            "29555",
+            "trainer/train.py",
+            "--",
+            "--epochs",
+            "3",
+            "--run-name",
+            "a b",
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    command = next(line for line in lines if line.startswith("fabric run "))
+    assert shlex.split(command) == [
+        "fabric",
+        "run",
+        f"--node-rank={rank}",
+        f"--main-address={MAIN_IP}",
+        "--main-port=29555",
+        "--accelerator=cpu",
+        "--devices=2",
+        f"--num-nodes={num_nodes}",
+        "trainer/train.py",
+        "--epochs",
+        "3",
+        "--run-name",
+        "a b",
+    ]
+    environment = dict(line.split("=", 1) for line in lines[lines.index(command) + 1 :])
+    assert environment["GLOO_SOCKET_IFNAME"] == "lo"
+    assert "NCCL_SOCKET_IFNAME" not in environment
+    assert int(environment["OMP_NUM_THREADS"]) >= 1
+    assert environment["PET_RDZV_CONF"] == "timeout=600"
+    assert "would stop now" not in result.stdout  # no --stop-when-done given
+
+
+def test_gpu_sets_nccl_interface_too(aws_env, ssm) -> None:
+    name = parameter_name()
+    ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--accelerator",
+            "gpu",
+            "--main-address-parameter",
+            name,
+            "train.py",
+        )
+    assert result.returncode == 0, result.stderr
+    assert "NCCL_SOCKET_IFNAME=lo" in result.stdout.splitlines()
+    assert "--accelerator=gpu" in result.stdout
+
+
+def test_waits_for_a_parameter_that_appears_after_3_s(aws_env, ssm) -> None:
+    name = parameter_name()
+    timer = threading.Timer(3.0, lambda: ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String"))
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        timer.start()
+        started = time.monotonic()
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--main-address-parameter",
+            name,
+            "--main-address-timeout",
+            "30",
+            "train.py",
+        )
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert f"waiting for the main node: {name} not there yet" in result.stdout
+    assert f"--main-address={MAIN_IP}" in result.stdout
+    assert 3.0 <= elapsed < 20
+
+
+def test_parameter_that_never_appears_fails_within_the_bound(aws_env) -> None:
+    name = parameter_name()
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        started = time.monotonic()
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--main-address-parameter",
+            name,
+            "--main-address-timeout",
+            "4",
+            "train.py",
+        )
+        elapsed = time.monotonic() - started
+    assert one_error_line(result) == (
+        f"error: parameter {name} did not appear within 4 s: the main node (node 0) never "
+        "published its address"
+    )
+    assert elapsed < 15
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            node_values("i-1", "127.0.0.9", None, 2),
+            "error: IMDS has no tags/instance/fabric:node-rank (is the tag set and are instance "
+            "metadata tags enabled?)",
+        ),
+        (
+            node_values("i-1", "127.0.0.9", 1, None),
+            "error: IMDS has no tags/instance/fabric:num-nodes (is the tag set and are instance "
+            "metadata tags enabled?)",
+        ),
+        (
+            node_values("i-1", "127.0.0.9", 2, 2),
+            "error: instance tag fabric:node-rank='2' is not an integer from 0 to 1",
+        ),
+        (
+            node_values("i-1", "127.0.0.9", 7, 4),
+            "error: instance tag fabric:node-rank='7' is not an integer from 0 to 3",
+        ),
+    ],
+    ids=["missing-rank", "missing-num-nodes", "rank-equals-num-nodes", "rank-beyond"],
+)
+def test_bad_or_missing_tags(aws_env, values: dict[str, str], expected: str) -> None:
+    with ImdsStub(values) as imds:
+        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", "/x/y", "t.py")
+    assert one_error_line(result) == expected
+
+
+def test_imds_refuses_metadata_without_a_token() -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", 0, 1)) as imds:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{imds.url}/latest/meta-data/instance-id", timeout=5)
+        assert refused.value.code == 401
+
+
+def test_imds_without_token_api_is_a_clear_failure(aws_env) -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", 0, 1), mode="no-token-api") as imds:
+        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", "/x/y", "t.py")
+        assert not any(method == "GET" for method, _, _ in imds.requests)
+    assert one_error_line(result).startswith(
+        f"error: IMDS at {imds.url} answered HTTP 403 for an IMDSv2 token"
+    )
+
+
+def test_ssm_unreachable_is_a_clear_failure(aws_env) -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        env = {**aws_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # discard port: nothing listens
+        started = time.monotonic()
+        result = run_agent(
+            env, imds, "--dry-run", "--main-address-parameter", "/x/y", "--ssm-timeout", "1", "t.py"
+        )
+    line = one_error_line(result)
+    assert line.startswith("error: SSM unreachable: Could not connect to the endpoint URL")
+    assert time.monotonic() - started < 30
+
+
+def test_node0_refuses_a_stale_main_address(aws_env, ssm) -> None:
+    name = parameter_name()
+    ssm.put_parameter(Name=name, Value="127.0.0.3", Type="String")
+    with ImdsStub(node_values("i-0", MAIN_IP, 0, 2)) as imds:
+        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", name, "t.py")
+    assert one_error_line(result) == (
+        f"error: parameter {name} says 127.0.0.3, but this node 0 has {MAIN_IP}"
+    )
+
+
+SCRIPT = """\
+import os, pathlib, sys
+run_dir = pathlib.Path(os.environ["FABRIC_RUN_DIR"])
+run_dir.mkdir(parents=True, exist_ok=True)
+rank = os.environ["RANK"]
+(run_dir / f"rank{rank}.txt").write_text(os.environ["GLOO_SOCKET_IFNAME"])
+(run_dir / "partial.ckpt.tmp").write_text("half")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("exit_status", [0, 3])
+def test_real_run_records_phases_and_uploads_artifacts(
+    aws_env, ssm, s3, tmp_path: Path, exit_status: int
+) -> None:
+    stack = f"Test{uuid.uuid4().hex[:8]}"
+    name, phase = f"/fabric/{stack}/main-address", f"/fabric/{stack}/node-{{rank}}/phase"
+    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    s3.create_bucket(Bucket=stack.lower())
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--main-address-parameter",
+            name,
+            "--phase-parameter",
+            phase,
+            "--devices-per-node",
+            "1",
+            "--main-port",
+            "29581",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--artifacts-uri",
+            f"s3://{stack.lower()}/{stack}",
+            "--stop-when-done",
+            "--rendezvous-timeout",
+            "30",
+            str(script),
+            "--",
+            str(exit_status),
+            timeout=120,
+        )
+    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-0/phase")["Parameter"]["Value"]
+    if exit_status == 0:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert recorded == "done"
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.lower()).get("Contents", [])]
+        assert keys == [f"{stack}/rank0.txt"]  # the temporary file is never uploaded
+    else:
+        assert result.returncode != 0
+        assert recorded.startswith("failed: fabric run exited with status")
+    assert "phase: waiting-for-main" in result.stdout and "phase: training" in result.stdout
+    assert "would stop now (not powering off: not started by the boot script" in result.stdout

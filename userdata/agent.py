@@ -1,0 +1,218 @@
+"""The node agent: finds this node's rank and the main node, then runs `fabric run`.
+
+    python -m userdata.agent [options] SCRIPT [-- SCRIPT_ARGS]
+
+1. rank and node count from IMDSv2 instance tags, 2. the main address from SSM (waiting,
+bounded, until node 0 has published it), 3. the interface that routes there and the thread
+count, 4. `fabric run ...` (printed with --dry-run), 5. phase reporting, artifacts to S3 from
+rank 0, and the guarded power-off when training ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+from userdata.artifacts import ArtifactSync
+from userdata.errors import AgentError
+from userdata.fabric_command import (
+    fabric_environment,
+    fabric_run_command,
+    threads_per_process,
+    usable_cores,
+)
+from userdata.imds import Imds, NodeIdentity, read_identity
+from userdata.main_address import wait_for_main_address
+from userdata.network import interface_to
+from userdata.phase import PhaseReporter
+from userdata.poweroff import power_off
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"{stamp} [fabric-agent] {message}", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m userdata.agent",
+        description="Find this node's rank and the main node, then run `fabric run SCRIPT`.",
+    )
+    parser.add_argument("script", help="the training script, relative to the payload")
+    parser.add_argument(
+        "script_args", nargs=argparse.REMAINDER, help="after --: arguments passed to the script"
+    )
+    parser.add_argument(
+        "--main-address-parameter", required=True, help="SSM parameter holding node 0's private IP"
+    )
+    parser.add_argument(
+        "--phase-parameter",
+        default="",
+        help="SSM parameter for this node's phase; {rank} is filled in",
+    )
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--devices-per-node", type=int, default=1)
+    parser.add_argument("--main-port", type=int, default=29400)
+    parser.add_argument("--run-dir", default="", help="where the payload writes its run")
+    parser.add_argument(
+        "--artifacts-uri", default="", help="s3://bucket/prefix that rank 0 copies the run dir to"
+    )
+    parser.add_argument(
+        "--stop-when-done",
+        action="store_true",
+        help="power the node off when fabric run ends (only on real EC2)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve everything, print the command line, run nothing",
+    )
+    parser.add_argument(
+        "--main-address-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for node 0 to publish its address",
+    )
+    parser.add_argument(
+        "--rendezvous-timeout",
+        type=int,
+        default=600,
+        help="seconds torchrun waits for all nodes to join",
+    )
+    parser.add_argument("--imds-timeout", type=float, default=2.0)
+    parser.add_argument(
+        "--ssm-timeout", type=float, default=5.0, help="connect/read timeout of each SSM call"
+    )
+    parser.add_argument(
+        "--sync-interval",
+        type=float,
+        default=60.0,
+        help="seconds between artifact uploads from rank 0",
+    )
+    args = parser.parse_args(argv)
+    if args.script_args[:1] == ["--"]:
+        args.script_args = args.script_args[1:]
+    if args.devices_per_node < 1:
+        parser.error("--devices-per-node must be at least 1")
+    return args
+
+
+def aws_client(service: str, region: str, timeout: float):
+    """Honours AWS_ENDPOINT_URL (boto3 reads it), so tests and rehearsals stay local."""
+    config = Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"mode": "standard", "max_attempts": 3},
+    )
+    return boto3.client(service, region_name=region, config=config)
+
+
+def resolve(
+    args: argparse.Namespace, identity: NodeIdentity, ssm
+) -> tuple[list[str], dict[str, str]]:
+    main_address = wait_for_main_address(
+        ssm, args.main_address_parameter, args.main_address_timeout, log=log
+    )
+    if identity.node_rank == 0 and main_address != identity.private_ip:
+        raise AgentError(
+            f"parameter {args.main_address_parameter} says {main_address}, but this node 0 "
+            f"has {identity.private_ip}"
+        )
+    interface = interface_to(main_address)
+    environment = fabric_environment(
+        interface=interface,
+        accelerator=args.accelerator,
+        threads=threads_per_process(usable_cores(), args.devices_per_node),
+        rendezvous_timeout=args.rendezvous_timeout,
+        run_dir=args.run_dir or None,
+    )
+    command = fabric_run_command(
+        node_rank=identity.node_rank,
+        main_address=main_address,
+        main_port=args.main_port,
+        accelerator=args.accelerator,
+        devices=args.devices_per_node,
+        num_nodes=identity.num_nodes,
+        script=args.script,
+        script_args=args.script_args,
+    )
+    return command, environment
+
+
+def run_fabric(command: list[str], environment: dict[str, str]) -> int:
+    """Runs fabric run with the venv's bin first on PATH, its output streamed as it comes."""
+    env = {**os.environ, **environment}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    process = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
+    identity = read_identity(Imds(timeout=args.imds_timeout))
+    log(
+        f"node {identity.node_rank} of {identity.num_nodes}: {identity.instance_id}, "
+        f"{identity.private_ip}, {identity.region}"
+    )
+    ssm = aws_client("ssm", identity.region, args.ssm_timeout)
+    if args.phase_parameter and not args.dry_run:
+        reporter.ssm = ssm
+        reporter.parameter = args.phase_parameter.format(rank=identity.node_rank)
+    reporter.record("waiting-for-main")
+    command, environment = resolve(args, identity, ssm)
+    if args.dry_run:
+        print(shlex.join(command), flush=True)
+        for key, value in sorted(environment.items()):
+            print(f"{key}={value}", flush=True)
+        return 0
+    log(f"running: {shlex.join(command)}")
+    sync = None
+    if identity.node_rank == 0 and args.artifacts_uri and args.run_dir:
+        s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
+        sync = ArtifactSync(s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval)
+        sync.start()
+    reporter.record("training")
+    status = run_fabric(command, environment)
+    if sync:
+        log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
+    if status == 0:
+        reporter.record("done")
+    else:
+        reporter.record(f"failed: fabric run exited with status {status}")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reporter = PhaseReporter(None, None)
+    try:
+        status = train(args, reporter)
+    except AgentError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        reporter.record(f"failed: {error}")
+        status = 1
+    if args.stop_when_done:
+        power_off(args.dry_run)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

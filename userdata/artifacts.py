@@ -1,0 +1,78 @@
+"""Copies the run directory (checkpoints, metrics, plots) to the artifacts bucket, from rank 0."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+def is_complete(path: Path) -> bool:
+    """Files being written carry a temporary name until they are renamed into place."""
+    return not (path.name.startswith(".") or ".tmp" in path.name or path.name.endswith(".partial"))
+
+
+class ArtifactSync:
+    """Uploads new or changed complete files; an S3 object appears only once fully uploaded."""
+
+    def __init__(self, s3: Any, uri: str, run_dir: Path, interval: float = 60.0) -> None:
+        self.s3 = s3
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.run_dir = run_dir
+        self.interval = interval
+        self._seen: dict[Path, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sync_once(self) -> int:
+        uploaded = 0
+        if not self.run_dir.is_dir():
+            return 0
+        for path in sorted(self.run_dir.rglob("*")):
+            if not path.is_file() or not is_complete(path):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # replaced between listing and upload
+                continue
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self._seen.get(path) == signature:
+                continue
+            key = "/".join(
+                part for part in (self.prefix, path.relative_to(self.run_dir).as_posix()) if part
+            )
+            try:
+                self.s3.upload_file(str(path), self.bucket, key)
+            except FileNotFoundError:
+                continue
+            except (BotoCoreError, ClientError) as error:
+                print(f"[fabric-agent] artifact upload of {path} failed: {error}", file=sys.stderr)
+                continue
+            self._seen[path] = signature
+            uploaded += 1
+        return uploaded
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sync_once()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="artifact-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stops the periodic sync and uploads what is left; returns the files uploaded last."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        return self.sync_once()
