@@ -48,3 +48,7 @@ destroy: venv cli
 
 clean:
 	rm -rf cdk.out .pytest_cache .ruff_cache
+
+# The main job: a real 2-node x 2-device training run on this machine (127.0.0.1).
+local: venv
+	$(PYTHON) -m local.cluster $(ARGS)

@@ -1,0 +1,216 @@
+"""The local cluster: N real `fabric run` nodes on this machine, talking over 127.0.0.1.
+
+    python -m local.cluster [--num-nodes 2] [--devices-per-node 2] [--script trainer/train.py]
+                            [-- SCRIPT_ARGS]
+
+Each node is its own `fabric run --node-rank=R --main-address=127.0.0.1 ...` process group,
+started last rank first (as on EC2, nodes come up in any order). Output is prefixed with the
+node rank. If a node fails, the others are stopped and the command exits non-zero naming it;
+Ctrl-C stops everything. No process it started outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from userdata.fabric_command import (
+    fabric_environment,
+    fabric_run_command,
+    threads_per_process,
+    usable_cores,
+)
+
+MAIN_ADDRESS = "127.0.0.1"
+STOP_GRACE_SECONDS = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((MAIN_ADDRESS, 0))
+        return int(probe.getsockname()[1])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m local.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--num-nodes", type=int, default=2)
+    parser.add_argument("--devices-per-node", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu", "cuda"))
+    parser.add_argument("--script", default="trainer/train.py")
+    parser.add_argument(
+        "--run-dir", default="runs/local", help="the payload's run directory (FABRIC_RUN_DIR)"
+    )
+    parser.add_argument("--main-port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--rendezvous-timeout", type=int, default=120)
+    parser.add_argument(
+        "script_args", nargs=argparse.REMAINDER, help="after --: arguments passed to the script"
+    )
+    args = parser.parse_args(argv)
+    if args.script_args[:1] == ["--"]:
+        args.script_args = args.script_args[1:]
+    if not 1 <= args.num_nodes <= 64:
+        parser.error("--num-nodes must be from 1 to 64")
+    if args.devices_per_node < 1:
+        parser.error("--devices-per-node must be at least 1")
+    if not Path(args.script).is_file():
+        parser.error(f"--script {args.script}: no such file")
+    return args
+
+
+class Node:
+    """One node: a `fabric run` in its own process group, its output prefixed with its rank."""
+
+    def __init__(self, rank: int, command: list[str], env: dict[str, str]) -> None:
+        self.rank = rank
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so that stopping a node stops its workers too
+        )
+        assert self.process.stdout is not None
+        self._relay = threading.Thread(
+            target=self._prefix, args=(self.process.stdout,), daemon=True
+        )
+        self._relay.start()
+
+    def _prefix(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            sys.stdout.write(f"[node {self.rank}] {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def finish(self) -> None:
+        self._relay.join(timeout=5)
+
+
+def stop_all(nodes: list[Node]) -> None:
+    """SIGTERM every node's process group, SIGKILL what is left after a grace period."""
+    for node in nodes:
+        node.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for node in nodes:
+        try:
+            node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for node in nodes:
+        node.signal_group(signal.SIGKILL)  # also reaps workers whose torchrun already exited
+        node.process.wait()
+        node.finish()
+
+
+def start_nodes(args: argparse.Namespace, port: int) -> list[Node]:
+    processes = args.num_nodes * args.devices_per_node
+    env = {
+        **os.environ,
+        **fabric_environment(
+            interface="lo",
+            accelerator=args.accelerator,
+            threads=threads_per_process(usable_cores(), processes),  # one machine hosts all
+            rendezvous_timeout=args.rendezvous_timeout,
+            run_dir=args.run_dir,
+        ),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    nodes = []
+    for rank in reversed(range(args.num_nodes)):  # the main node last, on purpose
+        command = fabric_run_command(
+            node_rank=rank,
+            main_address=MAIN_ADDRESS,
+            main_port=port,
+            accelerator=args.accelerator,
+            devices=args.devices_per_node,
+            num_nodes=args.num_nodes,
+            script=args.script,
+            script_args=args.script_args,
+        )
+        print(f"[cluster] starting node {rank}: {' '.join(command)}", flush=True)
+        nodes.append(Node(rank, command, env))
+    return nodes
+
+
+def wait_for_nodes(nodes: list[Node]) -> Node | None:
+    """Waits until all nodes succeed (None) or one fails (that node)."""
+    running = list(nodes)
+    while running:
+        for node in list(running):
+            status = node.process.poll()
+            if status is None:
+                continue
+            running.remove(node)
+            if status != 0:
+                return node
+        time.sleep(0.2)
+    return None
+
+
+def report(run_dir: Path) -> None:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        print(f"[cluster] done; no summary at {summary_path} (the script did not write one)")
+        return
+    summary = json.loads(summary_path.read_text())
+    print("[cluster] done:", json.dumps(summary, indent=2))
+    print(f"[cluster] summary:    {summary_path}")
+    for key in ("checkpoint", "metrics", "plot"):
+        if key in summary:
+            print(f"[cluster] {key + ':':<11} {summary[key]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    port = args.main_port or free_port()
+    print(
+        f"[cluster] {args.num_nodes} node(s) x {args.devices_per_node} device(s) on "
+        f"{MAIN_ADDRESS}:{port}, run dir {args.run_dir}",
+        flush=True,
+    )
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    nodes: list[Node] = []
+    try:
+        nodes = start_nodes(args, port)
+        failed = wait_for_nodes(nodes)
+    except KeyboardInterrupt:
+        print("[cluster] interrupted: stopping every node", file=sys.stderr, flush=True)
+        stop_all(nodes)
+        return 130
+    stop_all(nodes)  # nothing is left running, whatever happened
+    if failed:
+        print(
+            f"[cluster] error: node {failed.rank} exited with status "
+            f"{failed.process.returncode}; stopped the other nodes",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    report(Path(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

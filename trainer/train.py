@@ -1,0 +1,301 @@
+"""A Lightning Fabric training script: the payload `fabric run` starts on every node.
+
+Run it on a cluster (`fabric run --node-rank=R --main-address=IP --devices=D --num-nodes=N
+trainer/train.py`) or alone (`python trainer/train.py`). Swap in your own model and data below;
+keep the parts that make a cluster run safe: the DistributedSampler epochs, the all-reduced
+metrics, the atomic checkpoints and the resume, the process-group timeout.
+
+The default data is a seeded synthetic classification task (labels from a fixed "teacher"
+network), so the loss visibly falls on CPU in under a minute. `--data` reads a torch file
+{"x": float tensor [N, F], "y": int tensor [N]} from a local path or an s3:// URI instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric, seed_everything
+from lightning.fabric.loggers import CSVLogger
+from torch import nn
+from torch.distributed.distributed_c10d import _set_pg_timeout
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+CHECKPOINT_GLOB = "step-*.ckpt"
+KEEP_CHECKPOINTS = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a classifier with Lightning Fabric.")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("FABRIC_RUN_DIR", "runs/latest"),
+        help="checkpoints, metrics and the summary (default: $FABRIC_RUN_DIR or runs/latest)",
+    )
+    parser.add_argument("--data", default="", help="a torch file or s3:// URI; default synthetic")
+    parser.add_argument("--samples", type=int, default=16384, help="synthetic samples")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also checkpoint every K steps (0: off)"
+    )
+    parser.add_argument(
+        "--pg-timeout", type=float, default=180.0, help="seconds before a collective gives up"
+    )
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.checkpoint_every < 0 or args.pg_timeout <= 0:
+        parser.error("--checkpoint-every must be >= 0 and --pg-timeout > 0")
+    return args
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose epoch comes from the training loop only.
+
+    Fabric's loader calls set_epoch with its own count of passes, which restarts at 0 when a
+    run resumes; the shuffle of a resumed epoch must be that of the epoch itself.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # Fabric's call; see set_epoch_from_loop
+
+    def set_epoch_from_loop(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+
+
+def synthetic_data(samples: int, seed: int, features: int = 32, classes: int = 10) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=generator)
+    teacher = nn.Sequential(nn.Linear(features, 64), nn.Tanh(), nn.Linear(64, classes))
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        y = teacher(x).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def read_data(location: str) -> TensorDataset:
+    """A torch file holding {"x": [N, F] floats, "y": [N] class ids}; SystemExit if unusable."""
+    try:
+        if location.startswith("s3://"):
+            import boto3  # only needed for s3:// data
+
+            bucket, _, key = location.removeprefix("s3://").partition("/")
+            body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+            blob = torch.load(io.BytesIO(body), weights_only=True)
+        else:
+            blob = torch.load(location, weights_only=True)
+        x, y = blob["x"].float(), blob["y"].long()
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+            raise ValueError("expected x of shape [N, F] and y of shape [N], N > 0")
+    except Exception as error:  # one clear line for a bad file, whatever the reason
+        raise SystemExit(f"error: cannot read --data {location}: {error}") from None
+    return TensorDataset(x, y)
+
+
+def build_model(features: int, classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, classes)
+    )
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
+    for path in sorted(checkpoint_dir.glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            print(f"warning: skipping unreadable checkpoint {path}: {error}", file=sys.stderr)
+    return None
+
+
+def save_checkpoint(fabric: Fabric, checkpoint_dir: Path, state: dict[str, Any]) -> Path:
+    """Written under a temporary name, renamed when complete: a reader never sees half a file."""
+    final = checkpoint_dir / f"step-{state['step']:08d}.ckpt"
+    partial = final.with_name(final.name + ".tmp")
+    fabric.save(partial, state)
+    fabric.barrier()
+    if fabric.is_global_zero:
+        os.replace(partial, final)
+        for old in sorted(checkpoint_dir.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+    return final
+
+
+def weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plot_loss(history: list[list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot([step for step, _ in history], [loss for _, loss in history])
+    axes.set(xlabel="step", ylabel="training loss (mean over all ranks)", title="Loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fabric = Fabric()  # accelerator, devices and nodes come from `fabric run`
+    if not fabric._launched:  # plain `python train.py`; under `fabric run` it is launched already
+        fabric.launch()
+    if torch.distributed.is_initialized():
+        # A dead peer then fails the others within this time instead of 30 minutes.
+        _set_pg_timeout(timedelta(seconds=args.pg_timeout))
+    seed_everything(args.seed)
+    run_dir = Path(args.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    if fabric.is_global_zero:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset = read_data(args.data) if args.data else synthetic_data(args.samples, args.seed)
+    features, classes = dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1
+    model = build_model(features, classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model, optimizer = fabric.setup(model, optimizer)
+    # Each rank reads its own shard, reshuffled every epoch by set_epoch; the same in a
+    # single process, so one seed gives the same batches on 1 or N processes.
+    sampler = ResumableSampler(
+        dataset,
+        num_replicas=fabric.world_size,
+        rank=fabric.global_rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
+    loader = fabric.setup_dataloaders(
+        DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True),
+        use_distributed_sampler=False,
+    )
+    steps_per_epoch = len(loader)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0, "history": []}
+
+    # Only global rank 0's node holds the checkpoints: it reads, everyone gets a copy.
+    found = newest_checkpoint(checkpoint_dir) if fabric.is_global_zero else None
+    found = fabric.broadcast(found, src=0)
+    if found:
+        path, checkpoint = found
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state["step"], state["history"] = checkpoint["step"], checkpoint["history"]
+        fabric.print(f"resumed from {path} at step {state['step']}")
+
+    # torchrun (under fabric run) says how many processes this node runs.
+    devices_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", fabric.world_size))
+    num_nodes = fabric.world_size // devices_per_node
+    logger = CSVLogger(root_dir=str(run_dir), name="metrics", version=0)
+    total_steps = args.epochs * steps_per_epoch
+    samples_per_step = args.batch_size * fabric.world_size
+    fabric.print(
+        f"training: world size {fabric.world_size} ({devices_per_node} device(s) x "
+        f"{num_nodes} node(s)), {steps_per_epoch} steps per epoch, "
+        f"{args.epochs} epochs, run dir {run_dir}"
+    )
+    started, trained_steps = time.perf_counter(), 0
+    first_epoch = state["step"] // steps_per_epoch
+    for epoch in range(first_epoch, args.epochs):
+        sampler.set_epoch_from_loop(epoch)
+        skip = state["step"] - epoch * steps_per_epoch  # batches done before a mid-epoch resume
+        model.train()
+        epoch_loss, epoch_correct, epoch_seen = torch.zeros(()), torch.zeros(()), 0
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not fabric.is_global_zero,
+            mininterval=1.0,
+            file=sys.stdout,
+        )
+        epoch_started = time.perf_counter()
+        for batch_index, (x, y) in enumerate(loader):
+            if batch_index < skip:
+                continue
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            state["step"] += 1
+            trained_steps += 1
+            epoch_loss += loss.detach() * len(y)
+            epoch_correct += (logits.argmax(dim=1) == y).sum()
+            epoch_seen += len(y)
+            global_loss = fabric.all_reduce(loss.detach(), reduce_op="mean").item()
+            state["history"].append([state["step"], global_loss])
+            rate = (
+                (batch_index + 1 - skip) * samples_per_step / (time.perf_counter() - epoch_started)
+            )
+            bar.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{rate:.0f}", refresh=False)
+            bar.update()
+            if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
+                save_checkpoint(fabric, checkpoint_dir, state)
+        bar.close()
+        totals = fabric.all_reduce(
+            torch.stack([epoch_loss, epoch_correct, torch.tensor(float(epoch_seen))]),
+            reduce_op="sum",
+        )
+        loss_value = (totals[0] / totals[2]).item() if totals[2] > 0 else float("nan")
+        accuracy = (totals[1] / totals[2]).item() if totals[2] > 0 else float("nan")
+        fabric.print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss_value:.4f}, "
+            f"accuracy {accuracy:.3f}, step {state['step']}/{total_steps}"
+        )
+        if fabric.is_global_zero:
+            logger.log_metrics(
+                {"epoch": epoch + 1, "loss": loss_value, "accuracy": accuracy}, step=state["step"]
+            )
+            logger.save()
+        save_checkpoint(fabric, checkpoint_dir, state)
+
+    wall_time = time.perf_counter() - started
+    if fabric.is_global_zero:
+        history = state["history"]
+        plot_path = run_dir / "loss.png"
+        plot_loss(history, plot_path)
+        summary = {
+            "world_size": fabric.world_size,
+            "num_nodes": num_nodes,
+            "devices_per_node": devices_per_node,
+            "epochs": args.epochs,
+            "steps": state["step"],
+            "steps_this_run": trained_steps,
+            "first_loss": history[0][1] if history else None,
+            "final_loss": history[-1][1] if history else None,
+            "samples_per_s": trained_steps * samples_per_step / wall_time if trained_steps else 0.0,
+            "wall_time_s": wall_time,
+            "weights_sha256": weights_sha256(model),
+            "checkpoint": str(sorted(checkpoint_dir.glob(CHECKPOINT_GLOB))[-1]),
+            "metrics": str(Path(logger.log_dir) / "metrics.csv"),
+            "plot": str(plot_path),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        fabric.print("summary: " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
