@@ -46,23 +46,21 @@ def aws_env(moto_url: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def ssm(moto_url: str):
+def moto_client(moto_url: str, service: str):
     return boto3.client(
-        "ssm",
+        service,
         region_name=REGION,
         endpoint_url=moto_url,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+@pytest.fixture
+def ssm(moto_url: str):
+    return moto_client(moto_url, "ssm")
 
 
 @pytest.fixture
 def s3(moto_url: str):
-    return boto3.client(
-        "s3",
-        region_name=REGION,
-        endpoint_url=moto_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_client(moto_url, "s3")
