@@ -1,0 +1,51 @@
+"""The payload alone (plain `python trainer/train.py`, one process) and its data option."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from stacks.config import PROJECT_DIR
+
+
+def train(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "trainer/train.py", *args],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_trains_on_data_from_a_local_file(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=generator)
+    y = (x[:, 0] > 0).long()  # a learnable rule
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    result = train(
+        "--data",
+        str(tmp_path / "data.pt"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["world_size"], summary["num_nodes"], summary["steps"]) == (1, 1, 3 * 16)
+    assert summary["final_loss"] < summary["first_loss"]
+
+
+def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
+    result = train("--data", str(tmp_path / "nope.pt"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: cannot read --data {tmp_path / 'nope.pt'}: " in result.stderr
