@@ -11,7 +11,7 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local rehearse clean
+.PHONY: venv dev cli test lint synth deploy destroy local clean
 
 $(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
 	python3 -m venv $(VENV)
