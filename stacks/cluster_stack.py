@@ -136,7 +136,9 @@ class ClusterStack(cdk.Stack):
             ],
         )
         self.payload.grant_read(role)
-        self.bucket.grant_read_write(role)
+        # Read and put, no delete: nothing on a node removes artifacts.
+        self.bucket.grant_read(role)
+        self.bucket.grant_put(role)
         for parameter in self.phase_parameters:
             parameter.grant_write(role)
         # By ARN, not through the parameter: it refers to node 0, which depends on this role.
@@ -162,7 +164,6 @@ class ClusterStack(cdk.Stack):
             ("Action::s3:GetBucket*", "CDK grant_read of the payload asset and the bucket."),
             ("Action::s3:GetObject*", "CDK grant_read of the payload asset and the bucket."),
             ("Action::s3:List*", "CDK grant_read of the payload asset and the bucket."),
-            ("Action::s3:DeleteObject*", "Rank 0 replaces older checkpoints in the bucket."),
             ("Action::s3:Abort*", "Aborts its own failed multipart checkpoint uploads."),
             (
                 f"Resource::<{self.get_logical_id(self.bucket.node.default_child)}.Arn>/*",

@@ -75,30 +75,26 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
     }
-    good = subprocess.run(
-        [str(CDK), "synth", "--quiet", "-c", "num_nodes=3", "-c", "stop_when_done=false"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+
+    def synth(*context: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CDK), "synth", "--quiet", *(arg for c in context for arg in ("-c", c))],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+
+    good = synth("num_nodes=3", "stop_when_done=false")
     assert good.returncode == 0, good.stdout + good.stderr
     template = json.loads((project / "cdk.out" / "FabricCluster.template.json").read_text())
     instances = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance"]
     assert len(instances) == 3
 
     shutil.rmtree(project / "cdk.out")
-    bad = subprocess.run(
-        [str(CDK), "synth", "--quiet", "-c", "num_nodes=100"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    bad = synth("num_nodes=100")
     assert bad.returncode != 0
     assert "error: invalid setting num_nodes='100': expected an integer from 1 to 64" in bad.stderr
     assert "Traceback" not in bad.stderr

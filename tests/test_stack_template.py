@@ -242,6 +242,7 @@ def test_role_is_least_privilege(synth: Synth) -> None:
         json.dumps(r).split('"Ref": "')[-1].split('"')[0] for r in put_parameter[0]["Resource"]
     } == phase_ids
     bucket_id = next(iter(synth.resources("AWS::S3::Bucket")))
+    assert not any("Delete" in action for s in statements for action in s["Action"]), statements
     writes = [s for s in statements if "s3:PutObject" in s["Action"]]
     assert len(writes) == 1
     assert bucket_id in json.dumps(writes[0]["Resource"])
