@@ -11,7 +11,7 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local clean
+.PHONY: venv dev cli test lint synth deploy destroy local rehearse clean
 
 $(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
 	python3 -m venv $(VENV)
@@ -52,3 +52,8 @@ clean:
 # The main job: a real 2-node x 2-device training run on this machine (127.0.0.1).
 local: venv
 	$(PYTHON) -m local.cluster $(ARGS)
+
+# The whole deploy on this machine: the real template on moto, every node's real user data in
+# its own network namespace (needs root and iproute2), then cdk destroy's path.
+rehearse: venv
+	$(PYTHON) -m rehearsal.run $(ARGS)

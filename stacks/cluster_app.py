@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,14 @@ import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
 from stacks.cluster_stack import ClusterStack
-from stacks.config import load_config
+from stacks.config import PROJECT_DIR, load_config
+
+
+def cdk_json_context(**overrides: Any) -> dict[str, Any]:
+    """cdk.json's context (what the CLI passes in) with overrides, as -c would set them."""
+    context = json.loads((PROJECT_DIR / "cdk.json").read_text())["context"]
+    context.update(overrides)
+    return context
 
 
 def build_app(

@@ -8,15 +8,7 @@ from typing import Any
 
 from aws_cdk.assertions import Template
 
-from stacks.cluster_app import build_app
-from stacks.config import PROJECT_DIR
-
-
-def cdk_json_context(**overrides: Any) -> dict[str, Any]:
-    """cdk.json's context (what the CLI passes in) with overrides, as -c would set them."""
-    context = json.loads((PROJECT_DIR / "cdk.json").read_text())["context"]
-    context.update(overrides)
-    return context
+from stacks.cluster_app import build_app, cdk_json_context
 
 
 class Synth:

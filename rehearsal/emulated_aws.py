@@ -1,0 +1,215 @@
+"""The emulated AWS of a rehearsal: a moto server, bootstrapped like `cdk bootstrap` would.
+
+It listens on 127.0.0.1 (for this process) and on a unix socket (for the nodes in their network
+namespaces, through rehearsal/forward.py); both serve the same in-process moto backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError
+from moto.server import ThreadedMotoServer
+
+from userdata.imds import TAG_NODE_RANK
+
+ACCOUNT = "123456789012"  # moto's account
+REGION = "us-east-1"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+CREDENTIAL_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+}
+BOOTSTRAP_VERSION_PARAMETER = "/cdk-bootstrap/hnb659fds/version"
+# moto reserves /aws/... parameters: the template's AMI parameter is pointed here instead.
+AMI_PARAMETER = "/rehearsal/ubuntu-ami"
+
+
+@dataclass(frozen=True)
+class EmulatedInstance:
+    rank: int
+    instance_id: str
+    private_ip: str
+    tags: dict[str, str]
+    user_data: str
+
+
+class EmulatedAws:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._tcp = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._unix = ThreadedMotoServer(ip_address=f"unix://{socket_path}", port=0, verbose=False)
+
+    def start(self) -> EmulatedAws:
+        self._tcp.start()
+        self._unix.start()
+        host, port = self._tcp.get_host_and_port()
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self._tcp.stop()
+        self._unix.stop()
+        self.socket_path.unlink(missing_ok=True)
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, endpoint_url=self.url, region_name=REGION, **CREDENTIALS)
+
+
+def _zip_directory(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def bootstrap_and_upload(aws: EmulatedAws, assembly: Path, stack_artifact: str) -> int:
+    """What `cdk bootstrap` and `cdk deploy`'s asset publishing do; returns the assets uploaded."""
+    ssm, s3, ec2 = aws.client("ssm"), aws.client("s3"), aws.client("ec2")
+    ssm.put_parameter(Name=BOOTSTRAP_VERSION_PARAMETER, Value="30", Type="String", Overwrite=True)
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ssm.put_parameter(Name=AMI_PARAMETER, Value=image, Type="String", Overwrite=True)
+    manifest = json.loads((assembly / f"{stack_artifact}.assets.json").read_text())
+    uploaded = 0
+    for asset in manifest["files"].values():
+        source = assembly / asset["source"]["path"]
+        body = (
+            _zip_directory(source)
+            if asset["source"].get("packaging") == "zip"
+            else source.read_bytes()
+        )
+        for destination in asset["destinations"].values():
+            bucket = (
+                destination["bucketName"]
+                .replace("${AWS::AccountId}", ACCOUNT)
+                .replace("${AWS::Region}", REGION)
+            )
+            try:
+                s3.create_bucket(Bucket=bucket)
+            except ClientError as error:
+                if error.response["Error"]["Code"] != "BucketAlreadyOwnedByYou":
+                    raise
+            s3.put_object(Bucket=bucket, Key=destination["objectKey"], Body=body)
+            uploaded += 1
+    return uploaded
+
+
+def deploy(aws: EmulatedAws, template_path: Path, stack_name: str) -> dict[str, str]:
+    """Creates the stack through CloudFormation's API; returns its outputs."""
+    template = json.loads(template_path.read_text())
+    for parameter in template.get("Parameters", {}).values():
+        if parameter.get("Type") == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>":
+            parameter["Default"] = AMI_PARAMETER
+    cloudformation = aws.client("cloudformation")
+    cloudformation.create_stack(
+        StackName=stack_name, TemplateBody=json.dumps(template), Capabilities=["CAPABILITY_IAM"]
+    )
+    cloudformation.get_waiter("stack_create_complete").wait(
+        StackName=stack_name, WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+    )
+    stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
+    return {output["OutputKey"]: output["OutputValue"] for output in stack.get("Outputs", [])}
+
+
+def stack_instances(aws: EmulatedAws, stack_name: str) -> list[EmulatedInstance]:
+    ec2 = aws.client("ec2")
+    found = []
+    reservations = ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+    )["Reservations"]
+    for reservation in reservations:
+        for instance in reservation["Instances"]:
+            tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+            user_data = ec2.describe_instance_attribute(
+                InstanceId=instance["InstanceId"], Attribute="userData"
+            )["UserData"]["Value"]
+            found.append(
+                EmulatedInstance(
+                    rank=int(tags[TAG_NODE_RANK]),
+                    instance_id=instance["InstanceId"],
+                    private_ip=instance["PrivateIpAddress"],
+                    tags=tags,
+                    user_data=base64.b64decode(user_data).decode(),
+                )
+            )
+    return sorted(found, key=lambda node: node.rank)
+
+
+def destroy(aws: EmulatedAws, stack_name: str, vpc_cidr: str) -> list[str]:
+    """`cdk destroy`: deletes the stack; returns the emulator workarounds it needed."""
+    notes = []
+    ec2 = aws.client("ec2")
+    try:
+        aws.client("cloudformation").delete_stack(StackName=stack_name)
+    except ClientError as error:
+        if error.response["Error"]["Code"] != "DependencyViolation":
+            raise
+        # moto keeps the primary network interface of a terminated instance (EC2 deletes it),
+        # so the VPC could not go; finish what CloudFormation would have done.
+        notes.append(
+            f"moto: {error.response['Error']['Message']} (kept ENIs of terminated "
+            "instances); removed them and the VPC by hand"
+        )
+        for vpc in ec2.describe_vpcs(Filters=[{"Name": "cidr", "Values": [vpc_cidr]}])["Vpcs"]:
+            _delete_vpc(ec2, vpc["VpcId"])
+    return notes
+
+
+def _delete_vpc(ec2: Any, vpc_id: str) -> None:
+    by_vpc = [{"Name": "vpc-id", "Values": [vpc_id]}]
+    for interface in ec2.describe_network_interfaces(Filters=by_vpc)["NetworkInterfaces"]:
+        ec2.delete_network_interface(NetworkInterfaceId=interface["NetworkInterfaceId"])
+    for subnet in ec2.describe_subnets(Filters=by_vpc)["Subnets"]:
+        ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+    gateways = ec2.describe_internet_gateways(
+        Filters=[{"Name": "attachment.vpc-id", "Values": [vpc_id]}]
+    )["InternetGateways"]
+    for gateway in gateways:
+        ec2.detach_internet_gateway(InternetGatewayId=gateway["InternetGatewayId"], VpcId=vpc_id)
+        ec2.delete_internet_gateway(InternetGatewayId=gateway["InternetGatewayId"])
+    for table in ec2.describe_route_tables(Filters=by_vpc)["RouteTables"]:
+        if not any(association.get("Main") for association in table.get("Associations", [])):
+            ec2.delete_route_table(RouteTableId=table["RouteTableId"])
+    ec2.delete_vpc(VpcId=vpc_id)
+
+
+def remaining(
+    aws: EmulatedAws, stack_name: str, vpc_cidr: str, bucket: str
+) -> dict[str, list[str]]:
+    """What the stack left behind, by kind (the artifacts bucket is kept on purpose)."""
+    ec2, ssm, s3, iam = aws.client("ec2"), aws.client("ssm"), aws.client("s3"), aws.client("iam")
+    live = [
+        instance["InstanceId"]
+        for reservation in ec2.describe_instances(
+            Filters=[{"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]}]
+        )["Reservations"]
+        for instance in reservation["Instances"]
+        if instance["State"]["Name"] != "terminated"
+    ]
+    parameters = ssm.get_parameters_by_path(Path=f"/fabric/{stack_name}", Recursive=True)
+    return {
+        "instances": live,
+        "vpcs": [
+            v["VpcId"]
+            for v in ec2.describe_vpcs(Filters=[{"Name": "cidr", "Values": [vpc_cidr]}])["Vpcs"]
+        ],
+        "parameters": [p["Name"] for p in parameters["Parameters"]],
+        "roles": [
+            r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(stack_name)
+        ],
+        "buckets": [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"] == bucket],
+    }

@@ -1,0 +1,433 @@
+"""The rehearsal: deploy the real template to an emulated AWS and boot every node for real.
+
+    python -m rehearsal.run [--num-nodes 2] [--devices-per-node 2] [-- SCRIPT_ARGS]
+
+1. synth the real app with cdk.json's settings; 2. deploy it to moto (CloudFormation, EC2,
+SSM, S3, IAM) after bootstrapping it; 3. give every emulated instance a network namespace
+holding its private IP, an IMDSv2 stub with its id and tags, and run its real user data there
+(rehearsal switch: no installs, no systemd, no power-off); 4. check the training (world size,
+artifacts in S3, every phase "done", weights equal to a local-cluster run); 5. destroy the stack
+and check that only the artifacts bucket remains. Everything it made is removed, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rehearsal.emulated_aws import (
+    CREDENTIAL_ENV,
+    EmulatedAws,
+    EmulatedInstance,
+    bootstrap_and_upload,
+    deploy,
+    destroy,
+    remaining,
+    stack_instances,
+)
+from rehearsal.imds_stub import node_values
+from rehearsal.namespaces import EmulatedNetwork, namespaces_available
+from stacks.cluster_app import build_app, cdk_json_context
+from stacks.cluster_stack import VPC_CIDR
+from stacks.config import PROJECT_DIR
+
+IMDS_PORT = 1338
+SUBNET_PREFIX_LENGTH = 24
+T = TypeVar("T")
+
+
+class RehearsalError(RuntimeError):
+    """A check that failed; the message is the one line the user sees."""
+
+
+def log(message: str) -> None:
+    print(f"[rehearsal] {message}", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rehearsal.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--num-nodes", type=int, default=2)
+    parser.add_argument("--devices-per-node", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for the training")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "script_args",
+        nargs=argparse.REMAINDER,
+        help="after --: the script's arguments (default: a short run)",
+    )
+    args = parser.parse_args(argv)
+    if args.script_args[:1] == ["--"]:
+        args.script_args = args.script_args[1:]
+    if not args.script_args:
+        args.script_args = ["--epochs", "2", "--samples", "4096"]
+    return args
+
+
+class Phases:
+    """Times each phase for the final report."""
+
+    def __init__(self) -> None:
+        self.durations: list[tuple[str, float, str]] = []
+
+    def run(self, name: str, action: Callable[[], T]) -> T:
+        log(f"{name} ...")
+        started = time.monotonic()
+        try:
+            result = action()
+        except BaseException:
+            self.durations.append((name, time.monotonic() - started, "FAILED"))
+            raise
+        self.durations.append((name, time.monotonic() - started, "ok"))
+        return result
+
+    def report(self) -> None:
+        print("\n[rehearsal] phase                              seconds  result", flush=True)
+        for name, seconds, result in self.durations:
+            print(f"[rehearsal] {name:<34} {seconds:7.1f}  {result}", flush=True)
+
+
+class NodeProcesses:
+    """Every process started inside the namespaces, each in its own process group."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        cpu: int | None = None,
+        log_path: Path | None = None,
+        prefix: str = "",
+    ) -> subprocess.Popen[bytes]:
+        def pin() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pin,
+        )
+        self.processes.append(process)
+        if log_path is not None:
+            threading.Thread(target=_relay, args=(process, log_path, prefix), daemon=True).start()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        self.processes.clear()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _relay(process: subprocess.Popen[bytes], log_path: Path, prefix: str) -> None:
+    assert process.stdout is not None
+    with log_path.open("w") as log_file:
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            log_file.write(line)
+            log_file.flush()
+            if "it/s]" not in line:  # progress bars stay in the log file
+                sys.stdout.write(f"{prefix}{line}")
+                sys.stdout.flush()
+
+
+def _first_line(process: subprocess.Popen[bytes], what: str) -> str:
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().strip()
+    if not line:
+        raise RehearsalError(f"{what} did not start (exit status {process.poll()})")
+    return line
+
+
+@contextmanager
+def work_folder(keep: bool) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="fabric-rehearsal-"))
+    try:
+        yield folder
+    finally:
+        if keep:
+            log(f"kept the work folder {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def synth(folder: Path, args: argparse.Namespace) -> tuple[Path, str, Any]:
+    context = cdk_json_context(
+        num_nodes=args.num_nodes,
+        devices_per_node=args.devices_per_node,
+        script_args=shlex.join(args.script_args),
+    )
+    app, stack = build_app(context, outdir=str(folder / "cdk.out"))
+    app.synth()
+    return folder / "cdk.out", stack.artifact_id, stack.config
+
+
+def boot_nodes(
+    folder: Path,
+    aws: EmulatedAws,
+    network: EmulatedNetwork,
+    nodes: list[EmulatedInstance],
+    processes: NodeProcesses,
+) -> list[subprocess.Popen[bytes]]:
+    base_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **CREDENTIAL_ENV}
+    cpus = sorted(os.sched_getaffinity(0))
+    boots = []
+    for node in nodes:
+        prefix = network.exec_prefix(node.rank)
+        values = node_values(
+            node.instance_id,
+            node.private_ip,
+            node.tags.get("fabric:node-rank"),
+            node.tags.get("fabric:num-nodes"),
+        )
+        stub = processes.start(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "rehearsal.imds_stub",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(IMDS_PORT),
+                "--values",
+                json.dumps(values),
+            ],
+            env={**base_env, "PYTHONPATH": str(PROJECT_DIR)},
+        )
+        _first_line(stub, f"the IMDS stub of node {node.rank}")
+        forward = processes.start(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "rehearsal.forward",
+                "--port",
+                str(aws.port),
+                "--unix",
+                str(aws.socket_path),
+            ],
+            env={**base_env, "PYTHONPATH": str(PROJECT_DIR)},
+        )
+        _first_line(forward, f"the AWS forwarder of node {node.rank}")
+    for node in reversed(nodes):  # nodes boot in any order on EC2: the main node last here
+        home = folder / f"node-{node.rank}"
+        home.mkdir()
+        script = home / "user-data.sh"
+        script.write_text(node.user_data)
+        env = {
+            **base_env,
+            "HOME": str(home),
+            "FABRIC_REHEARSAL_VENV": sys.prefix,
+            "FABRIC_REHEARSAL_HOME": str(home / "fabric"),
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{aws.port}",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{IMDS_PORT}",
+        }
+        log(
+            f"booting node {node.rank} ({node.instance_id}, {node.private_ip}) in "
+            f"{network.node_namespace(node.rank)}"
+        )
+        boots.append(
+            processes.start(
+                [*network.exec_prefix(node.rank), "bash", str(script)],
+                env=env,
+                cpu=cpus[node.rank % len(cpus)],  # each node its own core, as on separate machines
+                log_path=home / "console.log",
+                prefix=f"[node {node.rank}] ",
+            )
+        )
+    return list(reversed(boots))
+
+
+def wait_for_boots(boots: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for rank, boot in enumerate(boots):
+        try:
+            status = boot.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RehearsalError(f"node {rank} did not finish within {timeout:g} s") from None
+        if status != 0:
+            raise RehearsalError(f"node {rank}'s user data exited with status {status}")
+
+
+def check_training(
+    aws: EmulatedAws,
+    config: Any,
+    outputs: dict[str, str],
+    folder: Path,
+    nodes: list[EmulatedInstance],
+) -> dict[str, Any]:
+    ssm, s3 = aws.client("ssm"), aws.client("s3")
+    phases = {
+        n.rank: ssm.get_parameter(Name=config.phase_parameter(n.rank))["Parameter"]["Value"]
+        for n in nodes
+    }
+    if any(phase != "done" for phase in phases.values()):
+        raise RehearsalError(f"not every node reported done: {phases}")
+    bucket, prefix = outputs["ArtifactsBucket"], config.stack_name
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    checkpoints = [key for key in keys if key.endswith(".ckpt")]
+    if not checkpoints or f"{prefix}/summary.json" not in keys:
+        raise RehearsalError(f"artifacts missing in s3://{bucket}/{prefix}/: {keys}")
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/summary.json")["Body"].read())
+    expected = config.num_nodes * config.devices_per_node
+    if summary["world_size"] != expected:
+        raise RehearsalError(f"world size {summary['world_size']}, expected {expected}")
+    for node in nodes:
+        console = (folder / f"node-{node.rank}" / "console.log").read_text()
+        if config.stop_when_done and "would stop now" not in console:
+            raise RehearsalError(f"node {node.rank} did not record its final stop")
+    log(
+        f"every node done; world size {summary['world_size']}; {len(checkpoints)} checkpoint(s) "
+        f"and the summary in s3://{bucket}/{prefix}/"
+    )
+    return summary
+
+
+def local_cluster_weights(folder: Path, config: Any) -> str:
+    run_dir = folder / "local-run"
+    command = [
+        sys.executable,
+        "-m",
+        "local.cluster",
+        "--num-nodes",
+        str(config.num_nodes),
+        "--devices-per-node",
+        str(config.devices_per_node),
+        "--script",
+        config.script,
+        "--run-dir",
+        str(run_dir),
+        "--",
+        *config.script_args,
+    ]
+    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RehearsalError(f"the local cluster failed: {result.stderr.strip()[-500:]}")
+    return json.loads((run_dir / "summary.json").read_text())["weights_sha256"]
+
+
+def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
+    assembly, artifact, config = phases.run("synth the app", lambda: synth(folder, args))
+    aws = EmulatedAws(folder / "aws.sock").start()
+    network = EmulatedNetwork(f"fr{os.getpid() % 100000}", SUBNET_PREFIX_LENGTH)
+    processes = NodeProcesses()
+    try:
+        count = phases.run(
+            "bootstrap, upload assets", lambda: bootstrap_and_upload(aws, assembly, artifact)
+        )
+        log(f"{count} asset(s) uploaded to the emulated S3 at {aws.url}")
+        outputs = phases.run(
+            "create the stack",
+            lambda: deploy(aws, assembly / f"{artifact}.template.json", config.stack_name),
+        )
+        nodes = stack_instances(aws, config.stack_name)
+        main = aws.client("ssm").get_parameter(Name=config.main_address_parameter)
+        if main["Parameter"]["Value"] != nodes[0].private_ip:
+            raise RehearsalError(
+                f"{config.main_address_parameter} is "
+                f"{main['Parameter']['Value']}, node 0 has {nodes[0].private_ip}"
+            )
+        log(f"CREATE_COMPLETE; {config.main_address_parameter} = node 0's {nodes[0].private_ip}")
+        phases.run(
+            "create the namespaces", lambda: network.create([node.private_ip for node in nodes])
+        )
+        boots = phases.run(
+            "start stubs, boot the nodes",
+            lambda: boot_nodes(folder, aws, network, nodes, processes),
+        )
+        phases.run("train (boot to done)", lambda: wait_for_boots(boots, args.timeout))
+        summary = phases.run(
+            "check phases and artifacts",
+            lambda: check_training(aws, config, outputs, folder, nodes),
+        )
+        local = phases.run(
+            "local cluster, same settings", lambda: local_cluster_weights(folder, config)
+        )
+        if local != summary["weights_sha256"]:
+            raise RehearsalError(
+                f"final weights differ from the local cluster's: "
+                f"{summary['weights_sha256']} != {local}"
+            )
+        log(f"final weights equal the local cluster's, bit for bit (sha256 {local[:16]}...)")
+        processes.stop_all()
+        notes = phases.run("destroy the stack", lambda: destroy(aws, config.stack_name, VPC_CIDR))
+        for note in notes:
+            log(note)
+        left = remaining(aws, config.stack_name, VPC_CIDR, outputs["ArtifactsBucket"])
+        gone = {kind: names for kind, names in left.items() if kind != "buckets" and names}
+        if gone or left["buckets"] != [outputs["ArtifactsBucket"]]:
+            raise RehearsalError(f"after destroy, expected only the artifacts bucket: {left}")
+        log(f"after destroy only the artifacts bucket remains: {left['buckets'][0]}")
+    finally:
+        processes.stop_all()
+        failures = network.delete()
+        aws.stop()
+        for failure in failures:
+            log(f"cleanup: {failure}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    warnings.filterwarnings("ignore", module="moto")
+    reason = namespaces_available()
+    if reason:
+        print(f"[rehearsal] error: {reason}", file=sys.stderr)
+        return 1
+    phases = Phases()
+    try:
+        with work_folder(args.keep) as folder:
+            rehearse(args, folder, phases)
+    except RehearsalError as error:
+        phases.report()
+        print(f"[rehearsal] error: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("[rehearsal] interrupted; everything it made is removed", file=sys.stderr)
+        return 130
+    phases.report()
+    log("rehearsal passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
