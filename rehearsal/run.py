@@ -413,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"[rehearsal] error: {reason}", file=sys.stderr)
         return 1
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)  # cleanup runs for SIGTERM as for Ctrl-C
     phases = Phases()
     try:
         with work_folder(args.keep) as folder:
