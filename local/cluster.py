@@ -57,6 +57,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--main-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--rendezvous-timeout", type=int, default=120)
     parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times all nodes are started again after one fails",
+    )
+    parser.add_argument(
+        "--main-node-delay",
+        type=float,
+        default=0.0,
+        help="start node 0 this many seconds after the others (a late main node)",
+    )
+    parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, help="after --: arguments passed to the script"
     )
     args = parser.parse_args(argv)
@@ -66,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--num-nodes must be from 1 to 64")
     if args.devices_per_node < 1:
         parser.error("--devices-per-node must be at least 1")
+    if args.max_restarts < 0 or args.main_node_delay < 0:
+        parser.error("--max-restarts and --main-node-delay must be at least 0")
     if not Path(args.script).is_file():
         parser.error(f"--script {args.script}: no such file")
     return args
@@ -120,7 +134,8 @@ def stop_all(nodes: list[Node]) -> None:
         node.finish()
 
 
-def start_nodes(args: argparse.Namespace, port: int) -> list[Node]:
+def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
+    """Appends each node as it starts, so an interrupt can stop the ones already running."""
     processes = args.num_nodes * args.devices_per_node
     env = {
         **os.environ,
@@ -133,7 +148,6 @@ def start_nodes(args: argparse.Namespace, port: int) -> list[Node]:
         ),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    nodes = []
     for rank in reversed(range(args.num_nodes)):  # the main node last, on purpose
         command = fabric_run_command(
             node_rank=rank,
@@ -145,9 +159,11 @@ def start_nodes(args: argparse.Namespace, port: int) -> list[Node]:
             script=args.script,
             script_args=args.script_args,
         )
+        if rank == 0 and args.main_node_delay:
+            print(f"[cluster] node 0 starts in {args.main_node_delay:g} s", flush=True)
+            time.sleep(args.main_node_delay)
         print(f"[cluster] starting node {rank}: {' '.join(command)}", flush=True)
         nodes.append(Node(rank, command, env))
-    return nodes
 
 
 def wait_for_nodes(nodes: list[Node]) -> Node | None:
@@ -180,36 +196,45 @@ def report(run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    port = args.main_port or free_port()
-    print(
-        f"[cluster] {args.num_nodes} node(s) x {args.devices_per_node} device(s) on "
-        f"{MAIN_ADDRESS}:{port}, run dir {args.run_dir}",
-        flush=True,
-    )
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupted)
-    nodes: list[Node] = []
-    try:
-        nodes = start_nodes(args, port)
-        failed = wait_for_nodes(nodes)
-    except KeyboardInterrupt:
-        print("[cluster] interrupted: stopping every node", file=sys.stderr, flush=True)
-        stop_all(nodes)
-        return 130
-    stop_all(nodes)  # nothing is left running, whatever happened
-    if failed:
+    for attempt in range(args.max_restarts + 1):
+        port = args.main_port or free_port()
         print(
-            f"[cluster] error: node {failed.rank} exited with status "
-            f"{failed.process.returncode}; stopped the other nodes",
-            file=sys.stderr,
+            f"[cluster] {args.num_nodes} node(s) x {args.devices_per_node} device(s) on "
+            f"{MAIN_ADDRESS}:{port}, run dir {args.run_dir}",
             flush=True,
         )
-        return 1
-    report(Path(args.run_dir))
-    return 0
+        nodes: list[Node] = []
+        try:
+            start_nodes(args, port, nodes)
+            failed = wait_for_nodes(nodes)
+        except KeyboardInterrupt:
+            print("[cluster] interrupted: stopping every node", file=sys.stderr, flush=True)
+            stop_all(nodes)
+            return 130
+        stop_all(nodes)  # nothing is left running, whatever happened
+        if not failed:
+            report(Path(args.run_dir))
+            return 0
+        what = f"node {failed.rank} exited with status {failed.process.returncode}"
+        if attempt == args.max_restarts:
+            gave_up = f"; gave up after {attempt} restart(s)" if attempt else ""
+            print(
+                f"[cluster] error: {what}; stopped the other nodes{gave_up}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        print(
+            f"[cluster] {what}: stopped the other nodes; restart {attempt + 1} of "
+            f"{args.max_restarts} (the run resumes from its newest checkpoint)",
+            flush=True,
+        )
+    return 1
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--devices-per-node", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600, help="seconds for the training")
+    parser.add_argument(
+        "--main-node-delay",
+        type=float,
+        default=0.0,
+        help="boot node 0 this many seconds after the others (a late main node)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
         "script_args",
@@ -206,6 +212,7 @@ def boot_nodes(
     network: EmulatedNetwork,
     nodes: list[EmulatedInstance],
     processes: NodeProcesses,
+    main_node_delay: float = 0.0,
 ) -> list[subprocess.Popen[bytes]]:
     base_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **CREDENTIAL_ENV}
     cpus = sorted(os.sched_getaffinity(0))
@@ -249,6 +256,9 @@ def boot_nodes(
         )
         _first_line(forward, f"the AWS forwarder of node {node.rank}")
     for node in reversed(nodes):  # nodes boot in any order on EC2: the main node last here
+        if node.rank == 0 and main_node_delay:
+            log(f"node 0 boots in {main_node_delay:g} s")
+            time.sleep(main_node_delay)
         home = folder / f"node-{node.rank}"
         home.mkdir()
         script = home / "user-data.sh"
@@ -372,7 +382,7 @@ def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
         )
         boots = phases.run(
             "start stubs, boot the nodes",
-            lambda: boot_nodes(folder, aws, network, nodes, processes),
+            lambda: boot_nodes(folder, aws, network, nodes, processes, args.main_node_delay),
         )
         phases.run("train (boot to done)", lambda: wait_for_boots(boots, args.timeout))
         summary = phases.run(
@@ -413,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"[rehearsal] error: {reason}", file=sys.stderr)
         return 1
+
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -32,6 +32,7 @@ _KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]
 
 MAX_DEVICES_PER_NODE = 128
 MAX_VOLUME_GB = 16384
+MAX_RESTARTS = 10
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class ClusterConfig:
     script: str
     script_args: tuple[str, ...]
     stop_when_done: bool
+    max_restarts: int
 
     @property
     def instance_family(self) -> str:
@@ -122,7 +124,7 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 def _stack_name(value: object) -> str:
     allowed = "expected a CloudFormation stack name: a letter, then up to 127 letters, digits or -"
     text = _string("stack_name", value, allowed)
-    if not _STACK_NAME.match(text):
+    if not _STACK_NAME.fullmatch(text):
         raise _invalid("stack_name", value, allowed)
     return text
 
@@ -130,7 +132,7 @@ def _stack_name(value: object) -> str:
 def _instance_type(value: object, accelerator: str) -> str:
     allowed = "expected an EC2 instance type name such as t2.large, c7i.2xlarge or g5.xlarge"
     text = _string("instance_type", value, allowed).lower()
-    match = _INSTANCE_TYPE.match(text)
+    match = _INSTANCE_TYPE.fullmatch(text)
     if not match:
         raise _invalid("instance_type", value, allowed)
     family = match.group(1)
@@ -168,7 +170,7 @@ def _key_pair(value: object) -> str | None:
     text = _string("key_pair", value, allowed)
     if text == "":
         return None
-    if not _KEY_PAIR.match(text):
+    if not _KEY_PAIR.fullmatch(text):
         raise _invalid("key_pair", value, allowed)
     return text
 
@@ -178,8 +180,12 @@ def _script(value: object, project_dir: Path) -> str:
     text = _string("script", value, allowed)
     if not text or Path(text).is_absolute():
         raise _invalid("script", value, allowed)
-    path = (project_dir / text).resolve()
-    if not path.is_relative_to(project_dir.resolve()) or not path.is_file():
+    try:
+        path = (project_dir / text).resolve()
+        usable = path.is_relative_to(project_dir.resolve()) and path.is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the path
+        usable = False
+    if not usable:
         raise _invalid("script", value, allowed)
     return path.relative_to(project_dir.resolve()).as_posix()
 
@@ -208,6 +214,7 @@ SETTINGS = (
     "script",
     "script_args",
     "stop_when_done",
+    "max_restarts",
 )
 
 
@@ -239,4 +246,5 @@ def load_config(
         script=_script(raw["script"], project_dir),
         script_args=_script_args(raw["script_args"]),
         stop_when_done=_boolean("stop_when_done", raw["stop_when_done"]),
+        max_restarts=_integer("max_restarts", raw["max_restarts"], 0, MAX_RESTARTS),
     )

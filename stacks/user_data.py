@@ -50,6 +50,7 @@ def render_boot_script(
         "ARTIFACTS_BUCKET": artifacts_bucket,
         "SCRIPT": config.script,
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
+        "MAX_RESTARTS": str(config.max_restarts),
         "UV_VERSION": UV_VERSION,
         "PYTHON_VERSION": PYTHON_VERSION,
         "TORCH_VERSION": pinned_version("torch"),

@@ -268,6 +268,8 @@ def test_real_run_records_phases_and_uploads_artifacts(
             "--stop-when-done",
             "--rendezvous-timeout",
             "30",
+            "--max-restarts",
+            "0",
             str(script),
             "--",
             str(exit_status),
@@ -284,3 +286,146 @@ def test_real_run_records_phases_and_uploads_artifacts(
         assert recorded.startswith("failed: fabric run exited with status")
     assert "phase: waiting-for-main" in result.stdout and "phase: training" in result.stdout
     assert "would stop now (not powering off: not started by the boot script" in result.stdout
+
+
+FLAKY_SCRIPT = """\
+import pathlib, sys
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.write_text("failed once")
+    sys.exit(1)
+"""
+
+
+def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Path) -> None:
+    stack = f"Test{uuid.uuid4().hex[:8]}"
+    name = f"/fabric/{stack}/main-address"
+    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    script = tmp_path / "flaky.py"
+    script.write_text(FLAKY_SCRIPT)
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--main-address-parameter",
+            name,
+            "--phase-parameter",
+            f"/fabric/{stack}/node-{{rank}}/phase",
+            "--devices-per-node",
+            "1",
+            "--main-port",
+            "29582",
+            "--max-restarts",
+            "2",
+            "--restart-delay",
+            "0",
+            str(script),
+            "--",
+            str(tmp_path / "marker"),
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fabric run exited with status 1: restart 1 of 2" in result.stdout
+    assert "phase: training (restart 1)" in result.stdout
+    assert ssm.get_parameter(Name=f"/fabric/{stack}/node-0/phase")["Parameter"]["Value"] == "done"
+
+
+def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, ssm) -> None:
+    stack = f"Test{uuid.uuid4().hex[:8]}"
+    name = f"/fabric/{stack}/main-address"
+    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")  # nothing listens there
+    ssm.put_parameter(Name=f"/fabric/{stack}/node-1/phase", Value="booting", Type="String")
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        started = time.monotonic()
+        result = run_agent(
+            aws_env,
+            imds,
+            "--main-address-parameter",
+            name,
+            "--phase-parameter",
+            f"/fabric/{stack}/node-{{rank}}/phase",
+            "--devices-per-node",
+            "1",
+            "--main-port",
+            "29583",
+            "--rendezvous-timeout",
+            "5",
+            "--max-restarts",
+            "0",
+            "--stop-when-done",
+            "trainer/train.py",
+            timeout=120,
+        )
+        elapsed = time.monotonic() - started
+    # fabric run's own output (torchrun's traceback) is streamed; the agent's verdict is one line.
+    assert result.returncode == 1
+    assert result.stderr.rstrip().splitlines()[-1] == "error: fabric run exited with status 1"
+    assert "The client socket has timed out after 5000ms" in result.stderr
+    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-1/phase")["Parameter"]["Value"]
+    assert recorded == "failed: fabric run exited with status 1"
+    assert "would stop now" in result.stdout  # on EC2 the node stops itself here
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [("abc", "'abc'"), ("-1", "'-1'"), ("99", "'99'"), ("1.0", "'1.0'")],
+)
+def test_garbage_rank_tags(aws_env, rank: str, expected: str) -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", rank, 4)) as imds:
+        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", "/x/y", "t.py")
+    assert one_error_line(result) == (
+        f"error: instance tag fabric:node-rank={expected} is not an integer from 0 to 3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("not-an-ip", "'not-an-ip'"),
+        ("fd00::1", "'fd00::1'"),
+        (" ", "' '"),
+        ("10.0.0.300", "'10.0.0.300'"),
+    ],
+)
+def test_garbage_main_address_fails_and_records_the_phase(aws_env, ssm, value, shown) -> None:
+    stack = f"Test{uuid.uuid4().hex[:8]}"
+    name = f"/fabric/{stack}/main-address"
+    ssm.put_parameter(Name=name, Value=value, Type="String")
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--main-address-parameter",
+            name,
+            "--phase-parameter",
+            f"/fabric/{stack}/node-{{rank}}/phase",
+            "t.py",
+        )
+    line = f"parameter {name} holds {shown}, not an IPv4 address"
+    assert one_error_line(result) == f"error: {line}"
+    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-1/phase")["Parameter"]["Value"]
+    assert recorded == f"failed: {line}"
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("error", "answered HTTP 500 for an IMDSv2 token"),
+        ("html", "answered HTML, not a value, for an IMDSv2 token"),
+        ("slow", "unreachable for an IMDSv2 token: timed out"),
+    ],
+)
+def test_imds_that_misbehaves_is_one_clear_line(aws_env, mode: str, expected: str) -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", 0, 1), mode=mode, slow_seconds=3) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--imds-timeout",
+            "1",
+            "--main-address-parameter",
+            "/x/y",
+            "t.py",
+        )
+        assert one_error_line(result) == f"error: IMDS at {imds.url} {expected}"

@@ -22,6 +22,7 @@ def test_defaults_from_cdk_json() -> None:
     assert config.ssh_cidr is None and config.key_pair is None
     assert config.script == "trainer/train.py" and config.script_args == ()
     assert config.stop_when_done is True
+    assert config.max_restarts == 3
     assert config.main_address_parameter == "/fabric/FabricCluster/main-address"
     assert config.phase_parameter(3) == "/fabric/FabricCluster/node-3/phase"
     assert not config.supports_cluster_placement_group
@@ -52,6 +53,8 @@ def test_defaults_from_cdk_json() -> None:
         ("stop_when_done", "false", "stop_when_done", False),
         ("stop_when_done", "True", "stop_when_done", True),
         ("stop_when_done", False, "stop_when_done", False),
+        ("max_restarts", "0", "max_restarts", 0),
+        ("max_restarts", 10, "max_restarts", 10),
         ("instance_type", "C7i.2xlarge", "instance_type", "c7i.2xlarge"),
         ("stack_name", "Team-Run-7", "stack_name", "Team-Run-7"),
     ],
@@ -101,6 +104,9 @@ BAD = [
     ("script_args", 5, "shell-quoted"),
     ("stop_when_done", "yes", "true or false"),
     ("stop_when_done", 1, "true or false"),
+    ("max_restarts", "-1", "from 0 to 10"),
+    ("max_restarts", "11", "from 0 to 10"),
+    ("max_restarts", "three", "from 0 to 10"),
     ("stack_name", "1stack", "CloudFormation stack name"),
     ("stack_name", "my_stack", "CloudFormation stack name"),
 ]

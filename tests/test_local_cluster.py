@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,9 +83,18 @@ def test_two_nodes_by_two_devices_train_and_the_loss_falls(tmp_path: Path) -> No
 def test_a_failing_node_stops_the_cluster(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run(run_dir, "--devices-per-node", "1", "--script", "tests/payloads/node_fails.py")
+    result = run(
+        run_dir,
+        "--devices-per-node",
+        "1",
+        "--max-restarts",
+        "0",
+        "--script",
+        "tests/payloads/node_fails.py",
+    )
     assert result.returncode == 1
     assert "[cluster] error: node 1 exited with status" in result.stderr
+    assert "gave up" not in result.stderr
     assert time.monotonic() - started < 90
 
 
@@ -146,3 +156,88 @@ def test_four_nodes_by_one_device(tmp_path: Path, nodes: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["num_nodes"]) == (4, 4)
+
+
+def test_past_max_restarts_it_fails_clearly(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run(
+        run_dir,
+        "--devices-per-node",
+        "1",
+        "--max-restarts",
+        "1",
+        "--script",
+        "tests/payloads/node_fails.py",
+    )
+    assert result.returncode == 1
+    assert "restart 1 of 1 (the run resumes from its newest checkpoint)" in result.stdout
+    assert result.stderr.strip().endswith("stopped the other nodes; gave up after 1 restart(s)")
+
+
+def test_late_main_node(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run(
+        run_dir,
+        "--devices-per-node",
+        "1",
+        "--main-node-delay",
+        "20",
+        script_args=["--epochs", "1", *SMALL],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[cluster] node 0 starts in 20 s" in result.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+def worker_pids(run_dir: Path, global_rank: int) -> list[int]:
+    marker = f"FABRIC_RUN_DIR={run_dir}".encode()
+    found = []
+    for pid in processes_of(run_dir):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            marker in environ
+            and f"RANK={global_rank}".encode() in environ
+            and b"train.py" in cmdline
+        ):
+            found.append(pid)
+    return found
+
+
+def test_a_killed_worker_restarts_the_cluster_which_resumes(tmp_path: Path) -> None:
+    pg_timeout = 30
+    run_dir = tmp_path / "run"
+    args = ["--epochs", "3", *SMALL, "--checkpoint-every", "4", "--pg-timeout", str(pg_timeout)]
+    process = subprocess.Popen(
+        cluster(run_dir, script_args=args),
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(
+        target=lambda: [lines.append((time.monotonic(), line)) for line in process.stdout],
+        daemon=True,
+    )
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob("step-*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = worker_pids(run_dir, global_rank=2)  # a worker of node 1
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert process.wait(timeout=300) == 0
+    reader.join(timeout=10)
+    out = "".join(line for _, line in lines)
+    noticed = [at for at, line in lines if "restart 1 of 3" in line]
+    assert noticed and noticed[0] - killed_at < pg_timeout, out[-3000:]
+    assert "resumed from" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 * 16  # the same total as an uninterrupted run
+    assert summary["steps_this_run"] < summary["steps"]
+    assert processes_of(run_dir) == []

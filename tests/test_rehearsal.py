@@ -35,8 +35,10 @@ def leftovers(pid: int) -> tuple[list[str], list[str]]:
     return ours, strays
 
 
-@pytest.mark.parametrize(("nodes", "devices"), [(2, 2), (3, 1)])
-def test_rehearsal_trains_across_namespaces_and_destroys(nodes: int, devices: int) -> None:
+@pytest.mark.parametrize(("nodes", "devices", "main_delay"), [(2, 2, 0), (3, 1, 20)])
+def test_rehearsal_trains_across_namespaces_and_destroys(
+    nodes: int, devices: int, main_delay: int
+) -> None:
     assert REASON is None, REASON  # CI runs as root with iproute2 (.ci/run installs it)
     process = subprocess.Popen(
         [
@@ -47,6 +49,8 @@ def test_rehearsal_trains_across_namespaces_and_destroys(nodes: int, devices: in
             str(nodes),
             "--devices-per-node",
             str(devices),
+            "--main-node-delay",
+            str(main_delay),
         ],
         cwd=PROJECT_DIR,
         stdout=subprocess.PIPE,
@@ -62,6 +66,8 @@ def test_rehearsal_trains_across_namespaces_and_destroys(nodes: int, devices: in
         assert f"[node {rank}] [fabric-agent] phase: done" in out
         assert f"[node {rank}] [fabric-agent] would stop now" in out
     assert "REHEARSAL: using the venv" in out
+    if main_delay:  # the other nodes waited for the main node, then trained with it
+        assert f"node 0 boots in {main_delay} s" in out
     assert leftovers(process.pid) == ([], [])
 
 

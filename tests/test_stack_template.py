@@ -347,8 +347,43 @@ def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> Non
         ("--phase-parameter", "PHASE_PARAMETER"),
         ("--accelerator", "ACCELERATOR"),
         ("--devices-per-node", "DEVICES_PER_NODE"),
+        ("--max-restarts", "MAX_RESTARTS"),
         ("--main-port", "MAIN_PORT"),
     ):
         assert f'{option} "${variable}"' in text
     assert '"$SCRIPT" -- "${SCRIPT_ARGS[@]}")' in text
     assert "python -m userdata.agent" in text.replace('"$VENV/bin/python" -m', "python -m")
+
+
+SECRET_PATTERNS = [
+    r"AKIA[0-9A-Z]{16}",  # an access key id
+    r"(?i)aws_secret_access_key|secretaccesskey|aws_session_token",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"(?i)password\s*[=:]",
+]
+
+
+def test_no_secret_in_the_template_or_the_user_data(synth: Synth) -> None:
+    import re
+
+    texts = {
+        "template": json.dumps(synth.template_dict),
+        "user data": user_data_text(synth.instances_by_rank()[0]),
+    }
+    for where, text in texts.items():
+        for pattern in SECRET_PATTERNS:
+            assert not re.search(pattern, text), f"{pattern} found in the {where}"
+
+
+# Actions AWS grants only on "*", each with its reason. None are needed today.
+STAR_ONLY_ACTIONS: dict[str, str] = {}
+
+
+def test_every_iam_statement_names_its_resources(synth: Synth) -> None:
+    for statement in _policy_statements(synth):
+        resources = statement["Resource"]
+        resources = resources if isinstance(resources, list) else [resources]
+        if "*" in resources:
+            actions = statement["Action"]
+            actions = actions if isinstance(actions, list) else [actions]
+            assert set(actions) <= set(STAR_ONLY_ACTIONS), statement

@@ -49,3 +49,36 @@ def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"error: cannot read --data {tmp_path / 'nope.pt'}: " in result.stderr
+
+
+def test_unreadable_data_is_one_clear_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "data.pt"
+    garbage.write_bytes(b"\x00not a torch file" * 10)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for location in (garbage, folder):
+        result = train("--data", str(location), "--run-dir", str(tmp_path / "run"))
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert f"error: cannot read --data {location}: " in result.stderr
+
+
+def test_a_corrupt_checkpoint_is_skipped_not_resumed(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    corrupt = checkpoints / "step-00000008.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    result = train(
+        "--epochs",
+        "1",
+        "--samples",
+        "512",
+        "--batch-size",
+        "32",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"warning: skipping unreadable checkpoint {corrupt}" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == summary["steps_this_run"] == 16  # trained from the start

@@ -73,6 +73,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="power the node off when fabric run ends (only on real EC2)",
     )
     parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times fabric run is started again after it fails",
+    )
+    parser.add_argument(
+        "--restart-delay",
+        type=float,
+        default=5.0,
+        help="seconds between a failed fabric run and the next",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="resolve everything, print the command line, run nothing",
@@ -104,6 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.script_args = args.script_args[1:]
     if args.devices_per_node < 1:
         parser.error("--devices-per-node must be at least 1")
+    if args.max_restarts < 0:
+        parser.error("--max-restarts must be at least 0")
     return args
 
 
@@ -189,14 +203,34 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
         sync = ArtifactSync(s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval)
         sync.start()
-    reporter.record("training")
-    status = run_fabric(command, environment)
+    status = supervise(command, environment, args, reporter)
     if sync:
         log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
-    if status == 0:
-        reporter.record("done")
-    else:
-        reporter.record(f"failed: fabric run exited with status {status}")
+    if status != 0:
+        restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
+        raise AgentError(f"fabric run exited with status {status}{restarts}")
+    reporter.record("done")
+    return status
+
+
+def supervise(
+    command: list[str],
+    environment: dict[str, str],
+    args: argparse.Namespace,
+    reporter: PhaseReporter,
+) -> int:
+    """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
+    the payload resumes from its newest checkpoint), at most --max-restarts times."""
+    for attempt in range(args.max_restarts + 1):
+        reporter.record("training" if attempt == 0 else f"training (restart {attempt})")
+        status = run_fabric(command, environment)
+        if status == 0 or attempt == args.max_restarts:
+            return status
+        log(
+            f"fabric run exited with status {status}: restart {attempt + 1} of "
+            f"{args.max_restarts} in {args.restart_delay:g} s"
+        )
+        time.sleep(args.restart_delay)
     return status
 
 

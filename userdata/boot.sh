@@ -115,6 +115,7 @@ agent=("$VENV/bin/python" -m userdata.agent
   --accelerator "$ACCELERATOR"
   --devices-per-node "$DEVICES_PER_NODE"
   --main-port "$MAIN_PORT"
+  --max-restarts "$MAX_RESTARTS"
   --run-dir "$RUN_DIR"
   --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME"
   "${stop_flag[@]}"

@@ -1,0 +1,44 @@
+"""The largest cluster (64 nodes) stays inside CloudFormation's and EC2's limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stacks.user_data import EC2_USER_DATA_LIMIT
+from tests.cfn import Synth, user_data_text
+
+# https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
+TEMPLATE_BYTES_LIMIT = 1_000_000  # a template deployed from S3, as cdk deploy does when large
+RESOURCES_LIMIT = 500
+OUTPUTS_LIMIT = 200
+PARAMETERS_LIMIT = 200
+# Intrinsics in the user data resolve to a bucket name (<= 63), a region and an asset URL.
+LONGEST_RESOLVED_VALUE = "x" * 128
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return Synth(
+        tmp_path_factory.mktemp("scale"),
+        num_nodes=64,
+        accelerator="gpu",
+        instance_type="p4d.24xlarge",
+        devices_per_node=8,
+    )
+
+
+def test_64_nodes_synthesize_within_cloudformation_limits(synth: Synth) -> None:
+    template = synth.template_dict
+    assert len(synth.resources("AWS::EC2::Instance")) == 64
+    assert len(json.dumps(template).encode()) < TEMPLATE_BYTES_LIMIT
+    assert len(template["Resources"]) <= RESOURCES_LIMIT
+    assert len(template["Outputs"]) <= OUTPUTS_LIMIT
+    assert len(template.get("Parameters", {})) <= PARAMETERS_LIMIT
+    assert synth.violations("AwsSolutions") == []
+
+
+def test_user_data_stays_under_the_ec2_limit(synth: Synth) -> None:
+    text = user_data_text(synth.instances_by_rank()[0], placeholder=LONGEST_RESOLVED_VALUE)
+    assert len(text.encode()) < EC2_USER_DATA_LIMIT
