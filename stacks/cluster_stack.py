@@ -16,6 +16,10 @@ from stacks.user_data import render_boot_script
 UBUNTU_AMI_PARAMETER = (
     "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 )
+# The Deep Learning Base AMI: Ubuntu 24.04 with the NVIDIA driver, CUDA and the EFA software.
+GPU_AMI_PARAMETER = (
+    "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+)
 VPC_CIDR = "10.42.0.0/16"
 ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs' root device
 INITIAL_PHASE = "booting"
@@ -98,7 +102,11 @@ class ClusterStack(cdk.Stack):
         )
         group.add_ingress_rule(ssh_peer, ec2.Port.tcp(22), "SSH")
         # gloo and NCCL open ephemeral ports beyond main_port between every pair of nodes.
-        group.add_ingress_rule(group, ec2.Port.all_tcp(), "All TCP between cluster nodes")
+        if self.config.efa:
+            # EFA's transport is not TCP: it needs all traffic within the group, both ways.
+            group.add_ingress_rule(group, ec2.Port.all_traffic(), "All traffic between nodes (EFA)")
+        else:
+            group.add_ingress_rule(group, ec2.Port.all_tcp(), "All TCP between cluster nodes")
         if self.config.ssh_cidr == "0.0.0.0/0":
             cdk.Annotations.of(group).add_warning_v2(
                 "fabric:ssh-open-to-world",
@@ -200,7 +208,15 @@ class ClusterStack(cdk.Stack):
             else None
         )
         image = ec2.MachineImage.from_ssm_parameter(
-            UBUNTU_AMI_PARAMETER, os=ec2.OperatingSystemType.LINUX
+            GPU_AMI_PARAMETER if config.accelerator == "gpu" else UBUNTU_AMI_PARAMETER,
+            os=ec2.OperatingSystemType.LINUX,
+        )
+        template = self._launch_template() if config.spot or config.efa else None
+        # A one-time spot instance cannot be stopped: powering off terminates it.
+        shutdown = (
+            ec2.InstanceInitiatedShutdownBehavior.TERMINATE
+            if config.spot
+            else ec2.InstanceInitiatedShutdownBehavior.STOP
         )
         nodes = []
         for rank in range(config.num_nodes):
@@ -218,7 +234,7 @@ class ClusterStack(cdk.Stack):
                 placement_group=placement_group,
                 http_tokens=ec2.HttpTokens.REQUIRED,
                 instance_metadata_tags=True,
-                instance_initiated_shutdown_behavior=ec2.InstanceInitiatedShutdownBehavior.STOP,
+                instance_initiated_shutdown_behavior=shutdown,
                 block_devices=[
                     ec2.BlockDevice(
                         device_name=ROOT_DEVICE,
@@ -233,6 +249,14 @@ class ClusterStack(cdk.Stack):
             )
             cdk.Tags.of(node).add(TAG_NODE_RANK, str(rank))
             cdk.Tags.of(node).add(TAG_NUM_NODES, str(config.num_nodes))
+            if template:
+                node.instance.launch_template = ec2.CfnInstance.LaunchTemplateSpecificationProperty(
+                    launch_template_id=template.launch_template_id,
+                    version=template.latest_version_number,
+                )
+            if config.efa:  # the template's EFA interface carries the subnet and the group
+                node.instance.add_property_deletion_override("SubnetId")
+                node.instance.add_property_deletion_override("SecurityGroupIds")
             _ack(
                 node,
                 "AwsSolutions-EC28",
@@ -246,6 +270,38 @@ class ClusterStack(cdk.Stack):
             )
             nodes.append(node)
         return nodes
+
+    def _launch_template(self) -> ec2.LaunchTemplate:
+        """What AWS::EC2::Instance takes only through a launch template: one-time spot
+        requests and EFA interfaces."""
+        config = self.config
+        template = ec2.LaunchTemplate(
+            self,
+            "NodeTemplate",
+            spot_options=ec2.LaunchTemplateSpotOptions(
+                request_type=ec2.SpotRequestType.ONE_TIME,
+                interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
+            )
+            if config.spot
+            else None,
+            require_imdsv2=True,
+        )
+        if config.efa:
+            cfn = template.node.default_child
+            cfn.add_property_override(
+                "LaunchTemplateData.NetworkInterfaces",
+                [
+                    {
+                        "DeviceIndex": 0,
+                        "InterfaceType": "efa",
+                        "SubnetId": self.vpc.public_subnets[0].subnet_id,
+                        "Groups": [self.security_group.security_group_id],
+                        "AssociatePublicIpAddress": True,  # no NAT: downloads go out directly
+                        "DeleteOnTermination": True,
+                    }
+                ],
+            )
+        return template
 
     def _outputs(self) -> None:
         for rank, node in enumerate(self.nodes):

@@ -14,17 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stacks.instance_types import (
+    EFA_TYPES,
+    GPU_FAMILIES,
+    GPUS_PER_TYPE,
+    supports_cluster_placement_group,
+)
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 __all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES"]  # the tag contract, defined where nodes read it
 
-# NVIDIA GPU families on x86_64 (the node AMIs are amd64).
-GPU_FAMILIES = frozenset(
-    {"g4dn", "g5", "g6", "g6e", "gr6", "p3", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en"}
-)
-# Burstable and Mac families cannot join a cluster placement group.
-_NO_PLACEMENT_GROUP = re.compile(r"^(t\d+[a-z]*|mac\d*[a-z0-9-]*)$")
 _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
@@ -33,6 +33,7 @@ _KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]
 MAX_DEVICES_PER_NODE = 128
 MAX_VOLUME_GB = 16384
 MAX_RESTARTS = 10
+MAX_HOURS = 168
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ class ClusterConfig:
     script_args: tuple[str, ...]
     stop_when_done: bool
     max_restarts: int
+    max_hours: int
+    efa: bool
+    spot: bool
 
     @property
     def instance_family(self) -> str:
@@ -61,7 +65,7 @@ class ClusterConfig:
 
     @property
     def supports_cluster_placement_group(self) -> bool:
-        return not _NO_PLACEMENT_GROUP.match(self.instance_family)
+        return supports_cluster_placement_group(self.instance_type)
 
     @property
     def parameter_prefix(self) -> str:
@@ -150,6 +154,35 @@ def _instance_type(value: object, accelerator: str) -> str:
     return text
 
 
+def _devices_per_node(value: object, accelerator: str, instance_type: str) -> int:
+    gpus = GPUS_PER_TYPE.get(instance_type) if accelerator == "gpu" else None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if gpus is None:
+            known = ", ".join(sorted(GPUS_PER_TYPE))
+            raise _invalid(
+                "devices_per_node",
+                value,
+                f"auto needs accelerator=gpu and a GPU type it knows ({known})",
+            )
+        return gpus
+    devices = _integer("devices_per_node", value, 1, MAX_DEVICES_PER_NODE)
+    if gpus is not None and devices > gpus:
+        raise _invalid(
+            "devices_per_node",
+            value,
+            f"{instance_type} has {gpus} GPU(s): expected 1 to {gpus} or auto",
+        )
+    return devices
+
+
+def _efa(value: object, instance_type: str) -> bool:
+    enabled = _boolean("efa", value)
+    if enabled and instance_type not in EFA_TYPES:
+        types = ", ".join(sorted(EFA_TYPES))
+        raise _invalid("efa", value, f"{instance_type} has no EFA; EFA types: {types}")
+    return enabled
+
+
 def _ssh_cidr(value: object) -> str | None:
     allowed = 'expected "vpc" (SSH only from inside the VPC) or an IPv4 CIDR such as 203.0.113.7/32'
     text = _string("ssh_cidr", value, allowed)
@@ -215,6 +248,9 @@ SETTINGS = (
     "script_args",
     "stop_when_done",
     "max_restarts",
+    "max_hours",
+    "efa",
+    "spot",
 )
 
 
@@ -231,14 +267,13 @@ def load_config(
             )
         raw[key] = value
     accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
+    instance_type = _instance_type(raw["instance_type"], accelerator)
     return ClusterConfig(
         stack_name=_stack_name(raw["stack_name"]),
         num_nodes=_integer("num_nodes", raw["num_nodes"], 1, MAX_NODES),
-        devices_per_node=_integer(
-            "devices_per_node", raw["devices_per_node"], 1, MAX_DEVICES_PER_NODE
-        ),
+        devices_per_node=_devices_per_node(raw["devices_per_node"], accelerator, instance_type),
         accelerator=accelerator,
-        instance_type=_instance_type(raw["instance_type"], accelerator),
+        instance_type=instance_type,
         volume_gb=_integer("volume_gb", raw["volume_gb"], 30, MAX_VOLUME_GB),
         ssh_cidr=_ssh_cidr(raw["ssh_cidr"]),
         key_pair=_key_pair(raw["key_pair"]),
@@ -247,4 +282,7 @@ def load_config(
         script_args=_script_args(raw["script_args"]),
         stop_when_done=_boolean("stop_when_done", raw["stop_when_done"]),
         max_restarts=_integer("max_restarts", raw["max_restarts"], 0, MAX_RESTARTS),
+        max_hours=_integer("max_hours", raw["max_hours"], 1, MAX_HOURS),
+        efa=_efa(raw["efa"], instance_type),
+        spot=_boolean("spot", raw["spot"]),
     )

@@ -64,8 +64,35 @@ def test_good_values(key: str, value: Any, attribute: str, expected: Any) -> Non
 
 
 def test_gpu_needs_a_gpu_family_and_accepts_one() -> None:
-    assert load(accelerator="GPU", instance_type="g5.xlarge").instance_type == "g5.xlarge"
+    config = load(accelerator="GPU", instance_type="g5.xlarge", devices_per_node=1)
+    assert config.instance_type == "g5.xlarge"
     assert load(accelerator="gpu", instance_type="p4d.24xlarge").supports_cluster_placement_group
+
+
+def test_gpu_devices_auto_efa_spot_and_max_hours() -> None:
+    assert (
+        load(
+            accelerator="gpu", instance_type="g5.12xlarge", devices_per_node="auto"
+        ).devices_per_node
+        == 4
+    )
+    assert (
+        load(
+            accelerator="gpu", instance_type="p4d.24xlarge", devices_per_node="AUTO"
+        ).devices_per_node
+        == 8
+    )
+    config = load(
+        accelerator="gpu",
+        instance_type="p4d.24xlarge",
+        devices_per_node="8",
+        efa="true",
+        spot="true",
+        max_hours="2",
+    )
+    assert (config.efa, config.spot, config.max_hours) == (True, True, 2)
+    defaults = load()
+    assert (defaults.efa, defaults.spot, defaults.max_hours) == (False, False, 12)
 
 
 BAD = [
@@ -107,6 +134,13 @@ BAD = [
     ("max_restarts", "-1", "from 0 to 10"),
     ("max_restarts", "11", "from 0 to 10"),
     ("max_restarts", "three", "from 0 to 10"),
+    ("max_hours", "0", "from 1 to 168"),
+    ("max_hours", "169", "from 1 to 168"),
+    ("max_hours", "1.5", "from 1 to 168"),
+    ("spot", "maybe", "true or false"),
+    ("efa", "on", "true or false"),
+    ("efa", "true", "t2.large has no EFA"),
+    ("devices_per_node", "auto", "auto needs accelerator=gpu and a GPU type it knows"),
     ("stack_name", "1stack", "CloudFormation stack name"),
     ("stack_name", "my_stack", "CloudFormation stack name"),
 ]
@@ -132,3 +166,27 @@ def test_missing_setting_says_where_to_set_it() -> None:
     del context["num_nodes"]
     with pytest.raises(ConfigError, match=r"missing setting num_nodes: set it in cdk.json"):
         load_config(context.get)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"accelerator": "gpu", "instance_type": "g5.xlarge", "devices_per_node": "2"},
+            "invalid setting devices_per_node='2': g5.xlarge has 1 GPU(s): expected 1 to 1 or auto",
+        ),
+        (
+            {
+                "accelerator": "gpu",
+                "instance_type": "g5.2xlarge",
+                "devices_per_node": "1",
+                "efa": True,
+            },
+            "invalid setting efa=True: g5.2xlarge has no EFA; EFA types: ",
+        ),
+    ],
+)
+def test_gpu_cross_checks(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(**overrides)
+    assert str(error.value).startswith(message)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Match
 
-from stacks.cluster_stack import UBUNTU_AMI_PARAMETER, VPC_CIDR
+from stacks.cluster_stack import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER, VPC_CIDR
 from tests.cfn import Synth, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
@@ -20,6 +20,7 @@ CASES: dict[str, dict[str, Any]] = {
         "num_nodes": 4,
         "accelerator": "gpu",
         "instance_type": "g5.xlarge",
+        "devices_per_node": "1",
         "script_args": "--epochs 3 --note 'a b'",
         "stop_when_done": "false",
         "main_port": "29500",
@@ -39,7 +40,7 @@ RENDERED = {
     },
     "gpu4": {
         "ACCELERATOR": "gpu",
-        "DEVICES_PER_NODE": "2",
+        "DEVICES_PER_NODE": "1",
         "MAIN_PORT": "29500",
         "STOP_WHEN_DONE": "false",
         "ARGS": ["--epochs", "3", "--note", "a b"],
@@ -94,7 +95,8 @@ def test_instances_run_ubuntu_with_imdsv2_tags_and_encrypted_gp3(synth: Synth) -
     nodes = synth.instances_by_rank()
     assert len(nodes) == expected(synth)["nodes"]
     image_parameter = synth.template_dict["Parameters"][nodes[0]["Properties"]["ImageId"]["Ref"]]
-    assert image_parameter["Default"] == UBUNTU_AMI_PARAMETER
+    gpu = synth.case == "gpu4"  # type: ignore[attr-defined]
+    assert image_parameter["Default"] == (GPU_AMI_PARAMETER if gpu else UBUNTU_AMI_PARAMETER)
     assert image_parameter["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     for rank, node in enumerate(nodes):
         props = node["Properties"]
