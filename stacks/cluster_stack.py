@@ -303,6 +303,21 @@ class ClusterStack(cdk.Stack):
             )
         return template
 
+    def _still_billed(self) -> str:
+        config = self.config
+        when = "stop_when_done" if config.stop_when_done else "stop_when_done off: nodes run on"
+        nodes = (
+            "spot nodes terminate when they power off: nothing is left of them"
+            if config.spot
+            else f"stopped nodes bill only their volumes ({config.num_nodes} x "
+            f"{config.volume_gb} GB gp3)"
+        )
+        return (
+            f"After a run ({when}; every node powers off after max_hours={config.max_hours} "
+            f"anyway): {nodes}; the artifacts bucket bills its storage. cdk destroy removes "
+            "everything but the bucket."
+        )
+
     def _outputs(self) -> None:
         for rank, node in enumerate(self.nodes):
             cdk.CfnOutput(self, f"Node{rank}InstanceId", value=node.instance_id)
@@ -322,4 +337,5 @@ class ClusterStack(cdk.Stack):
                 ),
             )
         cdk.CfnOutput(self, "ArtifactsBucket", value=self.bucket.bucket_name)
+        cdk.CfnOutput(self, "StillBilled", value=self._still_billed())
         cdk.CfnOutput(self, "MainAddressParameter", value=self.config.main_address_parameter)

@@ -51,6 +51,7 @@ def render_boot_script(
         "SCRIPT": config.script,
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
         "MAX_RESTARTS": str(config.max_restarts),
+        "MAX_HOURS": str(config.max_hours),
         "UV_VERSION": UV_VERSION,
         "PYTHON_VERSION": PYTHON_VERSION,
         "TORCH_VERSION": pinned_version("torch"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -96,9 +97,19 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
     assert "would stop now" not in result.stdout  # no --stop-when-done given
 
 
-def test_gpu_sets_nccl_interface_too(aws_env, ssm) -> None:
+def fake_nvidia_smi(folder: Path, gpus: int) -> str:
+    """A PATH whose nvidia-smi lists `gpus` GPUs, as on a GPU node."""
+    tool = folder / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: NVIDIA A10G (UUID: GPU-{i})'\n" for i in range(gpus))
+    tool.write_text(f"#!/bin/sh\n{lines}")
+    tool.chmod(0o755)
+    return f"{folder}:/usr/sbin:/usr/bin:/bin"
+
+
+def test_gpu_sets_nccl_interface_too(aws_env, ssm, tmp_path: Path) -> None:
     name = parameter_name()
     ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+    aws_env = {**aws_env, "PATH": fake_nvidia_smi(tmp_path, 1)}
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
         result = run_agent(
             aws_env,
@@ -429,3 +440,92 @@ def test_imds_that_misbehaves_is_one_clear_line(aws_env, mode: str, expected: st
             "t.py",
         )
         assert one_error_line(result) == f"error: IMDS at {imds.url} {expected}"
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        (
+            None,
+            "error: nvidia-smi not found within 2 s: is this a GPU image with the NVIDIA driver?",
+        ),
+        (2, "error: nvidia-smi saw 2 of 4 GPU(s) within 2 s"),
+    ],
+)
+def test_gpus_that_never_show_up_fail_clearly(aws_env, tmp_path: Path, gpus, expected) -> None:
+    path = "/usr/sbin:/usr/bin:/bin" if gpus is None else fake_nvidia_smi(tmp_path, gpus)
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            {**aws_env, "PATH": path},
+            imds,
+            "--dry-run",
+            "--accelerator",
+            "gpu",
+            "--devices-per-node",
+            "4",
+            "--gpu-timeout",
+            "2",
+            "--main-address-parameter",
+            "/x/y",
+            "t.py",
+        )
+    assert one_error_line(result) == expected
+    assert "waiting for 4 GPU(s)" in result.stdout
+
+
+def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_path: Path) -> None:
+    stack = f"Test{uuid.uuid4().hex[:8]}"
+    name, phase = f"/fabric/{stack}/main-address", f"/fabric/{stack}/node-0/phase"
+    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    run_dir = tmp_path / "run"
+    args = [
+        "--main-address-parameter",
+        name,
+        "--phase-parameter",
+        f"/fabric/{stack}/node-{{rank}}/phase",
+        "--devices-per-node",
+        "2",
+        "--main-port",
+        "29584",
+        "--spot-poll-interval",
+        "0.2",
+        "--run-dir",
+        str(run_dir),
+        "trainer/train.py",
+        "--",
+        "--epochs",
+        "40",
+        "--samples",
+        "4096",
+    ]
+    notice = '{"action": "terminate", "time": "2026-11-25T21:00:00Z"}'
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "userdata.agent", *args],
+            cwd=PROJECT_DIR,
+            env={**aws_env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "checkpoints").glob("step-*.ckpt")):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        imds.values["spot/instance-action"] = notice
+        out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-3000:]
+    assert f"spot interruption notice: {notice}" in out
+    assert "stopping on request at step" in out
+    assert not (run_dir / "summary.json").exists()
+    assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == (
+        f"interrupted: spot instance-action {notice}"
+    )
+
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:  # the next run resumes
+        resumed = run_agent(aws_env, imds, *args, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 * 32 and summary["steps_this_run"] < summary["steps"]
+    assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == "done"

@@ -389,3 +389,17 @@ def test_every_iam_statement_names_its_resources(synth: Synth) -> None:
             actions = statement["Action"]
             actions = actions if isinstance(actions, list) else [actions]
             assert set(actions) <= set(STAR_ONLY_ACTIONS), statement
+
+
+def test_outputs_say_what_is_still_billed(synth: Synth) -> None:
+    text = synth.template_dict["Outputs"]["StillBilled"]["Value"]
+    nodes = expected(synth)["nodes"]
+    assert f"stopped nodes bill only their volumes ({nodes} x 50 GB gp3)" in text
+    assert "max_hours=12" in text and "cdk destroy removes everything but the bucket" in text
+
+
+def test_boot_script_schedules_the_max_hours_power_off(synth: Synth) -> None:
+    text = user_data_text(synth.instances_by_rank()[0])
+    assert "readonly MAX_HOURS=12\n" in text
+    assert "shutdown -P +%d %q" in text and '"$((MAX_HOURS * 60))"' in text
+    assert "if [[ ${FABRIC_POWEROFF:-} == allowed ]]; then" in text

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -161,6 +162,14 @@ def plot_loss(history: list[list[float]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # SIGUSR1 asks for a clean stop (the node agent sends it on a spot interruption notice).
+    stop_requested = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGUSR1, request_stop)
     fabric = Fabric()  # accelerator, devices and nodes come from `fabric run`
     if not fabric._launched:  # plain `python train.py`; under `fabric run` it is launched already
         fabric.launch()
@@ -245,7 +254,14 @@ def main(argv: list[str] | None = None) -> None:
             epoch_loss += loss.detach() * len(y)
             epoch_correct += (logits.argmax(dim=1) == y).sum()
             epoch_seen += len(y)
-            global_loss = fabric.all_reduce(loss.detach(), reduce_op="mean").item()
+            # The loss for the log, and whether any rank was asked to stop (spot notice).
+            synced = fabric.all_reduce(
+                torch.stack(
+                    [loss.detach(), torch.tensor(float(stop_requested), device=loss.device)]
+                ),
+                reduce_op="mean",
+            )
+            global_loss = synced[0].item()
             state["history"].append([state["step"], global_loss])
             rate = (
                 (batch_index + 1 - skip) * samples_per_step / (time.perf_counter() - epoch_started)
@@ -254,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
             bar.update()
             if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
                 save_checkpoint(fabric, checkpoint_dir, state)
+            if synced[1].item() > 0:  # every rank sees the same value: all stop at this step
+                bar.close()
+                path = save_checkpoint(fabric, checkpoint_dir, state)
+                fabric.print(
+                    f"stopping on request at step {state['step']}: saved {path}; "
+                    "the next run resumes from it"
+                )
+                return
         bar.close()
         totals = fabric.all_reduce(
             torch.stack([epoch_loss, epoch_correct, torch.tensor(float(epoch_seen))]),

@@ -31,11 +31,13 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
+from userdata.gpus import wait_for_gpus
 from userdata.imds import Imds, NodeIdentity, read_identity
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
+from userdata.spot import SpotWatcher
 
 
 def log(message: str) -> None:
@@ -71,6 +73,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--stop-when-done",
         action="store_true",
         help="power the node off when fabric run ends (only on real EC2)",
+    )
+    parser.add_argument(
+        "--gpu-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for nvidia-smi to see every GPU (accelerator gpu)",
+    )
+    parser.add_argument(
+        "--spot-poll-interval",
+        type=float,
+        default=5.0,
+        help="seconds between looks at IMDS for a spot interruption notice",
     )
     parser.add_argument(
         "--max-restarts",
@@ -163,11 +177,15 @@ def resolve(
     return command, environment
 
 
-def run_fabric(command: list[str], environment: dict[str, str]) -> int:
+def run_fabric(
+    command: list[str], environment: dict[str, str], watcher: SpotWatcher | None = None
+) -> int:
     """Runs fabric run with the venv's bin first on PATH, its output streamed as it comes."""
     env = {**os.environ, **environment}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.Popen(command, env=env)
+    if watcher:
+        watcher.attach(process.pid)
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)
@@ -181,7 +199,8 @@ def run_fabric(command: list[str], environment: dict[str, str]) -> int:
 
 
 def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
-    identity = read_identity(Imds(timeout=args.imds_timeout))
+    imds = Imds(timeout=args.imds_timeout)
+    identity = read_identity(imds)
     log(
         f"node {identity.node_rank} of {identity.num_nodes}: {identity.instance_id}, "
         f"{identity.private_ip}, {identity.region}"
@@ -190,6 +209,10 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
     if args.phase_parameter and not args.dry_run:
         reporter.ssm = ssm
         reporter.parameter = args.phase_parameter.format(rank=identity.node_rank)
+    if args.accelerator == "gpu":
+        reporter.record("waiting-for-gpus")
+        gpus = wait_for_gpus(args.devices_per_node, args.gpu_timeout, log=log)
+        log(f"nvidia-smi sees {gpus} GPU(s)")
     reporter.record("waiting-for-main")
     command, environment = resolve(args, identity, ssm)
     if args.dry_run:
@@ -203,9 +226,16 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
         sync = ArtifactSync(s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval)
         sync.start()
-    status = supervise(command, environment, args, reporter)
+    watcher = SpotWatcher(imds, args.spot_poll_interval, log)
+    watcher.start()
+    status = supervise(command, environment, args, reporter, watcher)
+    watcher.stop()
     if sync:
         log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
+    if watcher.notice:
+        # Not a failure: the payload checkpointed; a new run resumes from there.
+        reporter.record(f"interrupted: spot instance-action {watcher.notice}")
+        return 0
     if status != 0:
         restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
         raise AgentError(f"fabric run exited with status {status}{restarts}")
@@ -218,13 +248,14 @@ def supervise(
     environment: dict[str, str],
     args: argparse.Namespace,
     reporter: PhaseReporter,
+    watcher: SpotWatcher | None = None,
 ) -> int:
     """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
     the payload resumes from its newest checkpoint), at most --max-restarts times."""
     for attempt in range(args.max_restarts + 1):
         reporter.record("training" if attempt == 0 else f"training (restart {attempt})")
-        status = run_fabric(command, environment)
-        if status == 0 or attempt == args.max_restarts:
+        status = run_fabric(command, environment, watcher)
+        if status == 0 or attempt == args.max_restarts or (watcher and watcher.notice):
             return status
         log(
             f"fabric run exited with status {status}: restart {attempt + 1} of "

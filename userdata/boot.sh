@@ -123,6 +123,13 @@ agent=("$VENV/bin/python" -m userdata.agent
 {
   echo '#!/bin/bash'
   echo "# Written by the boot script: the node agent's command, run by fabric-agent.service."
+  echo "# Cost guard, at every start of the unit: power off after max_hours whatever happens."
+  # shellcheck disable=SC2016  # written literally: run-agent.sh expands it at each start
+  echo 'if [[ ${FABRIC_POWEROFF:-} == allowed ]]; then'
+  printf '  shutdown -P +%d %q\n' "$((MAX_HOURS * 60))" "fabric cluster: max_hours=$MAX_HOURS"
+  echo 'else'
+  printf '  echo %q\n' "max_hours: would power off in $MAX_HOURS h (power-off not allowed here)"
+  echo 'fi'
   printf 'cd %q && exec' "$PAYLOAD_DIR"
   printf ' %q' "${agent[@]}"
   echo
