@@ -11,7 +11,7 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local rehearse clean
+.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean
 
 $(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
 	python3 -m venv $(VENV)
@@ -57,3 +57,7 @@ local: venv
 # its own network namespace (needs root and iproute2), then cdk destroy's path.
 rehearse: venv
 	$(PYTHON) -m rehearsal.run $(ARGS)
+
+# Where the time goes (medians of 3 runs, ratios from the same run): bench/results.md.
+bench: dev
+	$(PYTHON) -m bench.run $(ARGS)

@@ -63,6 +63,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="times all nodes are started again after one fails",
     )
     parser.add_argument(
+        "--main-first",
+        action="store_true",
+        help="start node 0 first (default: last, as a late main node on EC2)",
+    )
+    parser.add_argument(
+        "--threads-per-process",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS of each process (default: cores / all processes)",
+    )
+    parser.add_argument(
         "--main-node-delay",
         type=float,
         default=0.0,
@@ -142,13 +153,15 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
         **fabric_environment(
             interface="lo",
             accelerator=args.accelerator,
-            threads=threads_per_process(usable_cores(), processes),  # one machine hosts all
+            # One machine hosts every process of every node.
+            threads=args.threads_per_process or threads_per_process(usable_cores(), processes),
             rendezvous_timeout=args.rendezvous_timeout,
             run_dir=args.run_dir,
         ),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    for rank in reversed(range(args.num_nodes)):  # the main node last, on purpose
+    ranks = range(args.num_nodes) if args.main_first else reversed(range(args.num_nodes))
+    for rank in ranks:  # by default the main node last, on purpose
         command = fabric_run_command(
             node_rank=rank,
             main_address=MAIN_ADDRESS,

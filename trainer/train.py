@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.step()
             state["step"] += 1
             trained_steps += 1
+            if trained_steps == 1:  # time to first step, for the benchmarks and the logs
+                stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+                fabric.print(f"{stamp} first step done (step {state['step']})")
             epoch_loss += loss.detach() * len(y)
             epoch_correct += (logits.argmax(dim=1) == y).sum()
             epoch_seen += len(y)
