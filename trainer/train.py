@@ -53,10 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint-every", type=int, default=0, help="also checkpoint every K steps (0: off)"
     )
     parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="all-reduce and log the loss every N steps (each sync costs a step some time)",
+    )
+    parser.add_argument(
         "--pg-timeout", type=float, default=180.0, help="seconds before a collective gives up"
     )
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "samples"):
+    for name in ("epochs", "batch_size", "samples", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint_every < 0 or args.pg_timeout <= 0:
@@ -202,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         use_distributed_sampler=False,
     )
     steps_per_epoch = len(loader)
+
+    def last_batch(batch_index: int) -> bool:
+        return batch_index == steps_per_epoch - 1
+
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0, "history": []}
 
     # Only global rank 0's node holds the checkpoints: it reads, everyone gets a copy.
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             mininterval=1.0,
             file=sys.stdout,
         )
-        epoch_started = time.perf_counter()
+        epoch_started, stop_now = time.perf_counter(), False
         for batch_index, (x, y) in enumerate(loader):
             if batch_index < skip:
                 continue
@@ -257,23 +267,23 @@ def main(argv: list[str] | None = None) -> None:
             epoch_loss += loss.detach() * len(y)
             epoch_correct += (logits.argmax(dim=1) == y).sum()
             epoch_seen += len(y)
-            # The loss for the log, and whether any rank was asked to stop (spot notice).
-            synced = fabric.all_reduce(
-                torch.stack(
-                    [loss.detach(), torch.tensor(float(stop_requested), device=loss.device)]
-                ),
-                reduce_op="mean",
-            )
-            global_loss = synced[0].item()
-            state["history"].append([state["step"], global_loss])
-            rate = (
-                (batch_index + 1 - skip) * samples_per_step / (time.perf_counter() - epoch_started)
-            )
-            bar.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{rate:.0f}", refresh=False)
+            if trained_steps == 1 or state["step"] % args.log_every == 0 or last_batch(batch_index):
+                # The loss for the log, and whether any rank was asked to stop (spot notice):
+                # one small all-reduce every log_every steps, at the same steps on every rank.
+                flag = torch.tensor(float(stop_requested), device=loss.device)
+                synced = fabric.all_reduce(torch.stack([loss.detach(), flag]), reduce_op="mean")
+                global_loss, stop_now = synced[0].item(), synced[1].item() > 0
+                state["history"].append([state["step"], global_loss])
+                rate = (
+                    (batch_index + 1 - skip)
+                    * samples_per_step
+                    / (time.perf_counter() - epoch_started)
+                )
+                bar.set_postfix(loss=f"{global_loss:.4f}", samples_per_s=f"{rate:.0f}")
             bar.update()
             if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
                 save_checkpoint(fabric, checkpoint_dir, state)
-            if synced[1].item() > 0:  # every rank sees the same value: all stop at this step
+            if stop_now:  # every rank saw the same value: all stop at this step
                 bar.close()
                 path = save_checkpoint(fabric, checkpoint_dir, state)
                 fabric.print(

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -41,7 +42,7 @@ from userdata.spot import SpotWatcher
 
 
 def log(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
     print(f"{stamp} [fabric-agent] {message}", flush=True)
 
 
