@@ -21,12 +21,8 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from stacks.config import PROJECT_DIR
 from stacks.user_data import UV_VERSION
-from trainer.train import build_model, synthetic_data
 
 RESULTS = PROJECT_DIR / "bench" / "results.md"
 STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)(Z|\+00:00)?")
@@ -133,7 +129,7 @@ def rehearsal_phases() -> dict[str, float]:
 
 
 # 3: samples/s, 1 x 1 vs 2 x 1, one thread per process
-def throughput(nodes: int) -> dict[str, float]:
+def throughput(nodes: int, payload: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         timed_lines(
             [
@@ -152,50 +148,41 @@ def throughput(nodes: int) -> dict[str, float]:
                 "--epochs",
                 "3",
                 "--samples",
-                "8192",
+                "16384",
+                *payload,
             ]
         )
         summary = json.loads(Path(f"{folder}/run/summary.json").read_text())
     return {"samples/s": summary["samples_per_s"]}
 
 
-# 3: the payload's step time vs a plain PyTorch loop of the same model and data
-def payload_step_time() -> dict[str, float]:
+# 3: the main job (make local): the payload's default run on the 2 x 2 local cluster
+def main_job(payload: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        timed_lines(
-            [
-                sys.executable,
-                "trainer/train.py",
-                "--epochs",
-                "4",
-                "--samples",
-                "8192",
-                "--run-dir",
-                f"{folder}/run",
-            ],
-            env=env,
+        started = time.time()
+        lines = timed_lines(
+            [sys.executable, "-m", "local.cluster", "--run-dir", f"{folder}/run", "--", *payload]
         )
         summary = json.loads(Path(f"{folder}/run/summary.json").read_text())
-    return {"step ms": 1000 * summary["wall_time_s"] / summary["steps_this_run"]}
+    return {
+        "to first step": first(lines, "first step done") - started,
+        "training": summary["wall_time_s"],
+        "whole": lines[-1][0] - started,
+        "samples/s": summary["samples_per_s"],
+        "final loss": summary["final_loss"],
+    }
 
 
-def plain_step_time() -> dict[str, float]:
-    torch.set_num_threads(1)
-    dataset = synthetic_data(8192, 42)
-    model = build_model(dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True)
-    steps, started = 0, time.perf_counter()
-    for _ in range(4):
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss.item()  # the payload reads the loss every step too
-            steps += 1
-    return {"step ms": 1000 * (time.perf_counter() - started) / steps}
+# 3: the payload's step time vs a plain PyTorch loop (bench/overhead.py), one thread
+OLD_DEFAULTS = ["--batch-size", "64", "--lr", "3e-3"]  # the payload's defaults before bench
+
+
+def fabric_overhead(pairs: int, payload: list[str]) -> dict[str, float]:
+    lines = timed_lines(
+        [sys.executable, "-m", "bench.overhead", "--pairs", str(pairs), "--", *payload],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return json.loads(lines[-1][1])
 
 
 # 4: synth time, and the test suite
@@ -317,9 +304,12 @@ def main() -> int:
         "",
     ]
 
-    def section(title: str, rows: list[tuple[str, str]]) -> None:
-        out.extend([f"## {title}", "", "| what | figure |", "| --- | --- |"])
-        out.extend(f"| {what} | {figure} |" for what, figure in rows)
+    def section(
+        title: str, rows: list[tuple[str, ...]], header: tuple[str, ...] = ("what", "figure")
+    ) -> None:
+        out.extend([f"## {title}", "", "| " + " | ".join(header) + " |"])
+        out.append("|" + " --- |" * len(header))
+        out.extend("| " + " | ".join(row) + " |" for row in rows)
         out.append("")
         print("\n".join(out[-(len(rows) + 5) :]), flush=True)
 
@@ -351,24 +341,51 @@ def main() -> int:
             [(name, f"{seconds:.2f} s") for name, seconds in phases.items()],
         )
 
-    one = repeat(runs, lambda: throughput(1))
-    two = repeat(runs, lambda: throughput(2))
-    payload = repeat(runs, payload_step_time)
-    plain = repeat(runs, plain_step_time)
-    section(
-        "3. Training efficiency (1 thread per process)",
-        [
-            ("samples/s, 1 node x 1 device", f"{one['samples/s']:.0f}"),
-            ("samples/s, 2 nodes x 1 device (loopback)", f"{two['samples/s']:.0f}"),
-            ("scaling, 2 x 1 / 1 x 1 (ideal 2.00x)", f"{two['samples/s'] / one['samples/s']:.2f}x"),
-            ("step time, payload (1 process)", f"{payload['step ms']:.3f} ms"),
-            ("step time, plain PyTorch loop", f"{plain['step ms']:.3f} ms"),
+    old, new = "old defaults (batch 64, lr 3e-3)", "defaults now (batch 256, lr 1e-2)"
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for name, payload in ((old, OLD_DEFAULTS), (new, [])):
+        figures[name] = {
+            "job": repeat(runs, lambda payload=payload: main_job(payload)),
+            "one": repeat(runs, lambda payload=payload: throughput(1, payload)),
+            "two": repeat(runs, lambda payload=payload: throughput(2, payload)),
+            "overhead": fabric_overhead(3 * runs, payload),
+        }
+    rows3: list[tuple[str, ...]] = [
+        (what, *(show(figures[name]) for name in (old, new)))
+        for what, show in (
             (
-                "Fabric overhead, payload / plain - 1 (target < 5 %)",
-                f"{100 * (payload['step ms'] / plain['step ms'] - 1):.1f} %",
+                "main job (`make local`, 20 epochs): start to first step",
+                lambda f: f"{f['job']['to first step']:.1f} s",
             ),
-        ],
-    )
+            ("main job: training", lambda f: f"{f['job']['training']:.1f} s"),
+            ("main job: whole run", lambda f: f"{f['job']['whole']:.1f} s"),
+            (
+                "main job: samples/s (4 processes on 2 cores)",
+                lambda f: f"{f['job']['samples/s']:.0f}",
+            ),
+            ("main job: final loss", lambda f: f"{f['job']['final loss']:.3f}"),
+            ("samples/s, 1 node x 1 device", lambda f: f"{f['one']['samples/s']:.0f}"),
+            ("samples/s, 2 nodes x 1 device (loopback)", lambda f: f"{f['two']['samples/s']:.0f}"),
+            (
+                "scaling, 2 x 1 / 1 x 1 (ideal 2.00x)",
+                lambda f: f"{f['two']['samples/s'] / f['one']['samples/s']:.2f}x",
+            ),
+            ("step time, payload (1 process)", lambda f: f"{f['overhead']['payload_ms']:.3f} ms"),
+            (
+                "step time, plain PyTorch loop (same process, in turns)",
+                lambda f: f"{f['overhead']['plain_ms']:.3f} ms",
+            ),
+            (
+                "Fabric overhead, payload / plain - 1, median of pairs (target < 5 %)",
+                lambda f: f"{100 * f['overhead']['overhead']:.1f} %",
+            ),
+            (
+                "payload's epoch-end work (all-reduce, CSV, checkpoint), share of its wall time",
+                lambda f: f"{100 * f['overhead']['epoch_end_share']:.1f} %",
+            ),
+        )
+    ]
+    section("3. Training efficiency (1 thread per process)", rows3, ("what", old, new))
 
     synth = repeat(runs, synth_time)
     rows = [("synth of the app (with CloudFormation validation)", f"{synth['seconds']:.1f} s")]

@@ -497,6 +497,8 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
         "40",
         "--samples",
         "4096",
+        "--batch-size",
+        "64",  # 32 steps per epoch: training lasts long enough for the notice to arrive
     ]
     notice = '{"action": "terminate", "time": "2026-11-25T21:00:00Z"}'
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
