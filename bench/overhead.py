@@ -31,7 +31,8 @@ from trainer.train import build_model, main, parse_args, synthetic_data
 def plain_step_ms(payload: argparse.Namespace) -> float:
     """ms per step of the plain loop; like the payload's figure, epoch boundaries excluded."""
     dataset = synthetic_data(payload.samples, payload.seed)
-    model = build_model(dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1)
+    features, classes = dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1
+    model = build_model(features, classes, payload.hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=payload.lr)
     loader = DataLoader(dataset, batch_size=payload.batch_size, shuffle=True, drop_last=True)
     steps, seconds = 0, 0.0

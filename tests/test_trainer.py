@@ -82,3 +82,15 @@ def test_a_corrupt_checkpoint_is_skipped_not_resumed(tmp_path: Path) -> None:
     assert f"warning: skipping unreadable checkpoint {corrupt}" in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == summary["steps_this_run"] == 16  # trained from the start
+
+
+def test_a_checkpoint_of_another_model_width_fails_with_one_line(tmp_path: Path) -> None:
+    run = ["--epochs", "1", "--samples", "512", "--batch-size", "32", "--run-dir", str(tmp_path)]
+    assert train(*run, "--hidden", "32").returncode == 0
+    (tmp_path / "summary.json").unlink()
+    result = train(*run, "--epochs", "2", "--hidden", "64")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "does not fit this model" in result.stderr
+    assert "resume with the options it was trained with" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000016.ckpt"]

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # all-reduce, Python) that a small step pays again and again; see bench/results.md.
     parser.add_argument("--batch-size", type=int, default=256, help="per process")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--hidden", type=int, default=256, help="width of the model's layers")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--run-dir",
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg-timeout", type=float, default=180.0, help="seconds before a collective gives up"
     )
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "samples", "log_every"):
+    for name in ("epochs", "batch_size", "samples", "log_every", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint_every < 0 or args.pg_timeout <= 0:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = read_data(args.data) if args.data else synthetic_data(args.samples, args.seed)
     features, classes = dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1
-    model = build_model(features, classes)
+    model = build_model(features, classes, args.hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model, optimizer = fabric.setup(model, optimizer)
     # Each rank reads its own shard, reshuffled every epoch by set_epoch; the same in a
@@ -225,8 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     found = fabric.broadcast(found, src=0)
     if found:
         path, checkpoint = found
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as error:  # another model shape, e.g. --hidden
+            first_line = str(error).strip().splitlines()[0]
+            raise SystemExit(
+                f"error: checkpoint {path} does not fit this model ({first_line}); "
+                "resume with the options it was trained with, or use another --run-dir"
+            ) from None
         state["step"], state["history"] = checkpoint["step"], checkpoint["history"]
         fabric.print(f"resumed from {path} at step {state['step']}")
 
