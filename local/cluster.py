@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from local.process_groups import stop_groups
 from userdata.fabric_command import (
     fabric_environment,
     fabric_run_command,
@@ -32,7 +33,6 @@ from userdata.fabric_command import (
 )
 
 MAIN_ADDRESS = "127.0.0.1"
-STOP_GRACE_SECONDS = 10.0
 
 
 def free_port() -> int:
@@ -119,29 +119,13 @@ class Node:
             sys.stdout.write(f"[node {self.rank}] {line.decode(errors='replace')}")
             sys.stdout.flush()
 
-    def signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-
     def finish(self) -> None:
         self._relay.join(timeout=5)
 
 
 def stop_all(nodes: list[Node]) -> None:
-    """SIGTERM every node's process group, SIGKILL what is left after a grace period."""
+    stop_groups([node.process for node in nodes])
     for node in nodes:
-        node.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for node in nodes:
-        try:
-            node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for node in nodes:
-        node.signal_group(signal.SIGKILL)  # also reaps workers whose torchrun already exited
-        node.process.wait()
         node.finish()
 
 

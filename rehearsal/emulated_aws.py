@@ -18,6 +18,7 @@ import boto3
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from stacks.config import parameter_prefix
 from userdata.imds import TAG_NODE_RANK
 
 ACCOUNT = "123456789012"  # moto's account
@@ -200,7 +201,7 @@ def remaining(
         for instance in reservation["Instances"]
         if instance["State"]["Name"] != "terminated"
     ]
-    parameters = ssm.get_parameters_by_path(Path=f"/fabric/{stack_name}", Recursive=True)
+    parameters = ssm.get_parameters_by_path(Path=parameter_prefix(stack_name), Recursive=True)
     return {
         "instances": live,
         "vpcs": [

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from local.process_groups import stop_groups
 from rehearsal.emulated_aws import (
     CREDENTIAL_ENV,
     EmulatedAws,
@@ -143,24 +144,8 @@ class NodeProcesses:
         return process
 
     def stop_all(self) -> None:
-        for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
+        stop_groups(self.processes)
         self.processes.clear()
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _relay(process: subprocess.Popen[bytes], log_path: Path, prefix: str) -> None:

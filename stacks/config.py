@@ -69,19 +69,31 @@ class ClusterConfig:
 
     @property
     def parameter_prefix(self) -> str:
-        return f"/fabric/{self.stack_name}"
+        return parameter_prefix(self.stack_name)
 
     @property
     def main_address_parameter(self) -> str:
-        return f"{self.parameter_prefix}/main-address"
+        return main_address_parameter(self.stack_name)
 
     @property
     def phase_parameter_template(self) -> str:
-        """Where node {rank} records its phase; the node agent fills in the rank."""
-        return f"{self.parameter_prefix}/node-{{rank}}/phase"
+        return phase_parameter_template(self.stack_name)
 
     def phase_parameter(self, rank: int) -> str:
         return self.phase_parameter_template.format(rank=rank)
+
+
+def parameter_prefix(stack_name: str) -> str:
+    return f"/fabric/{stack_name}"
+
+
+def main_address_parameter(stack_name: str) -> str:
+    return f"{parameter_prefix(stack_name)}/main-address"
+
+
+def phase_parameter_template(stack_name: str) -> str:
+    """Where node {rank} records its phase; the node agent fills in the rank."""
+    return f"{parameter_prefix(stack_name)}/node-{{rank}}/phase"
 
 
 def _invalid(key: str, value: object, allowed: str) -> ConfigError:

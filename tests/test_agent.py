@@ -11,18 +11,49 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rehearsal.imds_stub import ImdsStub, node_values
-from stacks.config import PROJECT_DIR
+from stacks.config import PROJECT_DIR, main_address_parameter, phase_parameter_template
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
 
 
 def parameter_name() -> str:
-    return f"/fabric/Test{uuid.uuid4().hex[:8]}/main-address"
+    return main_address_parameter(f"Test{uuid.uuid4().hex[:8]}")
+
+
+@dataclass
+class StackParameters:
+    """A fresh stack's SSM parameters, named as the template names them."""
+
+    stack: str
+
+    @classmethod
+    def put(cls, ssm: Any, main_address: str) -> StackParameters:
+        parameters = cls(f"Test{uuid.uuid4().hex[:8]}")
+        ssm.put_parameter(Name=parameters.main_address, Value=main_address, Type="String")
+        return parameters
+
+    @property
+    def main_address(self) -> str:
+        return main_address_parameter(self.stack)
+
+    def phase(self, rank: int) -> str:
+        return phase_parameter_template(self.stack).format(rank=rank)
+
+    @property
+    def agent_options(self) -> list[str]:
+        return [
+            "--main-address-parameter",
+            self.main_address,
+            "--phase-parameter",
+            phase_parameter_template(self.stack),
+        ]
 
 
 def run_agent(
@@ -254,9 +285,8 @@ sys.exit(int(sys.argv[1]))
 def test_real_run_records_phases_and_uploads_artifacts(
     aws_env, ssm, s3, tmp_path: Path, exit_status: int
 ) -> None:
-    stack = f"Test{uuid.uuid4().hex[:8]}"
-    name, phase = f"/fabric/{stack}/main-address", f"/fabric/{stack}/node-{{rank}}/phase"
-    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    parameters = StackParameters.put(ssm, "127.0.0.1")
+    stack = parameters.stack
     s3.create_bucket(Bucket=stack.lower())
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
@@ -264,10 +294,7 @@ def test_real_run_records_phases_and_uploads_artifacts(
         result = run_agent(
             aws_env,
             imds,
-            "--main-address-parameter",
-            name,
-            "--phase-parameter",
-            phase,
+            *parameters.agent_options,
             "--devices-per-node",
             "1",
             "--main-port",
@@ -286,7 +313,7 @@ def test_real_run_records_phases_and_uploads_artifacts(
             str(exit_status),
             timeout=120,
         )
-    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-0/phase")["Parameter"]["Value"]
+    recorded = ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"]
     if exit_status == 0:
         assert result.returncode == 0, result.stdout + result.stderr
         assert recorded == "done"
@@ -309,19 +336,14 @@ if not marker.exists():
 
 
 def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Path) -> None:
-    stack = f"Test{uuid.uuid4().hex[:8]}"
-    name = f"/fabric/{stack}/main-address"
-    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    parameters = StackParameters.put(ssm, "127.0.0.1")
     script = tmp_path / "flaky.py"
     script.write_text(FLAKY_SCRIPT)
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
         result = run_agent(
             aws_env,
             imds,
-            "--main-address-parameter",
-            name,
-            "--phase-parameter",
-            f"/fabric/{stack}/node-{{rank}}/phase",
+            *parameters.agent_options,
             "--devices-per-node",
             "1",
             "--main-port",
@@ -338,23 +360,18 @@ def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Pat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fabric run exited with status 1: restart 1 of 2" in result.stdout
     assert "phase: training (restart 1)" in result.stdout
-    assert ssm.get_parameter(Name=f"/fabric/{stack}/node-0/phase")["Parameter"]["Value"] == "done"
+    assert ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"] == "done"
 
 
 def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, ssm) -> None:
-    stack = f"Test{uuid.uuid4().hex[:8]}"
-    name = f"/fabric/{stack}/main-address"
-    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")  # nothing listens there
-    ssm.put_parameter(Name=f"/fabric/{stack}/node-1/phase", Value="booting", Type="String")
+    parameters = StackParameters.put(ssm, "127.0.0.1")  # nothing listens there
+    ssm.put_parameter(Name=parameters.phase(1), Value="booting", Type="String")
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
         started = time.monotonic()
         result = run_agent(
             aws_env,
             imds,
-            "--main-address-parameter",
-            name,
-            "--phase-parameter",
-            f"/fabric/{stack}/node-{{rank}}/phase",
+            *parameters.agent_options,
             "--devices-per-node",
             "1",
             "--main-port",
@@ -372,7 +389,7 @@ def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, s
     assert result.returncode == 1
     assert result.stderr.rstrip().splitlines()[-1] == "error: fabric run exited with status 1"
     assert "The client socket has timed out after 5000ms" in result.stderr
-    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-1/phase")["Parameter"]["Value"]
+    recorded = ssm.get_parameter(Name=parameters.phase(1))["Parameter"]["Value"]
     assert recorded == "failed: fabric run exited with status 1"
     assert "would stop now" in result.stdout  # on EC2 the node stops itself here
     assert elapsed < 60
@@ -400,22 +417,12 @@ def test_garbage_rank_tags(aws_env, rank: str, expected: str) -> None:
     ],
 )
 def test_garbage_main_address_fails_and_records_the_phase(aws_env, ssm, value, shown) -> None:
-    stack = f"Test{uuid.uuid4().hex[:8]}"
-    name = f"/fabric/{stack}/main-address"
-    ssm.put_parameter(Name=name, Value=value, Type="String")
+    parameters = StackParameters.put(ssm, value)
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
-        result = run_agent(
-            aws_env,
-            imds,
-            "--main-address-parameter",
-            name,
-            "--phase-parameter",
-            f"/fabric/{stack}/node-{{rank}}/phase",
-            "t.py",
-        )
-    line = f"parameter {name} holds {shown}, not an IPv4 address"
+        result = run_agent(aws_env, imds, *parameters.agent_options, "t.py")
+    line = f"parameter {parameters.main_address} holds {shown}, not an IPv4 address"
     assert one_error_line(result) == f"error: {line}"
-    recorded = ssm.get_parameter(Name=f"/fabric/{stack}/node-1/phase")["Parameter"]["Value"]
+    recorded = ssm.get_parameter(Name=parameters.phase(1))["Parameter"]["Value"]
     assert recorded == f"failed: {line}"
 
 
@@ -474,15 +481,11 @@ def test_gpus_that_never_show_up_fail_clearly(aws_env, tmp_path: Path, gpus, exp
 
 
 def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_path: Path) -> None:
-    stack = f"Test{uuid.uuid4().hex[:8]}"
-    name, phase = f"/fabric/{stack}/main-address", f"/fabric/{stack}/node-0/phase"
-    ssm.put_parameter(Name=name, Value="127.0.0.1", Type="String")
+    parameters = StackParameters.put(ssm, "127.0.0.1")
+    phase = parameters.phase(0)
     run_dir = tmp_path / "run"
     args = [
-        "--main-address-parameter",
-        name,
-        "--phase-parameter",
-        f"/fabric/{stack}/node-{{rank}}/phase",
+        *parameters.agent_options,
         "--devices-per-node",
         "2",
         "--main-port",
