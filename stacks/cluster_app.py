@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
 from stacks.cluster_stack import ClusterStack
-from stacks.config import PROJECT_DIR, load_config
+from stacks.config import PROJECT_DIR, check_known_settings, load_config
 
 
 def cdk_json_context(**overrides: Any) -> dict[str, Any]:
@@ -20,12 +21,29 @@ def cdk_json_context(**overrides: Any) -> dict[str, Any]:
     return context
 
 
+def context_keys(context: Mapping[str, Any] | None) -> set[str]:
+    """Every context key: the CLI passes cdk.json, cdk.context.json and -c in CDK_CONTEXT_JSON."""
+    keys = set(context or {})
+    keys |= set(json.loads(os.environ.get("CDK_CONTEXT_JSON") or "{}"))
+    return keys
+
+
+def deploy_environment() -> cdk.Environment | None:
+    """The account and region of the CLI's credentials: with them the AMI and the AZ are looked
+    up once and recorded in cdk.context.json; without them (offline synth) the stack is
+    environment-agnostic."""
+    account = os.environ.get("CDK_DEFAULT_ACCOUNT")
+    region = os.environ.get("CDK_DEFAULT_REGION")
+    return cdk.Environment(account=account, region=region) if account and region else None
+
+
 def build_app(
     context: Mapping[str, Any] | None = None, outdir: str | None = None
 ) -> tuple[cdk.App, ClusterStack]:
     """Raises ConfigError before any construct is made when a setting is bad."""
     app = cdk.App(context=dict(context) if context is not None else None, outdir=outdir)
+    check_known_settings(context_keys(context))
     config = load_config(app.node.try_get_context)
-    stack = ClusterStack(app, "FabricCluster", config=config)
+    stack = ClusterStack(app, "FabricCluster", config=config, env=deploy_environment())
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack

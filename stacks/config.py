@@ -7,17 +7,24 @@ whose message is one line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from stacks.instance_types import (
+    CPU_DEFAULT_VOLUME_GB,
     EFA_TYPES,
+    GPU_DEFAULT_VOLUME_GB,
     GPU_FAMILIES,
+    GPU_MIN_VOLUME_GB,
+    GPU_MODEL,
     GPUS_PER_TYPE,
+    UNSUPPORTED_GPU_FAMILIES,
+    supports_bf16,
     supports_cluster_placement_group,
 )
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
@@ -28,12 +35,16 @@ __all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES"]  # the tag contract, defined where 
 _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
+_AMI = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]$")
 
 MAX_DEVICES_PER_NODE = 128
 MAX_VOLUME_GB = 16384
 MAX_RESTARTS = 10
 MAX_HOURS = 168
+# `fabric run --precision` values; CPUs have no float16 autocast.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+CPU_PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true")
 
 
 class ConfigError(ValueError):
@@ -58,6 +69,8 @@ class ClusterConfig:
     max_hours: int
     efa: bool
     spot: bool
+    precision: str
+    ami: str | None  # None: the image of the SSM parameter, looked up once and cached
 
     @property
     def instance_family(self) -> str:
@@ -152,6 +165,14 @@ def _instance_type(value: object, accelerator: str) -> str:
     if not match:
         raise _invalid("instance_type", value, allowed)
     family = match.group(1)
+    if family in UNSUPPORTED_GPU_FAMILIES:
+        raise _invalid(
+            "instance_type",
+            value,
+            f"{family} has {UNSUPPORTED_GPU_FAMILIES[family]} GPUs, which the Deep Learning "
+            "AMI's drivers and torch's CUDA 13 wheels do not support (Turing or newer: g4dn, "
+            "g5, g6, g6e, p4d, p5)",
+        )
     if _GRAVITON.match(family) and family not in GPU_FAMILIES:
         raise _invalid(
             "instance_type",
@@ -185,6 +206,53 @@ def _devices_per_node(value: object, accelerator: str, instance_type: str) -> in
             f"{instance_type} has {gpus} GPU(s): expected 1 to {gpus} or auto",
         )
     return devices
+
+
+def _volume_gb(value: object, accelerator: str) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return GPU_DEFAULT_VOLUME_GB if accelerator == "gpu" else CPU_DEFAULT_VOLUME_GB
+    if accelerator != "gpu":
+        return _integer("volume_gb", value, 30, MAX_VOLUME_GB)
+    # The Deep Learning AMI's snapshot alone is larger than a CPU node's whole disk.
+    allowed = (
+        f"accelerator=gpu needs {GPU_MIN_VOLUME_GB} to {MAX_VOLUME_GB} GB (the Deep Learning "
+        "AMI, CUDA torch and caches), or auto"
+    )
+    try:
+        return _integer("volume_gb", value, GPU_MIN_VOLUME_GB, MAX_VOLUME_GB)
+    except ConfigError:
+        raise _invalid("volume_gb", value, allowed) from None
+
+
+def _precision(value: object, accelerator: str, instance_type: str) -> str:
+    if accelerator == "cpu":
+        choices = CPU_PRECISIONS
+    elif supports_bf16(instance_type):
+        choices = PRECISIONS
+    else:
+        choices = tuple(p for p in PRECISIONS if not p.startswith("bf16"))
+    allowed = "expected auto or one of " + ", ".join(choices)
+    text = _string("precision", value, allowed).lower()
+    if text == "auto":
+        if accelerator == "cpu":
+            return "32-true"
+        return "bf16-mixed" if supports_bf16(instance_type) else "16-mixed"
+    if text in PRECISIONS and text not in choices and accelerator == "gpu":
+        gpu = GPU_MODEL[instance_type.split(".", 1)[0]][0]
+        allowed = f"the {gpu} of {instance_type} has no bfloat16; {allowed}"
+    if text not in choices:
+        raise _invalid("precision", value, allowed)
+    return text
+
+
+def _ami(value: object) -> str | None:
+    allowed = 'expected "" (the AMI of the SSM parameter, looked up once) or an id like ami-0abc...'
+    text = _string("ami", value, allowed).lower()
+    if text == "":
+        return None
+    if not _AMI.fullmatch(text):
+        raise _invalid("ami", value, allowed)
+    return text
 
 
 def _efa(value: object, instance_type: str) -> bool:
@@ -263,7 +331,20 @@ SETTINGS = (
     "max_hours",
     "efa",
     "spot",
+    "precision",
+    "ami",
 )
+
+
+def check_known_settings(keys: Iterable[str]) -> None:
+    """A typo in a setting name is an error, not a silent default. CDK's own keys start with @
+    (feature flags) or hold a colon (aws:cdk:..., cached lookups such as ssm:account=...)."""
+    for key in sorted(keys):
+        if key in SETTINGS or key.startswith("@") or ":" in key:
+            continue
+        close = difflib.get_close_matches(key, SETTINGS, n=1)
+        hint = f"did you mean {close[0]}?" if close else "settings: " + ", ".join(SETTINGS)
+        raise ConfigError(f"unknown setting {key}: {hint}")
 
 
 def load_config(
@@ -273,7 +354,7 @@ def load_config(
     raw: dict[str, object] = {}
     for key in SETTINGS:
         value = get_context(key)
-        if value is None and key != "key_pair":
+        if value is None and key not in ("key_pair", "ami"):
             raise ConfigError(
                 f'missing setting {key}: set it in cdk.json "context" or pass -c {key}=VALUE'
             )
@@ -286,7 +367,7 @@ def load_config(
         devices_per_node=_devices_per_node(raw["devices_per_node"], accelerator, instance_type),
         accelerator=accelerator,
         instance_type=instance_type,
-        volume_gb=_integer("volume_gb", raw["volume_gb"], 30, MAX_VOLUME_GB),
+        volume_gb=_volume_gb(raw["volume_gb"], accelerator),
         ssh_cidr=_ssh_cidr(raw["ssh_cidr"]),
         key_pair=_key_pair(raw["key_pair"]),
         main_port=_integer("main_port", raw["main_port"], 1024, 65535),
@@ -297,4 +378,6 @@ def load_config(
         max_hours=_integer("max_hours", raw["max_hours"], 1, MAX_HOURS),
         efa=_efa(raw["efa"], instance_type),
         spot=_boolean("spot", raw["spot"]),
+        precision=_precision(raw["precision"], accelerator, instance_type),
+        ami=_ami(raw["ami"]) if raw["ami"] is not None else None,
     )

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from aws_cdk.assertions import Template
 
 from stacks.cluster_app import build_app, cdk_json_context
+from stacks.config import PROJECT_DIR
+
+CHECKOV = PROJECT_DIR / ".venv-checkov" / "bin" / "checkov"
 
 
 class Synth:
@@ -60,3 +66,28 @@ def join_text(value: Any, placeholder: str = "PLACEHOLDER") -> str:
 
 def user_data_text(instance: dict[str, Any], placeholder: str = "PLACEHOLDER") -> str:
     return join_text(instance["Properties"]["UserData"], placeholder)
+
+
+def checkov(template: Path) -> dict[str, Any]:
+    """checkov's CloudFormation results for a template, offline: no guideline download, no
+    update check, and no network at all where this runs as root (a namespace of its own)."""
+    assert CHECKOV.exists(), "run the tests with `make test`: it installs checkov"
+    command = [
+        str(CHECKOV),
+        "--file",
+        str(template),
+        "--framework",
+        "cloudformation",
+        "--output",
+        "json",
+        "--skip-download",
+    ]
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        command = ["unshare", "--net", *command]
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, check=False, timeout=300
+    )
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    return report[0] if isinstance(report, list) else report

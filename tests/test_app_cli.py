@@ -70,9 +70,14 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
         project,
         ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "runs"),
     )
+    # As a user types it: `python3` is the system one, without the CDK; app.py hands over to
+    # the project's venv (linked here, as `make venv` would have made it).
+    venv_bin = str(Path(sys.executable).parent)
+    path = ":".join(p for p in os.environ["PATH"].split(":") if p != venv_bin)
+    (project / ".venv").symlink_to(Path(sys.executable).parent.parent)
     env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"},
+        "PATH": path,
         "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
     }
 
@@ -99,3 +104,14 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
     assert "error: invalid setting num_nodes='100': expected an integer from 1 to 64" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not list((project / "cdk.out").glob("*.template.json"))
+
+    typo = synth("num_node=4")
+    assert typo.returncode != 0
+    assert "error: unknown setting num_node: did you mean num_nodes?" in typo.stderr
+    assert not list((project / "cdk.out").glob("*.template.json"))
+
+    (project / ".venv").unlink()
+    no_venv = synth()
+    assert no_venv.returncode != 0
+    assert "error: aws-cdk-lib is not installed: run `make venv`" in no_venv.stderr
+    assert "Traceback" not in no_venv.stderr

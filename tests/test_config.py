@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
-from stacks.config import ConfigError, load_config
+from stacks.config import SETTINGS, ConfigError, check_known_settings, load_config
+from stacks.instance_types import (
+    GPU_DEFAULT_VOLUME_GB,
+    GPU_MIN_VOLUME_GB,
+    supports_cluster_placement_group,
+)
 from tests.cfn import cdk_json_context
 
 
@@ -143,6 +148,13 @@ BAD = [
     ("devices_per_node", "auto", "auto needs accelerator=gpu and a GPU type it knows"),
     ("stack_name", "1stack", "CloudFormation stack name"),
     ("stack_name", "my_stack", "CloudFormation stack name"),
+    ("precision", "16-mixed", "expected auto or one of 64-true, 32-true, bf16-mixed, bf16-true"),
+    ("precision", "fp8", "expected auto or one of"),
+    ("precision", 32, "expected auto or one of"),
+    ("ami", "ami-123", "an id like ami-0abc"),
+    ("ami", "ubuntu", "an id like ami-0abc"),
+    ("instance_type", "p3.2xlarge", "V100 (Volta) GPUs, which the Deep Learning AMI's drivers"),
+    ("instance_type", "p3dn.24xlarge", "Turing or newer"),
 ]
 
 
@@ -154,6 +166,84 @@ def test_bad_values_name_key_value_and_what_is_allowed(key: str, value: Any, all
     assert "\n" not in message
     assert message.startswith(f"invalid setting {key}={value!r}: ")
     assert allowed in message
+
+
+GPU = {"accelerator": "gpu", "devices_per_node": "1"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "precision"),
+    [
+        ({}, "32-true"),
+        ({"precision": "bf16-mixed"}, "bf16-mixed"),
+        ({**GPU, "instance_type": "g5.xlarge"}, "bf16-mixed"),
+        ({**GPU, "instance_type": "g6e.xlarge"}, "bf16-mixed"),
+        ({**GPU, "instance_type": "p5.48xlarge"}, "bf16-mixed"),
+        ({**GPU, "instance_type": "g4dn.xlarge"}, "16-mixed"),
+        ({**GPU, "instance_type": "g4dn.xlarge", "precision": "32-true"}, "32-true"),
+        ({**GPU, "instance_type": "g5.xlarge", "precision": "16-MIXED"}, "16-mixed"),
+    ],
+)
+def test_precision_auto_follows_the_hardware(overrides: dict[str, Any], precision: str) -> None:
+    assert load(**overrides).precision == precision
+
+
+def test_bf16_on_a_t4_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError) as error:
+        load(**GPU, instance_type="g4dn.xlarge", precision="bf16-mixed")
+    assert str(error.value).startswith(
+        "invalid setting precision='bf16-mixed': the T4 of g4dn.xlarge has no bfloat16; "
+    )
+
+
+def test_gpu_volume_defaults_to_and_needs_room_for_the_deep_learning_ami() -> None:
+    assert load(**GPU, instance_type="g5.xlarge").volume_gb == GPU_DEFAULT_VOLUME_GB
+    assert load(**GPU, instance_type="g5.xlarge", volume_gb="100").volume_gb == GPU_MIN_VOLUME_GB
+    assert load(volume_gb="auto").volume_gb == 50
+    with pytest.raises(ConfigError) as error:
+        load(**GPU, instance_type="g5.xlarge", volume_gb="50")
+    assert str(error.value) == (
+        "invalid setting volume_gb='50': accelerator=gpu needs 100 to 16384 GB "
+        "(the Deep Learning AMI, CUDA torch and caches), or auto"
+    )
+
+
+def test_ami_setting_is_optional_and_normalized() -> None:
+    assert load().ami is None
+    assert load(ami="ami-0ABCDEF0123456789").ami == "ami-0abcdef0123456789"
+    assert load(ami="ami-12345678").ami == "ami-12345678"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["num_node"], "unknown setting num_node: did you mean num_nodes?"),
+        (["instance-type"], "unknown setting instance-type: did you mean instance_type?"),
+        (["zzz"], "unknown setting zzz: settings: stack_name, num_nodes, "),
+    ],
+)
+def test_unknown_setting_is_one_line_with_the_closest_name(keys: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        check_known_settings([*SETTINGS, *keys])
+    assert str(error.value).startswith(message)
+
+
+def test_cdk_keys_are_not_settings() -> None:
+    check_known_settings(
+        [
+            *cdk_json_context(),
+            "aws:cdk:enable-path-metadata",
+            "ssm:account=1:parameterName=/x:region=us-east-1",
+            "@aws-cdk/core:newStyleStackSynthesis",
+        ]
+    )
+
+
+def test_placement_groups_follow_aws_support_list() -> None:
+    supported = ["c7i.2xlarge", "p4d.24xlarge", "g5.xlarge", "c4.8xlarge", "m4.large", "a1.large"]
+    refused = ["t3.large", "t2.large", "mac1.metal", "m7i-flex.large", "m3.large", "p2.xlarge"]
+    assert all(supports_cluster_placement_group(t) for t in supported)
+    assert not any(supports_cluster_placement_group(t) for t in refused)
 
 
 def test_cpu_instance_type_refused_for_gpu() -> None:

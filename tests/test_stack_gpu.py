@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from stacks.cluster_stack import GPU_AMI_PARAMETER
-from tests.cfn import Synth, user_data_text
+from stacks.instance_types import GPU_DEFAULT_VOLUME_GB
+from tests.cfn import Synth, checkov, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
     # 4 GPUs per g5.12xlarge, found by devices_per_node=auto
@@ -77,7 +78,14 @@ def test_efa_interfaces_and_all_traffic_within_the_group(synth: Synth) -> None:
                 "Description": "Allow all outbound traffic by default",
                 "IpProtocol": "-1",
             }
-        ]  # and outbound, itself included
+        ]
+        # 0.0.0.0/0 does not cover EFA: the group itself is an egress rule of its own.
+        (own,) = [
+            r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupEgress").values()
+        ]
+        assert own["IpProtocol"] == "-1"
+        assert own["GroupId"] == own["DestinationSecurityGroupId"]
+        assert own["GroupId"] == {"Fn::GetAtt": [group_id, "GroupId"]}
         ((template_id, template),) = templates.items()
         (interface,) = template["Properties"]["LaunchTemplateData"]["NetworkInterfaces"]
         assert interface["InterfaceType"] == "efa"
@@ -89,6 +97,7 @@ def test_efa_interfaces_and_all_traffic_within_the_group(synth: Synth) -> None:
     else:
         assert rules[0]["IpProtocol"] == "tcp"
         assert templates == {}
+        assert synth.resources("AWS::EC2::SecurityGroupEgress") == {}
 
 
 def test_spot_is_a_one_time_request_that_terminates(synth: Synth) -> None:
@@ -109,6 +118,19 @@ def test_spot_is_a_one_time_request_that_terminates(synth: Synth) -> None:
         assert behaviour == {"terminate"}  # a one-time spot instance cannot be stopped
     else:
         assert behaviour == {"stop"}
+
+
+def test_gpu_nodes_get_a_volume_that_fits_the_deep_learning_ami(synth: Synth) -> None:
+    for node in synth.instances_by_rank():
+        (device,) = node["Properties"]["BlockDeviceMappings"]
+        assert device["Ebs"]["VolumeSize"] == GPU_DEFAULT_VOLUME_GB
+
+
+def test_gpu_templates_are_checkov_clean(synth: Synth) -> None:
+    results = checkov(synth.template_path)["results"]
+    assert [(c["check_id"], c["resource"]) for c in results["failed_checks"]] == []
+    for check in results.get("skipped_checks", []):
+        assert len(check["check_result"].get("suppress_comment") or "") > 20, check
 
 
 def test_gpu_templates_are_nag_and_lint_clean(synth: Synth) -> None:
