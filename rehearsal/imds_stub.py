@@ -1,12 +1,15 @@
 """A small IMDSv2 server: token first (PUT), then metadata with the token (401 without).
 
 moto does not serve instance tags over IMDS, so tests and the rehearsal run this instead.
+Tokens live as long as asked (1 to 21600 s, like IMDS), at most `max_token_ttl` (tests make
+them short-lived; 0 refuses every token), and an expired or unknown token gets 401.
 `mode` injects faults: "no-token-api" (PUT answers 403), "error" (500), "html", "slow".
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import secrets
 import threading
@@ -16,6 +19,8 @@ from types import TracebackType
 from typing import ClassVar
 
 MODES = ("ok", "no-token-api", "error", "html", "slow")
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MAX_TTL_SECONDS = 21600
 
 
 class ImdsStub:
@@ -26,17 +31,26 @@ class ImdsStub:
         port: int = 0,
         mode: str = "ok",
         slow_seconds: float = 5.0,
+        max_token_ttl: float | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.values = dict(values)
         self.mode = mode
         self.slow_seconds = slow_seconds
-        self.tokens: set[str] = set()
+        self.max_token_ttl = max_token_ttl
+        self.tokens: dict[str, float] = {}  # token -> time.monotonic() it expires at
         self.requests: list[tuple[str, str, bool]] = []  # method, path, had a valid token
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far now answers 401, as after its TTL."""
+        self.tokens.clear()
+
+    def token_valid(self, token: str | None) -> bool:
+        return time.monotonic() < self.tokens.get(token or "", 0.0)
 
     @property
     def url(self) -> str:
@@ -52,10 +66,18 @@ class ImdsStub:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-            def _send(self, status: int, body: str, content_type: str = "text/plain") -> None:
+            def _send(
+                self,
+                status: int,
+                body: str,
+                content_type: str = "text/plain",
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 data = body.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -78,15 +100,18 @@ class ImdsStub:
                 if stub.mode == "no-token-api" or self.path != "/latest/api/token":
                     self._send(403, "Forbidden")
                     return
-                if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    self._send(400, "Missing TTL")
+                asked = self.headers.get(TTL_HEADER, "")
+                if not asked.isdigit() or not 1 <= int(asked) <= MAX_TTL_SECONDS:
+                    self._send(400, "Missing or invalid TTL")
                     return
+                limit = stub.max_token_ttl
+                ttl = int(asked) if limit is None else min(int(asked), limit)
                 token = secrets.token_urlsafe(24)
-                stub.tokens.add(token)
-                self._send(200, token)
+                stub.tokens[token] = time.monotonic() + ttl
+                self._send(200, token, headers={TTL_HEADER: f"{ttl:g}"})
 
             def do_GET(self) -> None:
-                valid = self.headers.get("X-aws-ec2-metadata-token") in stub.tokens
+                valid = stub.token_valid(self.headers.get("X-aws-ec2-metadata-token"))
                 stub.requests.append(("GET", self.path, valid))
                 if self._fault():
                     return
@@ -103,7 +128,9 @@ class ImdsStub:
         return Handler
 
     def start(self) -> ImdsStub:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll: stop() waits for it, and tests start and stop many stubs.
+        serve = functools.partial(self._server.serve_forever, poll_interval=0.05)
+        self._thread = threading.Thread(target=serve, daemon=True)
         self._thread.start()
         return self
 
@@ -144,8 +171,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--values", required=True, help="JSON object: metadata path -> value")
+    parser.add_argument("--max-token-ttl", type=float, help="seconds a token lives at most")
     args = parser.parse_args()
-    stub = ImdsStub(json.loads(args.values), host=args.host, port=args.port).start()
+    values = json.loads(args.values)
+    stub = ImdsStub(values, args.host, args.port, max_token_ttl=args.max_token_ttl).start()
     print(stub.url, flush=True)
     threading.Event().wait()
 

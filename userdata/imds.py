@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from email.message import Message
 
 from userdata.errors import AgentError
 
@@ -13,7 +16,9 @@ DEFAULT_ENDPOINT = "http://169.254.169.254"
 TAG_NODE_RANK = "fabric:node-rank"
 TAG_NUM_NODES = "fabric:num-nodes"
 MAX_NODES = 64
-TOKEN_TTL_SECONDS = 21600
+TOKEN_TTL_SECONDS = 21600  # the most IMDS grants
+RENEW_MARGIN_SECONDS = 60.0
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 
 
 @dataclass(frozen=True)
@@ -30,50 +35,85 @@ def endpoint() -> str:
     return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
+class ImdsUnauthorized(AgentError):
+    """HTTP 401: the token expired or was revoked (from `get`: even a brand-new one)."""
+
+
 class Imds:
-    def __init__(self, base_url: str | None = None, timeout: float = 2.0) -> None:
+    """An IMDSv2 client that keeps its token alive: tokens live at most 6 hours, after which
+    IMDS answers 401 to everything (a long run would stop seeing spot notices)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: float = 2.0,
+        token_ttl: int = TOKEN_TTL_SECONDS,
+    ) -> None:
         self.base_url = (base_url or endpoint()).rstrip("/")
         self.timeout = timeout
+        self.token_ttl = token_ttl
         self._token: str | None = None
+        self._renew_at = 0.0  # time.monotonic() after which the token is renewed first
+        self._lock = threading.Lock()  # the spot watcher thread shares this client
 
-    def _open(self, request: urllib.request.Request, what: str) -> str:
+    def _open(self, request: urllib.request.Request, what: str) -> tuple[str, Message]:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = response.read().decode("utf-8", errors="replace")
-                content_type = response.headers.get("Content-Type", "")
+                headers = response.headers
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 raise KeyError(what) from None
-            raise AgentError(
-                f"IMDS at {self.base_url} answered HTTP {error.code} for {what}"
-            ) from None
+            message = f"IMDS at {self.base_url} answered HTTP {error.code} for {what}"
+            raise (ImdsUnauthorized if error.code == 401 else AgentError)(message) from None
         except (urllib.error.URLError, TimeoutError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise AgentError(f"IMDS at {self.base_url} unreachable for {what}: {reason}") from None
-        if "html" in content_type or body.lstrip().startswith("<"):
+        if "html" in headers.get("Content-Type", "") or body.lstrip().startswith("<"):
             raise AgentError(f"IMDS at {self.base_url} answered HTML, not a value, for {what}")
-        return body.strip()
+        return body.strip(), headers
 
-    def token(self) -> str:
-        if self._token is None:
-            request = urllib.request.Request(
-                f"{self.base_url}/latest/api/token",
-                method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
-            )
-            try:
-                self._token = self._open(request, "an IMDSv2 token")
-            except KeyError:
-                raise AgentError(f"IMDS at {self.base_url} has no IMDSv2 token API") from None
-        return self._token
+    def _new_token(self) -> str:
+        asked_at = time.monotonic()  # IMDS starts the token's clock later, never sooner
+        request = urllib.request.Request(
+            f"{self.base_url}/latest/api/token",
+            method="PUT",
+            headers={TTL_HEADER: str(self.token_ttl)},
+        )
+        try:
+            token, headers = self._open(request, "an IMDSv2 token")
+        except KeyError:
+            raise AgentError(f"IMDS at {self.base_url} has no IMDSv2 token API") from None
+        ttl = float(self.token_ttl)
+        try:  # IMDS says how long it granted; trust it if shorter than asked
+            ttl = min(ttl, float(headers.get(TTL_HEADER, "")))
+        except ValueError:
+            pass
+        # Renew with a margin, so a request sent just before expiry does not arrive after it.
+        self._renew_at = asked_at + ttl - min(RENEW_MARGIN_SECONDS, ttl / 10)
+        return token
+
+    def token(self, fresh: bool = False) -> str:
+        """The current token, renewed when it nears its expiry (or when `fresh`)."""
+        with self._lock:
+            if fresh or self._token is None or time.monotonic() >= self._renew_at:
+                self._token = self._new_token()
+            return self._token
+
+    def _get(self, path: str, token: str) -> str:
+        request = urllib.request.Request(
+            f"{self.base_url}/latest/meta-data/{path}",
+            headers={"X-aws-ec2-metadata-token": token},
+        )
+        return self._open(request, path)[0]
 
     def get(self, path: str) -> str:
         """A metadata value; KeyError when IMDS says it does not exist (404)."""
-        request = urllib.request.Request(
-            f"{self.base_url}/latest/meta-data/{path}",
-            headers={"X-aws-ec2-metadata-token": self.token()},
-        )
-        return self._open(request, path)
+        try:
+            return self._get(path, self.token())
+        except ImdsUnauthorized:
+            # The token expired or was revoked behind our back: one retry with a new one.
+            return self._get(path, self.token(fresh=True))
 
     def require(self, path: str, hint: str = "") -> str:
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from userdata.errors import AgentError
-from userdata.imds import Imds
+from userdata.imds import Imds, ImdsUnauthorized
 
 NOTICE_PATH = "spot/instance-action"
 CHECKPOINT_SIGNAL = signal.SIGUSR1
@@ -38,12 +38,23 @@ class SpotWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fabric_pid: int | None = None
+        self._refused = False  # IMDS refuses our tokens; said once, until it answers again
 
     def _poll(self) -> str | None:
         try:
-            return self.imds.get(NOTICE_PATH)
-        except (KeyError, AgentError):  # 404: no notice; IMDS hiccup: look again later
+            notice: str | None = self.imds.get(NOTICE_PATH)
+        except KeyError:  # 404: no notice
+            notice = None
+        except ImdsUnauthorized as error:
+            # Not a hiccup: while it lasts no notice can be seen, and no checkpoint is saved.
+            if not self._refused:
+                self.log(f"spot notices cannot be read: {error}; still looking")
+            self._refused = True
             return None
+        except AgentError:  # IMDS hiccup: look again later
+            return None
+        self._refused = False
+        return notice
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
