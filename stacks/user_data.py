@@ -12,6 +12,15 @@ BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
 NODE_REQUIREMENTS = PROJECT_DIR / "userdata" / "requirements-node.txt"
 SETTINGS_MARKER = "# @@SETTINGS@@"
 UV_VERSION = "0.13.9"
+# uv for the nodes: its PyPI wheel for Linux x86_64 (glibc >= 2.17; Ubuntu 24.04 has 2.39) and
+# the sha256 that PyPI publishes for it, checked by boot.sh before the binary is used. A new
+# UV_VERSION needs both from https://pypi.org/project/uv/VERSION/#files (tests check them).
+UV_WHEEL_URL = (
+    "https://files.pythonhosted.org/packages/3d/aa/"
+    "26d64642d808de4a652579ef950d7cd2d37f080a8babf9c67c6b75fc4c3f/"
+    "uv-0.13.9-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+)
+UV_WHEEL_SHA256 = "d7f459fe4fd247d830351c75686d3996ace3c6f3f728eb0e85a30b7ada0cef19"
 PYTHON_VERSION = "3.12"
 EC2_USER_DATA_LIMIT = 16 * 1024
 
@@ -53,6 +62,8 @@ def render_boot_script(
         "MAX_RESTARTS": str(config.max_restarts),
         "MAX_HOURS": str(config.max_hours),
         "UV_VERSION": UV_VERSION,
+        "UV_WHEEL_URL": UV_WHEEL_URL,
+        "UV_WHEEL_SHA256": UV_WHEEL_SHA256,
         "PYTHON_VERSION": PYTHON_VERSION,
         "TORCH_VERSION": pinned_version("torch"),
         "BOTO3_VERSION": pinned_version("boto3"),

@@ -3,9 +3,10 @@
 # every node. What differs between nodes is in their tags (fabric:node-rank); the node agent
 # (userdata/agent.py) reads them, finds the main node through SSM and starts `fabric run`.
 #
-# Phases: uv -> venv -> payload -> install -> agent (a systemd unit, so it survives and logs to
-# the journal). Every phase is logged with a UTC timestamp to $FABRIC_HOME/boot.log and stdout
-# (cloud-init copies stdout to the console and /var/log/cloud-init-output.log).
+# Phases: uv -> venv -> payload -> install (userdata/install.sh, from the payload) -> agent (a
+# systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
+# timestamp to $FABRIC_HOME/boot.log and stdout (cloud-init copies stdout to the console and
+# /var/log/cloud-init-output.log).
 set -euo pipefail
 
 # Settings, rendered by stacks/user_data.py at synth time.
@@ -66,11 +67,27 @@ if [[ -n $REHEARSAL_VENV ]]; then
 fi
 
 if [[ -z $REHEARSAL_VENV ]]; then
-  begin uv "installing uv $UV_VERSION"
-  curl --proto '=https' --tlsv1.2 -LsSf --retry 5 "https://astral.sh/uv/$UV_VERSION/install.sh" |
-    env UV_INSTALL_DIR="$FABRIC_HOME/bin" UV_NO_MODIFY_PATH=1 sh
+  # uv's PyPI wheel, checked against its pinned sha256 before use; the binary is taken out
+  # with python3's zipfile (Ubuntu 24.04 has python3 and curl, but no pip or unzip).
+  begin uv "installing uv $UV_VERSION from $UV_WHEEL_URL"
+  uv_wheel=$FABRIC_HOME/${UV_WHEEL_URL##*/}
+  curl --proto '=https' --tlsv1.2 -fsSL --retry 5 -o "$uv_wheel" "$UV_WHEEL_URL"
+  echo "$UV_WHEEL_SHA256  $uv_wheel" | sha256sum --check --strict
   uv=$FABRIC_HOME/bin/uv
+  mkdir -p "$FABRIC_HOME/bin"
+  python3 - "$uv_wheel" "uv-$UV_VERSION.data/scripts/uv" "$uv" <<'PY'
+import shutil
+import sys
+import zipfile
 
+with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as binary:
+    with open(sys.argv[3], "wb") as target:
+        shutil.copyfileobj(binary, target)
+PY
+  chmod 755 "$uv"
+  "$uv" --version
+
+  # boto3 first, to fetch the payload; install.sh (in the payload) then fills this venv.
   begin venv "creating $VENV (Python $PYTHON_VERSION) with boto3"
   "$uv" venv --python "$PYTHON_VERSION" "$VENV"
   "$uv" pip install --python "$VENV/bin/python" "boto3==$BOTO3_VERSION"
@@ -92,15 +109,10 @@ rm -rf "$PAYLOAD_DIR"
 report_phase installing
 
 if [[ -z $REHEARSAL_VENV ]]; then
-  if [[ $ACCELERATOR == cpu ]]; then
-    begin install "torch $TORCH_VERSION (CPU build) and the node requirements"
-    torch_index=(--index-url https://download.pytorch.org/whl/cpu)
-  else
-    begin install "torch $TORCH_VERSION (CUDA build) and the node requirements"
-    torch_index=()
-  fi
-  "$uv" pip install --python "$VENV/bin/python" "${torch_index[@]}" "torch==$TORCH_VERSION"
-  "$uv" pip install --python "$VENV/bin/python" -r "$PAYLOAD_DIR/userdata/requirements-node.txt"
+  begin install "torch $TORCH_VERSION ($ACCELERATOR build) and the node requirements"
+  bash "$PAYLOAD_DIR/userdata/install.sh" --uv "$uv" --venv "$VENV" --python "$PYTHON_VERSION" \
+    --accelerator "$ACCELERATOR" --torch-version "$TORCH_VERSION" \
+    --requirements "$PAYLOAD_DIR/userdata/requirements-node.txt"
 else
   begin install "REHEARSAL: skipped, the venv $REHEARSAL_VENV is used as it is"
 fi
