@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 CDK := node_modules/.bin/cdk
+# checkov pins its own boto3 and friends: it lives in a venv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
@@ -11,15 +14,20 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean
+.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check
 
 $(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
 	touch $@
 
 $(CDK): package.json package-lock.json
@@ -55,8 +63,15 @@ local: venv
 
 # The whole deploy on this machine: the real template on moto, every node's real user data in
 # its own network namespace (needs root and iproute2), then cdk destroy's path.
-rehearse: venv
+rehearse: dev
 	$(PYTHON) -m rehearsal.run $(ARGS)
+
+# The payload on a real GPU (fabric.device, NCCL, bf16, resume), which no CPU test can reach.
+# With the GPU machine's own python3 (CUDA torch, lightning, click): no .venv, no boto3, so the
+# venv's bin is taken off PATH for it. E.g. make gpu-check GPU_PYTHON=/opt/conda/bin/python.
+GPU_PYTHON ?= python3
+gpu-check:
+	PATH="$(subst $(CURDIR)/$(VENV)/bin:,,$(PATH))" $(GPU_PYTHON) -m gpu.check
 
 # Where the time goes (medians of 3 runs, ratios from the same run): bench/results.md.
 bench: dev

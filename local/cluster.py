@@ -1,7 +1,7 @@
 """The local cluster: N real `fabric run` nodes on this machine, talking over 127.0.0.1.
 
     python -m local.cluster [--num-nodes 2] [--devices-per-node 2] [--script trainer/train.py]
-                            [-- SCRIPT_ARGS]
+                            [--accelerator cpu|gpu] [--precision P] [-- SCRIPT_ARGS]
 
 Each node is its own `fabric run --node-rank=R --main-address=127.0.0.1 ...` process group,
 started last rank first (as on EC2, nodes come up in any order). Output is prefixed with the
@@ -26,6 +26,7 @@ from typing import IO
 
 from local.process_groups import stop_groups
 from userdata.fabric_command import (
+    PRECISIONS,
     fabric_environment,
     fabric_run_command,
     threads_per_process,
@@ -33,6 +34,8 @@ from userdata.fabric_command import (
 )
 
 MAIN_ADDRESS = "127.0.0.1"
+# `fabric run` of this very python: a GPU machine's python3 may have no `fabric` script beside it.
+FABRIC_RUN = (sys.executable, "-m", "lightning.fabric.cli")
 
 
 def free_port() -> int:
@@ -50,6 +53,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--devices-per-node", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu", "cuda"))
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fabric run --precision (default: 32-true on cpu; on a GPU bf16-mixed where it "
+        "has bfloat16, else 16-mixed)",
+    )
     parser.add_argument("--script", default="trainer/train.py")
     parser.add_argument(
         "--run-dir", default="runs/local", help="the payload's run directory (FABRIC_RUN_DIR)"
@@ -94,6 +103,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not Path(args.script).is_file():
         parser.error(f"--script {args.script}: no such file")
     return args
+
+
+def check_gpus(args: argparse.Namespace) -> None:
+    """One GPU cannot host two NCCL ranks ("Duplicate GPU detected"): say so before starting."""
+    import torch  # here only: the cpu path needs no torch in this process
+
+    ranks, gpus = args.num_nodes * args.devices_per_node, torch.cuda.device_count()
+    if ranks > gpus:
+        raise SystemExit(
+            f"[cluster] error: {args.num_nodes} node(s) x {args.devices_per_node} device(s) "
+            f"need {ranks} GPUs, torch sees {gpus}: one GPU cannot host two NCCL ranks"
+        )
+
+
+def default_precision(accelerator: str) -> str:
+    if accelerator == "cpu":
+        return "32-true"
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 class Node:
@@ -155,6 +184,8 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
             num_nodes=args.num_nodes,
             script=args.script,
             script_args=args.script_args,
+            precision=args.precision,
+            launcher=FABRIC_RUN,
         )
         if rank == 0 and args.main_node_delay:
             print(f"[cluster] node 0 starts in {args.main_node_delay:g} s", flush=True)
@@ -193,6 +224,9 @@ def report(run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.accelerator != "cpu":
+        check_gpus(args)
+    args.precision = args.precision or default_precision(args.accelerator)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -202,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = args.main_port or free_port()
         print(
             f"[cluster] {args.num_nodes} node(s) x {args.devices_per_node} device(s) on "
-            f"{MAIN_ADDRESS}:{port}, run dir {args.run_dir}",
+            f"{MAIN_ADDRESS}:{port}, precision {args.precision}, run dir {args.run_dir}",
             flush=True,
         )
         nodes: list[Node] = []

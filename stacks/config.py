@@ -27,6 +27,7 @@ from stacks.instance_types import (
     supports_bf16,
     supports_cluster_placement_group,
 )
+from userdata.fabric_command import PRECISIONS
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -42,8 +43,7 @@ MAX_DEVICES_PER_NODE = 128
 MAX_VOLUME_GB = 16384
 MAX_RESTARTS = 10
 MAX_HOURS = 168
-# `fabric run --precision` values; CPUs have no float16 autocast.
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+# CPUs have no float16 autocast.
 CPU_PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true")
 
 

@@ -52,6 +52,8 @@ def render_boot_script(
         "REGION": region,
         "ACCELERATOR": config.accelerator,
         "DEVICES_PER_NODE": str(config.devices_per_node),
+        "PRECISION": config.precision,
+        "EFA": "true" if config.efa else "false",
         "MAIN_PORT": str(config.main_port),
         "MAIN_ADDRESS_PARAMETER": config.main_address_parameter,
         "PHASE_PARAMETER": config.phase_parameter_template,

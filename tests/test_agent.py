@@ -19,6 +19,7 @@ import pytest
 
 from rehearsal.imds_stub import ImdsStub, node_values
 from stacks.config import PROJECT_DIR, main_address_parameter, phase_parameter_template
+from userdata.fabric_command import fabric_environment, fabric_run_command
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
 
@@ -114,6 +115,7 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
         "--accelerator=cpu",
         "--devices=2",
         f"--num-nodes={num_nodes}",
+        "--precision=32-true",
         "trainer/train.py",
         "--epochs",
         "3",
@@ -125,6 +127,7 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
     assert "NCCL_SOCKET_IFNAME" not in environment
     assert int(environment["OMP_NUM_THREADS"]) >= 1
     assert environment["PET_RDZV_CONF"] == "timeout=600"
+    assert not {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA"} & environment.keys()  # no --efa
     assert "would stop now" not in result.stdout  # no --stop-when-done given
 
 
@@ -155,6 +158,108 @@ def test_gpu_sets_nccl_interface_too(aws_env, ssm, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "NCCL_SOCKET_IFNAME=lo" in result.stdout.splitlines()
     assert "--accelerator=gpu" in result.stdout
+
+
+def dry_run_environment(stdout: str) -> tuple[list[str], dict[str, str]]:
+    """The fabric run command and the environment lines that follow it."""
+    lines = stdout.splitlines()
+    command = next(line for line in lines if line.startswith("fabric run "))
+    environment = dict(line.split("=", 1) for line in lines[lines.index(command) + 1 :])
+    return shlex.split(command), environment
+
+
+def test_gpu_with_efa_and_bf16(aws_env, ssm, tmp_path: Path) -> None:
+    name = parameter_name()
+    ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+    aws_env = {**aws_env, "PATH": fake_nvidia_smi(tmp_path, 8), "LD_LIBRARY_PATH": "/usr/x/lib"}
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--accelerator",
+            "gpu",
+            "--devices-per-node",
+            "8",
+            "--precision",
+            "bf16-mixed",
+            "--efa",
+            "--main-address-parameter",
+            name,
+            "train.py",
+        )
+    assert result.returncode == 0, result.stderr
+    command, environment = dry_run_environment(result.stdout)
+    assert command[-3:] == ["--num-nodes=2", "--precision=bf16-mixed", "train.py"]
+    # The AMI's EFA libraries first, what the service inherited kept behind them.
+    efa_libraries = "/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"
+    assert environment["LD_LIBRARY_PATH"] == f"{efa_libraries}:/usr/x/lib"
+    assert environment["FI_PROVIDER"] == "efa"
+    assert environment["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert environment["NCCL_SOCKET_IFNAME"] == "lo"
+
+
+def command_for(**options: Any) -> list[str]:
+    return fabric_run_command(
+        node_rank=1,
+        main_address="10.0.0.5",
+        main_port=29400,
+        accelerator="gpu",
+        devices=4,
+        num_nodes=2,
+        script="train.py",
+        script_args=["--epochs", "3"],
+        **options,
+    )
+
+
+def test_precision_comes_before_the_script_and_only_when_given() -> None:
+    assert not any(part.startswith("--precision") for part in command_for())
+    command = command_for(precision="16-mixed")
+    assert command[-5:] == ["--num-nodes=2", "--precision=16-mixed", "train.py", "--epochs", "3"]
+    launched = command_for(launcher=["python", "-m", "lightning.fabric.cli"])
+    assert launched[:4] == ["python", "-m", "lightning.fabric.cli", "--node-rank=1"]
+
+
+def efa_environment(
+    monkeypatch: pytest.MonkeyPatch, efa: bool, inherited: str | None
+) -> dict[str, str]:
+    if inherited is None:
+        monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    else:
+        monkeypatch.setenv("LD_LIBRARY_PATH", inherited)
+    return fabric_environment(
+        interface="ens5", accelerator="gpu", threads=4, rendezvous_timeout=600, efa=efa
+    )
+
+
+def test_efa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    efa_libraries = "/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"
+    alone = efa_environment(monkeypatch, True, None)
+    assert alone["LD_LIBRARY_PATH"] == efa_libraries  # no empty entry (the current directory)
+    assert (alone["FI_PROVIDER"], alone["FI_EFA_USE_DEVICE_RDMA"]) == ("efa", "1")
+    inherited = efa_environment(monkeypatch, True, "/a:/b")
+    assert inherited["LD_LIBRARY_PATH"] == f"{efa_libraries}:/a:/b"
+    without = efa_environment(monkeypatch, False, "/a")
+    assert not {"LD_LIBRARY_PATH", "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA"} & without.keys()
+    assert without["NCCL_SOCKET_IFNAME"] == "ens5"
+
+
+def test_an_unknown_precision_is_refused(aws_env) -> None:
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--precision",
+            "8-true",
+            "--main-address-parameter",
+            "/x/y",
+            "t.py",
+        )
+    assert result.returncode == 2
+    assert "argument --precision: invalid choice: '8-true'" in result.stderr
+    assert "'bf16-mixed'" in result.stderr
 
 
 def test_waits_for_a_parameter_that_appears_after_3_s(aws_env, ssm) -> None:

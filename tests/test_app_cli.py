@@ -94,6 +94,8 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
 
     good = synth("num_nodes=3", "stop_when_done=false")
     assert good.returncode == 0, good.stdout + good.stderr
+    # cdk.json carries the flags of `cdk init` for the pinned CDK: today's safe defaults.
+    assert "feature flags are not configured" not in good.stdout + good.stderr
     template = json.loads((project / "cdk.out" / "FabricCluster.template.json").read_text())
     instances = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance"]
     assert len(instances) == 3

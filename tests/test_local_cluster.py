@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from local.cluster import default_precision
 from stacks.config import PROJECT_DIR
 
 SMALL = ["--samples", "2048", "--batch-size", "32"]  # 16 steps per epoch at world size 4
@@ -140,6 +142,46 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> Non
     result = run(tmp_path / "run", "--script", "nope.py")
     assert result.returncode == 2
     assert "--script nope.py: no such file" in result.stderr
+
+
+def test_more_gpu_ranks_than_gpus_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run(run_dir, "--accelerator", "gpu", "--num-nodes", "4", "--devices-per-node", "16")
+    assert result.returncode == 1
+    gpus = torch.cuda.device_count()
+    assert result.stderr.splitlines() == [
+        f"[cluster] error: 4 node(s) x 16 device(s) need 64 GPUs, torch sees {gpus}: "
+        "one GPU cannot host two NCCL ranks"
+    ]
+    assert "starting node" not in result.stdout and not run_dir.exists()
+
+
+SHOW_PRECISION = """\
+import os
+print("precision", os.environ["LT_PRECISION"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"), [((), "32-true"), (("--precision", "bf16-mixed"), "bf16-mixed")]
+)
+def test_precision_reaches_the_script(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    script = tmp_path / "show.py"
+    script.write_text(SHOW_PRECISION)
+    one_node = ["--num-nodes", "1", "--devices-per-node", "1", "--script", str(script)]
+    result = run(tmp_path / "run", *one_node, *args, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"--precision={expected} {script}" in result.stdout
+    assert f"[node 0] precision {expected}" in result.stdout
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_gpu_precision_is_bf16_where_the_gpu_has_it(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_args, **_kw: bf16)
+    assert default_precision("gpu") == default_precision("cuda") == expected
+    assert default_precision("cpu") == "32-true"
 
 
 @pytest.mark.parametrize("nodes", [4])

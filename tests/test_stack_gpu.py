@@ -60,6 +60,9 @@ def test_devices_auto_is_the_gpu_count(synth: Synth) -> None:
     expected = {"g5-12xlarge-auto": 4, "p4d-efa-spot": 8}[case(synth)]
     assert f"readonly DEVICES_PER_NODE={expected}\n" in text
     assert "readonly ACCELERATOR=gpu\n" in text
+    efa = "true" if case(synth) == "p4d-efa-spot" else "false"
+    assert f"readonly EFA={efa}\n" in text and "[[ $EFA == true ]] && efa_flag=(--efa)" in text
+    assert "readonly PRECISION=bf16-mixed\n" in text
 
 
 def test_efa_interfaces_and_all_traffic_within_the_group(synth: Synth) -> None:

@@ -42,6 +42,7 @@ RENDERED = {
         "DEVICES_PER_NODE": "2",
         "MAIN_PORT": "29400",
         "STOP_WHEN_DONE": "true",
+        "PRECISION": "32-true",
         "ARGS": [],
     },
     "gpu4": {
@@ -49,6 +50,7 @@ RENDERED = {
         "DEVICES_PER_NODE": "1",
         "MAIN_PORT": "29500",
         "STOP_WHEN_DONE": "false",
+        "PRECISION": "bf16-mixed",
         "ARGS": ["--epochs", "3", "--note", "a b"],
     },
 }
@@ -365,6 +367,8 @@ def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> Non
         "PHASE_PARAMETER",
         "STOP_WHEN_DONE",
         "TORCH_VERSION",
+        "PRECISION",
+        "EFA",
     ]
     shown = subprocess.run(
         [
@@ -382,8 +386,9 @@ def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> Non
     values = dict(line.split("=", 1) for line in shown if not line.startswith("ARG="))
     args = [line[4:] for line in shown if line.startswith("ARG=")]
     want = RENDERED[synth.case]  # type: ignore[attr-defined]
-    for key in ("ACCELERATOR", "DEVICES_PER_NODE", "MAIN_PORT", "STOP_WHEN_DONE"):
+    for key in ("ACCELERATOR", "DEVICES_PER_NODE", "MAIN_PORT", "STOP_WHEN_DONE", "PRECISION"):
         assert values[key] == want[key]
+    assert values["EFA"] == "false"
     assert args == want["ARGS"]
     assert values["STACK_NAME"] == "FabricCluster"
     assert values["SCRIPT"] == "trainer/train.py"
@@ -398,6 +403,7 @@ def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> Non
         ("--devices-per-node", "DEVICES_PER_NODE"),
         ("--max-restarts", "MAX_RESTARTS"),
         ("--main-port", "MAIN_PORT"),
+        ("--precision", "PRECISION"),
     ):
         assert f'{option} "${variable}"' in text
     assert '"$SCRIPT" -- "${SCRIPT_ARGS[@]}")' in text

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+from lightning.fabric import Fabric
+from torch.overrides import TorchFunctionMode
 
 from stacks.config import PROJECT_DIR
+from trainer import train as payload
 
 
 def train(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,3 +101,71 @@ def test_a_checkpoint_of_another_model_width_fails_with_one_line(tmp_path: Path)
     assert "does not fit this model" in result.stderr
     assert "resume with the options it was trained with" in result.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000016.ckpt"]
+
+
+FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.tensor,
+    torch.as_tensor,
+    torch.arange,
+    torch.linspace,
+    torch.eye,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.scalar_tensor,
+}
+
+
+class FactoryCalls(TorchFunctionMode):
+    """Records the device= of each tensor factory that the payload's main() calls itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, Any]] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        caller = sys._getframe(1).f_code  # factories are C functions: the caller is next
+        if func in FACTORIES and caller is payload.main.__code__:
+            self.calls.append((func.__name__, kwargs.get("device")))
+        return func(*args, **kwargs)
+
+
+class OddDeviceFabric(Fabric):
+    """A Fabric whose device is cpu:0, which no tensor gets by default or from loss.device
+    (a CPU tensor's device is plain cpu): only an explicit device=fabric.device matches."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu", 0)
+
+
+def test_every_tensor_the_payload_makes_is_on_fabric_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU a CPU tensor here fails ("Expected all tensors to be on the same device") and
+    # NCCL refuses it; on CPU nothing fails, so check that each one names fabric.device.
+    monkeypatch.setattr(payload, "Fabric", OddDeviceFabric)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # seed_everything sets it: removed afterwards
+    handler = signal.getsignal(signal.SIGUSR1)  # main() installs its own
+    args = ["--epochs", "2", "--samples", "256", "--batch-size", "64", "--run-dir", str(tmp_path)]
+    recorder = FactoryCalls()
+    try:
+        with recorder:
+            payload.main(args)
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2 * 4
+    assert len(recorder.calls) >= 3, recorder.calls  # the metrics, the stop flag, the count
+    wrong = [(name, device) for name, device in recorder.calls if device != torch.device("cpu", 0)]
+    assert wrong == [], f"tensors made off fabric.device: {wrong}"

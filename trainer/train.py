@@ -128,7 +128,11 @@ def build_model(features: int, classes: int, hidden: int = 256) -> nn.Module:
 
 
 def newest_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning."""
+    """The newest checkpoint that loads; torn or corrupt files are skipped with a warning.
+
+    Loaded onto the CPU on purpose: it is then broadcast as a pickle, and a CUDA tensor in it
+    would be unpickled onto rank 0's GPU on every rank. load_state_dict copies it to the device.
+    """
     for path in sorted(checkpoint_dir.glob(CHECKPOINT_GLOB), reverse=True):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
@@ -154,7 +158,8 @@ def weights_sha256(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # The raw bytes: numpy has no bfloat16 (bf16-true weights), and a byte view needs no copy.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -255,7 +260,11 @@ def main(argv: list[str] | None = None) -> None:
         sampler.set_epoch_from_loop(epoch)
         skip = state["step"] - epoch * steps_per_epoch  # batches done before a mid-epoch resume
         model.train()
-        epoch_loss, epoch_correct, epoch_seen = torch.zeros(()), torch.zeros(()), 0
+        # Every tensor made here lives on fabric.device: a CPU tensor beside a CUDA loss raises
+        # "Expected all tensors to be on the same device", and NCCL reduces CUDA tensors only.
+        epoch_loss = torch.zeros((), device=fabric.device)
+        epoch_correct = torch.zeros((), device=fabric.device)
+        epoch_seen = 0
         bar = tqdm(
             total=steps_per_epoch,
             initial=skip,
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             if trained_steps == 1 or state["step"] % args.log_every == 0 or last_batch(batch_index):
                 # The loss for the log, and whether any rank was asked to stop (spot notice):
                 # one small all-reduce every log_every steps, at the same steps on every rank.
-                flag = torch.tensor(float(stop_requested), device=loss.device)
+                flag = torch.tensor(float(stop_requested), device=fabric.device)
                 synced = fabric.all_reduce(torch.stack([loss.detach(), flag]), reduce_op="mean")
                 global_loss, stop_now = synced[0].item(), synced[1].item() > 0
                 state["history"].append([state["step"], global_loss])
@@ -311,10 +320,8 @@ def main(argv: list[str] | None = None) -> None:
                 return
         bar.close()
         step_seconds += time.perf_counter() - epoch_started  # epoch-end work is counted apart
-        totals = fabric.all_reduce(
-            torch.stack([epoch_loss, epoch_correct, torch.tensor(float(epoch_seen))]),
-            reduce_op="sum",
-        )
+        seen = torch.tensor(float(epoch_seen), device=fabric.device)
+        totals = fabric.all_reduce(torch.stack([epoch_loss, epoch_correct, seen]), reduce_op="sum")
         loss_value = (totals[0] / totals[2]).item() if totals[2] > 0 else float("nan")
         accuracy = (totals[1] / totals[2]).item() if totals[2] > 0 else float("nan")
         fabric.print(
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             "world_size": fabric.world_size,
             "num_nodes": num_nodes,
             "devices_per_node": devices_per_node,
+            "device": str(fabric.device),
+            "precision": fabric.strategy.precision.precision,
             "epochs": args.epochs,
             "steps": state["step"],
             "steps_this_run": trained_steps,

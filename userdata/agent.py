@@ -27,6 +27,7 @@ from botocore.config import Config
 from userdata.artifacts import ArtifactSync
 from userdata.errors import AgentError
 from userdata.fabric_command import (
+    PRECISIONS,
     fabric_environment,
     fabric_run_command,
     threads_per_process,
@@ -65,6 +66,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--devices-per-node", type=int, default=1)
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="32-true", help="fabric run --precision"
+    )
+    parser.add_argument(
+        "--efa",
+        action="store_true",
+        help="let NCCL use EFA (libfabric and aws-ofi-nccl of the Deep Learning AMI)",
+    )
     parser.add_argument("--main-port", type=int, default=29400)
     parser.add_argument("--run-dir", default="", help="where the payload writes its run")
     parser.add_argument(
@@ -164,6 +173,7 @@ def resolve(
         threads=threads_per_process(usable_cores(), args.devices_per_node),
         rendezvous_timeout=args.rendezvous_timeout,
         run_dir=args.run_dir or None,
+        efa=args.efa,
     )
     command = fabric_run_command(
         node_rank=identity.node_rank,
@@ -174,6 +184,7 @@ def resolve(
         num_nodes=identity.num_nodes,
         script=args.script,
         script_args=args.script_args,
+        precision=args.precision,
     )
     return command, environment
 

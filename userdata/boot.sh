@@ -121,11 +121,15 @@ begin agent "starting the node agent"
 mkdir -p "$RUN_DIR"
 stop_flag=()
 [[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
+efa_flag=()
+[[ $EFA == true ]] && efa_flag=(--efa)
 agent=("$VENV/bin/python" -m userdata.agent
   --main-address-parameter "$MAIN_ADDRESS_PARAMETER"
   --phase-parameter "$PHASE_PARAMETER"
   --accelerator "$ACCELERATOR"
   --devices-per-node "$DEVICES_PER_NODE"
+  --precision "$PRECISION"
+  "${efa_flag[@]}"
   --main-port "$MAIN_PORT"
   --max-restarts "$MAX_RESTARTS"
   --run-dir "$RUN_DIR"

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+# What `fabric run --precision` accepts (Lightning 2.x), without its aliases.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+# Where the Deep Learning AMI keeps libfabric and the aws-ofi-nccl plugin: a systemd service
+# does not get the login shell's LD_LIBRARY_PATH, so NCCL would not find EFA without it.
+EFA_LIBRARY_PATH = "/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"
+
 
 def fabric_run_command(
     *,
@@ -16,16 +22,20 @@ def fabric_run_command(
     num_nodes: int,
     script: str,
     script_args: Sequence[str] = (),
+    precision: str | None = None,
+    launcher: Sequence[str] = ("fabric", "run"),
 ) -> list[str]:
+    """launcher: how `fabric run` is called, e.g. `python -m lightning.fabric.cli` where the
+    `fabric` script is not beside the python that should run it."""
     return [
-        "fabric",
-        "run",
+        *launcher,
         f"--node-rank={node_rank}",
         f"--main-address={main_address}",
         f"--main-port={main_port}",
         f"--accelerator={accelerator}",
         f"--devices={devices}",
         f"--num-nodes={num_nodes}",
+        *([f"--precision={precision}"] if precision else []),
         script,
         *script_args,
     ]
@@ -47,6 +57,7 @@ def fabric_environment(
     threads: int,
     rendezvous_timeout: int,
     run_dir: str | None = None,
+    efa: bool = False,
 ) -> dict[str, str]:
     """What the agent sets on top of the inherited environment."""
     env = {
@@ -62,4 +73,9 @@ def fabric_environment(
             env["NCCL_SOCKET_IFNAME"] = interface
     if run_dir:
         env["FABRIC_RUN_DIR"] = run_dir
+    if efa:
+        inherited = os.environ.get("LD_LIBRARY_PATH", "")
+        env["LD_LIBRARY_PATH"] = EFA_LIBRARY_PATH + (f":{inherited}" if inherited else "")
+        env["FI_PROVIDER"] = "efa"  # fail rather than fall back to TCP sockets quietly
+        env["FI_EFA_USE_DEVICE_RDMA"] = "1"  # GPUDirect RDMA on p4d/p5
     return env
