@@ -6,7 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
-from stacks.config import PROJECT_DIR, ClusterConfig
+from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
 
 BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
 NODE_REQUIREMENTS = PROJECT_DIR / "userdata" / "requirements-node.txt"
@@ -22,7 +22,15 @@ UV_WHEEL_URL = (
 )
 UV_WHEEL_SHA256 = "d7f459fe4fd247d830351c75686d3996ace3c6f3f728eb0e85a30b7ada0cef19"
 PYTHON_VERSION = "3.12"
-EC2_USER_DATA_LIMIT = 16 * 1024
+EC2_USER_DATA_LIMIT = 16 * 1024  # bytes, before base64 (EC2's limit)
+# A CDK token in the script resolves at deploy to a region, a bucket name (<= 63) or an asset URL.
+LONGEST_RESOLVED_VALUE = 128
+_TOKEN = re.compile(r"\$\{Token\[[^\]]+\]\}")
+
+
+def resolved_size(script: str) -> int:
+    """Bytes of the user data once CloudFormation has resolved its tokens, at their longest."""
+    return len(_TOKEN.sub("x" * LONGEST_RESOLVED_VALUE, script).encode())
 
 
 def pinned_version(package: str, requirements: Path = NODE_REQUIREMENTS) -> str:
@@ -75,4 +83,13 @@ def render_boot_script(
     script = BOOT_SCRIPT.read_text()
     if script.count(SETTINGS_MARKER) != 1:
         raise ValueError(f"{BOOT_SCRIPT} must hold the line {SETTINGS_MARKER!r} exactly once")
-    return script.replace(SETTINGS_MARKER, "\n".join(lines))
+    rendered = script.replace(SETTINGS_MARKER, "\n".join(lines))
+    size = resolved_size(rendered)
+    if size > EC2_USER_DATA_LIMIT:
+        # script_args is the one setting without a bound of its own.
+        raise ConfigError(
+            f"invalid setting script_args ({len(shlex.join(config.script_args))} characters): "
+            f"the user data would be {size} bytes, over EC2's limit of {EC2_USER_DATA_LIMIT}; "
+            "put long arguments in a file of the payload and pass its path"
+        )
+    return rendered

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stacks.user_data import EC2_USER_DATA_LIMIT
+from stacks.user_data import EC2_USER_DATA_LIMIT, LONGEST_RESOLVED_VALUE
 from tests.cfn import Synth, user_data_text
 
 # https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
@@ -14,8 +14,6 @@ TEMPLATE_BYTES_LIMIT = 1_000_000  # a template deployed from S3, as cdk deploy d
 RESOURCES_LIMIT = 500
 OUTPUTS_LIMIT = 200
 PARAMETERS_LIMIT = 200
-# Intrinsics in the user data resolve to a bucket name (<= 63), a region and an asset URL.
-LONGEST_RESOLVED_VALUE = "x" * 128
 
 
 @pytest.fixture(scope="module")
@@ -40,5 +38,5 @@ def test_64_nodes_synthesize_within_cloudformation_limits(synth: Synth) -> None:
 
 
 def test_user_data_stays_under_the_ec2_limit(synth: Synth) -> None:
-    text = user_data_text(synth.instances_by_rank()[0], placeholder=LONGEST_RESOLVED_VALUE)
+    text = user_data_text(synth.instances_by_rank()[0], placeholder="x" * LONGEST_RESOLVED_VALUE)
     assert len(text.encode()) < EC2_USER_DATA_LIMIT
