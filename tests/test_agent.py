@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ from stacks.config import PROJECT_DIR, main_address_parameter, phase_parameter_t
 from userdata.fabric_command import fabric_environment, fabric_run_command
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
+INITIAL_PHASE = "booting"  # what the stack writes in every phase parameter (cluster_stack.py)
+NO_PHASE = "no phase recorded: this node's phase parameter is named by its rank"
 
 
 def parameter_name() -> str:
@@ -35,9 +41,14 @@ class StackParameters:
     stack: str
 
     @classmethod
-    def put(cls, ssm: Any, main_address: str) -> StackParameters:
+    def put(cls, ssm: Any, main_address: str | None, num_nodes: int = 0) -> StackParameters:
+        """The main address (None: not published yet) and, as the stack makes them, the
+        phase parameters of `num_nodes` nodes."""
         parameters = cls(f"Test{uuid.uuid4().hex[:8]}")
-        ssm.put_parameter(Name=parameters.main_address, Value=main_address, Type="String")
+        if main_address is not None:
+            ssm.put_parameter(Name=parameters.main_address, Value=main_address, Type="String")
+        for rank in range(num_nodes):
+            ssm.put_parameter(Name=parameters.phase(rank), Value=INITIAL_PHASE, Type="String")
         return parameters
 
     @property
@@ -46,6 +57,16 @@ class StackParameters:
 
     def phase(self, rank: int) -> str:
         return phase_parameter_template(self.stack).format(rank=rank)
+
+    def phases(self, ssm: Any) -> dict[str, tuple[str, int]]:
+        """Every phase parameter of the stack: name -> (value, version); a version above 1
+        means someone wrote it after the stack did."""
+        found = ssm.get_parameters_by_path(Path=f"/fabric/{self.stack}/", Recursive=True)
+        return {
+            p["Name"]: (p["Value"], p["Version"])
+            for p in found["Parameters"]
+            if p["Name"].endswith("/phase")
+        }
 
     @property
     def agent_options(self) -> list[str]:
@@ -58,8 +79,13 @@ class StackParameters:
 
 
 def run_agent(
-    env: dict[str, str], imds: ImdsStub, *args: str, timeout: float = 60
+    env: dict[str, str],
+    imds: ImdsStub,
+    *args: str,
+    timeout: float = 60,
+    cpus: set[int] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """cpus: the CPUs the agent may run on (its affinity), so that its thread count is known."""
     env = {**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
     return subprocess.run(
         [sys.executable, "-m", "userdata.agent", *args],
@@ -69,7 +95,83 @@ def run_agent(
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
+
+
+class BackgroundAgent:
+    """An agent started in the background, its output (stdout and stderr) read line by line as
+    it comes: a test waits for what the agent says it is doing, never for a guessed time."""
+
+    def __init__(self, env: dict[str, str], imds: ImdsStub, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "userdata.agent", *args],
+            cwd=PROJECT_DIR,
+            env={**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own group: fabric run and its workers end with it
+        )
+        self.lines: list[str] = []
+        self._ended = False
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # text mode: tqdm's \r also ends a line
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+        with self._seen:
+            self._ended = True
+            self._seen.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._seen:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line holding `text`, as soon as the agent has printed it."""
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                found = next((line for line in self.lines if text in line), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    why = "ended" if self._ended else f"is still running after {timeout:g} s"
+                    tail = "\n".join(self.lines[-40:])
+                    raise AssertionError(f"the agent {why} without saying {text!r}:\n{tail}")
+                self._seen.wait(left)
+
+    def finish(self, timeout: float) -> int:
+        """The exit status, once the agent has ended and all its output is read."""
+        self.process.wait(timeout=timeout)
+        self._reader.join()
+        return self.process.returncode
+
+    def __enter__(self) -> BackgroundAgent:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process.poll() is None:  # a failed test: end the agent and what it started
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._reader.join(timeout=10)
+
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00")
+
+
+def time_of(line: str, text: str) -> datetime:
+    """The UTC time stamped just before `text` on a line (the agent's log lines and the
+    payload's "first step done" carry one; a tqdm bar may come first on the same line)."""
+    return datetime.fromisoformat(STAMP.findall(line[: line.index(text)])[-1])
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -125,10 +227,36 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
     environment = dict(line.split("=", 1) for line in lines[lines.index(command) + 1 :])
     assert environment["GLOO_SOCKET_IFNAME"] == "lo"
     assert "NCCL_SOCKET_IFNAME" not in environment
-    assert int(environment["OMP_NUM_THREADS"]) >= 1
+    # The test's CPUs (its affinity, which the agent inherits) shared by the 2 devices.
+    assert environment["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert environment["PET_RDZV_CONF"] == "timeout=600"
     assert not {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA"} & environment.keys()  # no --efa
     assert "would stop now" not in result.stdout  # no --stop-when-done given
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin the agent to")
+@pytest.mark.parametrize(("cpus", "devices", "threads"), [(1, 1, 1), (2, 1, 2), (2, 2, 1)])
+def test_threads_per_process_are_the_cores_the_agent_may_use_by_devices(
+    aws_env, ssm, cpus: int, devices: int, threads: int
+) -> None:
+    """Pinned to `cpus` CPUs (as a container or cgroup would), not the machine's count."""
+    name = parameter_name()
+    ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+    pinned = set(sorted(os.sched_getaffinity(0))[:cpus])
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            "--dry-run",
+            "--main-address-parameter",
+            name,
+            "--devices-per-node",
+            str(devices),
+            "train.py",
+            cpus=pinned,
+        )
+    assert result.returncode == 0, result.stderr
+    assert dry_run_environment(result.stdout)[1]["OMP_NUM_THREADS"] == str(threads)
 
 
 def fake_nvidia_smi(folder: Path, gpus: int) -> str:
@@ -262,79 +390,52 @@ def test_an_unknown_precision_is_refused(aws_env) -> None:
     assert "'bf16-mixed'" in result.stderr
 
 
-def test_waits_for_a_parameter_that_appears_after_3_s(aws_env, ssm) -> None:
+def test_waits_for_a_parameter_that_appears_later(aws_env, ssm) -> None:
     name = parameter_name()
-    timer = threading.Timer(3.0, lambda: ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String"))
-    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
-        timer.start()
-        started = time.monotonic()
-        result = run_agent(
+    with (
+        ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds,
+        BackgroundAgent(
             aws_env,
             imds,
             "--dry-run",
             "--main-address-parameter",
             name,
             "--main-address-timeout",
-            "30",
+            "120",
             "train.py",
-        )
-        elapsed = time.monotonic() - started
-    assert result.returncode == 0, result.stderr
-    assert f"waiting for the main node: {name} not there yet" in result.stdout
-    assert f"--main-address={MAIN_IP}" in result.stdout
-    assert 3.0 <= elapsed < 20
+        ) as agent,
+    ):
+        # Published only once the agent says it is waiting: whenever that is, it must wait on.
+        agent.wait_for(f"waiting for the main node: {name} not there yet", timeout=60)
+        ssm.put_parameter(Name=name, Value=MAIN_IP, Type="String")
+        assert agent.finish(timeout=60) == 0, agent.output
+    command, _ = dry_run_environment(agent.output)
+    assert f"--main-address={MAIN_IP}" in command
 
 
-def test_parameter_that_never_appears_fails_within_the_bound(aws_env) -> None:
-    name = parameter_name()
+def test_parameter_that_never_appears_fails_within_the_bound(aws_env, ssm) -> None:
+    parameters = StackParameters.put(ssm, None, num_nodes=2)
+    name = parameters.main_address
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
         started = time.monotonic()
         result = run_agent(
             aws_env,
             imds,
-            "--dry-run",
-            "--main-address-parameter",
-            name,
+            *parameters.agent_options,
             "--main-address-timeout",
             "4",
+            "--stop-when-done",
             "train.py",
         )
         elapsed = time.monotonic() - started
-    assert one_error_line(result) == (
-        f"error: parameter {name} did not appear within 4 s: the main node (node 0) never "
+    line = (
+        f"parameter {name} did not appear within 4 s: the main node (node 0) never "
         "published its address"
     )
-    assert elapsed < 15
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"),
-    [
-        (
-            node_values("i-1", "127.0.0.9", None, 2),
-            "error: IMDS has no tags/instance/fabric:node-rank (is the tag set and are instance "
-            "metadata tags enabled?)",
-        ),
-        (
-            node_values("i-1", "127.0.0.9", 1, None),
-            "error: IMDS has no tags/instance/fabric:num-nodes (is the tag set and are instance "
-            "metadata tags enabled?)",
-        ),
-        (
-            node_values("i-1", "127.0.0.9", 2, 2),
-            "error: instance tag fabric:node-rank='2' is not an integer from 0 to 1",
-        ),
-        (
-            node_values("i-1", "127.0.0.9", 7, 4),
-            "error: instance tag fabric:node-rank='7' is not an integer from 0 to 3",
-        ),
-    ],
-    ids=["missing-rank", "missing-num-nodes", "rank-equals-num-nodes", "rank-beyond"],
-)
-def test_bad_or_missing_tags(aws_env, values: dict[str, str], expected: str) -> None:
-    with ImdsStub(values) as imds:
-        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", "/x/y", "t.py")
-    assert one_error_line(result) == expected
+    assert one_error_line(result) == f"error: {line}"
+    assert 4 <= elapsed < 15
+    assert parameters.phases(ssm)[parameters.phase(1)] == (f"failed: {line}", 3)
+    assert "would stop now" in result.stdout  # on EC2 the node stops itself here
 
 
 def test_imds_refuses_metadata_without_a_token() -> None:
@@ -365,14 +466,16 @@ def test_ssm_unreachable_is_a_clear_failure(aws_env) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_node0_refuses_a_stale_main_address(aws_env, ssm) -> None:
-    name = parameter_name()
-    ssm.put_parameter(Name=name, Value="127.0.0.3", Type="String")
+def test_node0_refuses_a_stale_main_address_and_records_the_phase(aws_env, ssm) -> None:
+    parameters = StackParameters.put(ssm, "127.0.0.3", num_nodes=2)
     with ImdsStub(node_values("i-0", MAIN_IP, 0, 2)) as imds:
-        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", name, "t.py")
-    assert one_error_line(result) == (
-        f"error: parameter {name} says 127.0.0.3, but this node 0 has {MAIN_IP}"
-    )
+        result = run_agent(aws_env, imds, *parameters.agent_options, "t.py")
+    line = f"parameter {parameters.main_address} says 127.0.0.3, but this node 0 has {MAIN_IP}"
+    assert one_error_line(result) == f"error: {line}"
+    assert parameters.phases(ssm) == {
+        parameters.phase(0): (f"failed: {line}", 3),  # waiting-for-main, then failed
+        parameters.phase(1): (INITIAL_PHASE, 1),
+    }
 
 
 SCRIPT = """\
@@ -468,9 +571,19 @@ def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Pat
     assert ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"] == "done"
 
 
+# What one fabric run takes besides waiting for the rendezvous: starting Python and importing
+# torch and lightning, torchrun's delay between its two tries, its shutdown: 15 to 25 s an
+# attempt here, idle or loaded. Far below torchrun's default wait (2 x 900 s), which the bound
+# is there to rule out.
+FABRIC_RUN_SLACK = 60
+
+
 def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, ssm) -> None:
-    parameters = StackParameters.put(ssm, "127.0.0.1")  # nothing listens there
-    ssm.put_parameter(Name=parameters.phase(1), Value="booting", Type="String")
+    """With a restart, as deployed (max_restarts defaults to 3): every attempt waits for the
+    rendezvous (torchrun's store client tries twice, each up to the timeout), and the whole is
+    bounded by attempts x (2 x rendezvous timeout + slack) + restart delays."""
+    rendezvous, restarts, delay = 5, 1, 2
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=2)  # nothing listens there
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
         started = time.monotonic()
         result = run_agent(
@@ -482,34 +595,106 @@ def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, s
             "--main-port",
             "29583",
             "--rendezvous-timeout",
-            "5",
+            str(rendezvous),
             "--max-restarts",
-            "0",
+            str(restarts),
+            "--restart-delay",
+            str(delay),
             "--stop-when-done",
             "trainer/train.py",
-            timeout=120,
+            timeout=300,
         )
         elapsed = time.monotonic() - started
     # fabric run's own output (torchrun's traceback) is streamed; the agent's verdict is one line.
-    assert result.returncode == 1
-    assert result.stderr.rstrip().splitlines()[-1] == "error: fabric run exited with status 1"
-    assert "The client socket has timed out after 5000ms" in result.stderr
-    recorded = ssm.get_parameter(Name=parameters.phase(1))["Parameter"]["Value"]
-    assert recorded == "failed: fabric run exited with status 1"
+    verdict = f"fabric run exited with status 1 after {restarts} restart(s)"
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == f"error: {verdict}"
+    assert f"fabric run exited with status 1: restart 1 of {restarts} in {delay} s" in result.stdout
+    assert "phase: training (restart 1)" in result.stdout
+    # Each attempt waited the whole rendezvous timeout for node 0, and no longer.
+    timeouts = re.findall(r"The client socket has timed out after (\d+)ms", result.stderr)
+    assert set(timeouts) == {str(rendezvous * 1000)}
+    attempts = restarts + 1
+    assert attempts * rendezvous + restarts * delay <= elapsed
+    assert elapsed < attempts * (2 * rendezvous + FABRIC_RUN_SLACK) + restarts * delay
+    assert parameters.phases(ssm)[parameters.phase(1)][0] == f"failed: {verdict}"
     assert "would stop now" in result.stdout  # on EC2 the node stops itself here
-    assert elapsed < 60
+
+
+def test_a_late_main_node_is_waited_for(aws_env, ssm, tmp_path: Path) -> None:
+    """Node 1 first: it waits for the main address, then in the rendezvous for node 0, which
+    starts only after node 1 is running fabric run; one run of 2 nodes, no restart."""
+    parameters = StackParameters.put(ssm, None, num_nodes=2)
+    payload = ["trainer/train.py", "--", "--epochs", "1", "--samples", "512", "--batch-size", "64"]
+
+    def options(rank: int) -> list[str]:
+        return [
+            *parameters.agent_options,
+            "--main-port",
+            "29585",
+            "--rendezvous-timeout",
+            "180",
+            "--run-dir",
+            str(tmp_path / f"run{rank}"),
+            *payload,
+        ]
+
+    with (
+        ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds1,
+        ImdsStub(node_values("i-0", "127.0.0.1", 0, 2)) as imds0,
+        BackgroundAgent(aws_env, imds1, *options(1)) as node1,
+    ):
+        node1.wait_for("waiting for the main node", timeout=60)
+        published = datetime.now(UTC)
+        ssm.put_parameter(Name=parameters.main_address, Value="127.0.0.1", Type="String")
+        running = node1.wait_for("[fabric-agent] running: fabric run", timeout=60)
+        time.sleep(3)  # node 0 comes later still; any delay would do
+        with BackgroundAgent(aws_env, imds0, *options(0)) as node0:
+            assert node0.finish(timeout=300) == 0, node0.output[-3000:]
+        assert node1.finish(timeout=120) == 0, node1.output[-3000:]
+    node0_started = time_of(node0.wait_for("[fabric-agent] node 0 of 2", 0), "[fabric-agent]")
+    first_step = node1.wait_for("first step done", 0)  # Fabric prints on each node's first rank
+    # Node 1 went into the rendezvous after the address appeared and before node 0 existed,
+    # and made its first step after node 0 started, in that same fabric run (no restart).
+    assert published < time_of(running, "[fabric-agent]") < node0_started
+    assert node0_started < time_of(first_step, "first step done")
+    assert "phase: training (restart" not in node1.output + node0.output
+    summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
+    assert (summary["world_size"], summary["num_nodes"]) == (2, 2)
+    assert parameters.phases(ssm) == {
+        parameters.phase(0): ("done", 4),  # waiting-for-main, training, done
+        parameters.phase(1): ("done", 4),
+    }
+
+
+MISSING_TAG = " (is the tag set and are instance metadata tags enabled?)"
 
 
 @pytest.mark.parametrize(
-    ("rank", "expected"),
-    [("abc", "'abc'"), ("-1", "'-1'"), ("99", "'99'"), ("1.0", "'1.0'")],
+    ("rank", "num_nodes", "expected"),
+    [
+        ("abc", 4, "instance tag fabric:node-rank='abc' is not an integer from 0 to 3"),
+        ("-1", 4, "instance tag fabric:node-rank='-1' is not an integer from 0 to 3"),
+        ("99", 4, "instance tag fabric:node-rank='99' is not an integer from 0 to 3"),
+        ("1.0", 4, "instance tag fabric:node-rank='1.0' is not an integer from 0 to 3"),
+        ("2", 2, "instance tag fabric:node-rank='2' is not an integer from 0 to 1"),
+        (None, 2, f"IMDS has no tags/instance/fabric:node-rank{MISSING_TAG}"),
+        ("1", None, f"IMDS has no tags/instance/fabric:num-nodes{MISSING_TAG}"),
+        ("1", "0", "instance tag fabric:num-nodes='0' is not an integer from 1 to 64"),
+    ],
+    ids=["abc", "-1", "99", "1.0", "rank-equals-num-nodes", "no-rank", "no-num-nodes", "0-nodes"],
 )
-def test_garbage_rank_tags(aws_env, rank: str, expected: str) -> None:
-    with ImdsStub(node_values("i-1", "127.0.0.9", rank, 4)) as imds:
-        result = run_agent(aws_env, imds, "--dry-run", "--main-address-parameter", "/x/y", "t.py")
-    assert one_error_line(result) == (
-        f"error: instance tag fabric:node-rank={expected} is not an integer from 0 to 3"
-    )
+def test_garbage_rank_tags_are_one_line_naming_the_instance(
+    aws_env, ssm, rank: str | None, num_nodes: int | str | None, expected: str
+) -> None:
+    """Without its rank the node cannot know its phase parameter: the line on stderr (the
+    journal and, through systemd's journal+console, the EC2 console output) is all there is."""
+    parameters = StackParameters.put(ssm, MAIN_IP, num_nodes=4)
+    with ImdsStub(node_values("i-0123456789abcdef0", "127.0.0.9", rank, num_nodes)) as imds:
+        result = run_agent(aws_env, imds, *parameters.agent_options, "--stop-when-done", "t.py")
+    assert one_error_line(result) == f"error: i-0123456789abcdef0: {expected} ({NO_PHASE})"
+    assert parameters.phases(ssm) == {parameters.phase(r): (INITIAL_PHASE, 1) for r in range(4)}
+    assert "would stop now" in result.stdout  # on EC2 the node stops itself here too
 
 
 @pytest.mark.parametrize(
@@ -522,13 +707,16 @@ def test_garbage_rank_tags(aws_env, rank: str, expected: str) -> None:
     ],
 )
 def test_garbage_main_address_fails_and_records_the_phase(aws_env, ssm, value, shown) -> None:
-    parameters = StackParameters.put(ssm, value)
+    parameters = StackParameters.put(ssm, value, num_nodes=2)
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
-        result = run_agent(aws_env, imds, *parameters.agent_options, "t.py")
+        result = run_agent(aws_env, imds, *parameters.agent_options, "--stop-when-done", "t.py")
     line = f"parameter {parameters.main_address} holds {shown}, not an IPv4 address"
     assert one_error_line(result) == f"error: {line}"
-    recorded = ssm.get_parameter(Name=parameters.phase(1))["Parameter"]["Value"]
-    assert recorded == f"failed: {line}"
+    assert parameters.phases(ssm) == {
+        parameters.phase(0): (INITIAL_PHASE, 1),
+        parameters.phase(1): (f"failed: {line}", 3),  # waiting-for-main, then failed
+    }
+    assert "would stop now" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -539,19 +727,13 @@ def test_garbage_main_address_fails_and_records_the_phase(aws_env, ssm, value, s
         ("slow", "unreachable for an IMDSv2 token: timed out"),
     ],
 )
-def test_imds_that_misbehaves_is_one_clear_line(aws_env, mode: str, expected: str) -> None:
+def test_imds_that_misbehaves_is_one_clear_line(aws_env, ssm, mode: str, expected: str) -> None:
+    """Neither the instance nor its rank is known: the line cannot name them, nor any phase."""
+    parameters = StackParameters.put(ssm, MAIN_IP, num_nodes=2)
     with ImdsStub(node_values("i-1", "127.0.0.9", 0, 1), mode=mode, slow_seconds=3) as imds:
-        result = run_agent(
-            aws_env,
-            imds,
-            "--dry-run",
-            "--imds-timeout",
-            "1",
-            "--main-address-parameter",
-            "/x/y",
-            "t.py",
-        )
-        assert one_error_line(result) == f"error: IMDS at {imds.url} {expected}"
+        result = run_agent(aws_env, imds, *parameters.agent_options, "--imds-timeout", "1", "t.py")
+        assert one_error_line(result) == f"error: IMDS at {imds.url} {expected} ({NO_PHASE})"
+    assert parameters.phases(ssm) == {parameters.phase(r): (INITIAL_PHASE, 1) for r in range(2)}
 
 
 @pytest.mark.parametrize(
@@ -564,29 +746,40 @@ def test_imds_that_misbehaves_is_one_clear_line(aws_env, mode: str, expected: st
         (2, "error: nvidia-smi saw 2 of 4 GPU(s) within 2 s"),
     ],
 )
-def test_gpus_that_never_show_up_fail_clearly(aws_env, tmp_path: Path, gpus, expected) -> None:
+def test_gpus_that_never_show_up_fail_clearly(aws_env, ssm, tmp_path: Path, gpus, expected) -> None:
+    parameters = StackParameters.put(ssm, MAIN_IP, num_nodes=2)
     path = "/usr/sbin:/usr/bin:/bin" if gpus is None else fake_nvidia_smi(tmp_path, gpus)
     with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
         result = run_agent(
             {**aws_env, "PATH": path},
             imds,
-            "--dry-run",
+            *parameters.agent_options,
             "--accelerator",
             "gpu",
             "--devices-per-node",
             "4",
             "--gpu-timeout",
             "2",
-            "--main-address-parameter",
-            "/x/y",
             "t.py",
         )
     assert one_error_line(result) == expected
     assert "waiting for 4 GPU(s)" in result.stdout
+    assert parameters.phases(ssm) == {
+        parameters.phase(0): (INITIAL_PHASE, 1),
+        parameters.phase(1): (f"failed: {expected.removeprefix('error: ')}", 3),
+    }
+
+
+# One epoch of 32000 / (16 x 2) = 1000 steps (3 to 9 s here, idle or loaded): far more than a
+# notice takes to reach the payload (a 0.2 s poll, a signal; measured: within 20 steps).
+SPOT_SAMPLES = 32_000
 
 
 def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_path: Path) -> None:
-    parameters = StackParameters.put(ssm, "127.0.0.1")
+    """The payload stops where the notice found it, mid-epoch, and the next run resumes there:
+    not from an end-of-epoch checkpoint (the notice comes after the first step of a long first
+    epoch, so the stop's own checkpoint is the only one)."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=1)
     phase = parameters.phase(0)
     run_dir = tmp_path / "run"
     args = [
@@ -602,31 +795,33 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
         "trainer/train.py",
         "--",
         "--epochs",
-        "40",
+        "1",
         "--samples",
-        "4096",
+        str(SPOT_SAMPLES),
         "--batch-size",
-        "64",  # 32 steps per epoch: training lasts long enough for the notice to arrive
+        "16",
+        "--hidden",
+        "32",
+        "--log-every",
+        "1",  # every step looks for the stop request: the stop comes at the next step
     ]
     notice = '{"action": "terminate", "time": "2026-11-25T21:00:00Z"}'
-    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "userdata.agent", *args],
-            cwd=PROJECT_DIR,
-            env={**aws_env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while not list((run_dir / "checkpoints").glob("step-*.ckpt")):
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.05)
+    with (
+        ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds,
+        BackgroundAgent(aws_env, imds, *args) as agent,
+    ):
+        per_epoch = agent.wait_for(" steps per epoch, ", timeout=120)
+        steps_per_epoch = int(re.findall(r"(\d+) steps per epoch", per_epoch)[0])
+        agent.wait_for("first step done", timeout=120)  # SIGUSR1 is the payload's by now
         imds.values["spot/instance-action"] = notice
-        out, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, out[-3000:]
+        assert agent.finish(timeout=120) == 0, agent.output[-3000:]
+    out = agent.output
     assert f"spot interruption notice: {notice}" in out
-    assert "stopping on request at step" in out
+    stopped = re.findall(r"stopping on request at step (\d+): saved (\S+);", out)
+    assert len(stopped) == 1, out[-3000:]
+    step, checkpoint = int(stopped[0][0]), stopped[0][1]
+    assert 0 < step < steps_per_epoch, f"stopped at step {step} of {steps_per_epoch} per epoch"
+    assert Path(checkpoint) == run_dir / "checkpoints" / f"step-{step:08d}.ckpt"
     assert not (run_dir / "summary.json").exists()
     assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == (
         f"interrupted: spot instance-action {notice}"
@@ -635,7 +830,8 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:  # the next run resumes
         resumed = run_agent(aws_env, imds, *args, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {checkpoint} at step {step}\n" in resumed.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 40 * 32 and summary["steps_this_run"] < summary["steps"]
+    assert summary["steps"] == steps_per_epoch
+    assert summary["steps_this_run"] == steps_per_epoch - step
     assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == "done"

@@ -41,6 +41,8 @@ from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
 from userdata.spot import SpotWatcher
 
+NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
+
 
 def log(message: str) -> None:
     stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -210,9 +212,22 @@ def run_fabric(
             signal.signal(sig, handler)
 
 
+def identify(imds: Imds) -> NodeIdentity:
+    """read_identity, whose failures name the instance when IMDS can say which it is.
+
+    A rank that cannot be read leaves no phase (its parameter is named by the rank): the
+    error line in the journal and the console output is then all a user gets.
+    """
+    instance_id = imds.require("instance-id")
+    try:
+        return read_identity(imds)
+    except AgentError as error:
+        raise AgentError(f"{instance_id}: {error}") from None
+
+
 def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
     imds = Imds(timeout=args.imds_timeout)
-    identity = read_identity(imds)
+    identity = identify(imds)
     log(
         f"node {identity.node_rank} of {identity.num_nodes}: {identity.instance_id}, "
         f"{identity.private_ip}, {identity.region}"
@@ -283,7 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = train(args, reporter)
     except AgentError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        # Before the rank is known there is no parameter to record the failure in: say so.
+        unrecorded = bool(args.phase_parameter) and not args.dry_run and not reporter.parameter
+        note = f" ({NO_PHASE_RECORDED})" if unrecorded else ""
+        print(f"error: {error}{note}", file=sys.stderr, flush=True)
         reporter.record(f"failed: {error}")
         status = 1
     if args.stop_when_done:

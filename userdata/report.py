@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from userdata.agent import aws_client
+from userdata.agent import aws_client, identify
 from userdata.errors import AgentError
-from userdata.imds import Imds, read_identity
+from userdata.imds import Imds
 from userdata.phase import PhaseReporter
 
 
@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("phase")
     args = parser.parse_args(argv)
     try:
-        identity = read_identity(Imds())
+        identity = identify(Imds())  # a failure names the instance
     except AgentError as error:
         print(f"error: cannot record phase {args.phase!r}: {error}", file=sys.stderr)
         return 1
