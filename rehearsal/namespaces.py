@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts a namespace under its name
 
 
 class NamespaceError(RuntimeError):
@@ -33,27 +36,65 @@ def namespaces_available() -> str | None:
     return None
 
 
+def network_namespace(pid: int) -> int | None:
+    """The inode of a process's network namespace (None once it is gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def named_namespaces() -> dict[int, str]:
+    """inode -> name of every namespace `ip netns` names now."""
+    named = {}
+    for entry in NETNS_DIR.iterdir() if NETNS_DIR.exists() else []:
+        try:
+            named[entry.stat().st_ino] = entry.name
+        except OSError:
+            continue
+    return named
+
+
+def processes_in(inodes: Collection[int]) -> list[int]:
+    """Live processes inside any of these namespaces, deleted ones included.
+
+    `ip netns delete` only removes the name: a namespace lives on, out of `ip netns list`'s
+    sight, for as long as a process is inside it.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and network_namespace(int(entry.name)) in inodes:
+            found.append(int(entry.name))
+    return found
+
+
 class EmulatedNetwork:
     def __init__(self, prefix: str, prefix_length: int) -> None:
         self.prefix = prefix  # short: interface names are at most 15 characters
         self.prefix_length = prefix_length
         self.bridge_namespace = f"{prefix}-br"
         self.created: list[str] = []
+        self.inodes: dict[str, int] = {}  # name -> namespace inode: finds it once deleted too
+        self.links: list[str] = []
 
     def node_namespace(self, rank: int) -> str:
         return f"{self.prefix}-n{rank}"
 
+    def _add_namespace(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.created.append(name)
+        self.inodes[name] = (NETNS_DIR / name).stat().st_ino
+
     def create(self, addresses: list[str]) -> None:
         """All namespaces and the bridge first, before any process starts."""
-        _ip("netns", "add", self.bridge_namespace)
-        self.created.append(self.bridge_namespace)
+        self._add_namespace(self.bridge_namespace)
         _ip("-n", self.bridge_namespace, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.bridge_namespace, "link", "set", "br0", "up")
         for rank, address in enumerate(addresses):
             namespace = self.node_namespace(rank)
-            _ip("netns", "add", namespace)
-            self.created.append(namespace)
+            self._add_namespace(namespace)
             inside, outside = f"{self.prefix}i{rank}", f"{self.prefix}o{rank}"
+            self.links += [inside, outside]
             # Both ends are created directly in their namespaces: never in the root one.
             _ip(
                 "link",
@@ -79,8 +120,13 @@ class EmulatedNetwork:
     def exec_prefix(self, rank: int) -> list[str]:
         return ["ip", "netns", "exec", self.node_namespace(rank)]
 
+    def processes(self) -> list[int]:
+        """Every live process inside its namespaces: all of them the run's own."""
+        return processes_in(set(self.inodes.values()))
+
     def delete(self) -> list[str]:
-        """Deletes every namespace it made (their veths go with them); returns failures."""
+        """Deletes every namespace it made (their veths go with them); returns failures,
+        among them a namespace that a process still holds after its name is gone."""
         failures = []
         for namespace in reversed(self.created):
             try:
@@ -88,4 +134,11 @@ class EmulatedNetwork:
             except NamespaceError as error:
                 failures.append(str(error))
         self.created.clear()
+        # A freed namespace's inode may be given to a new one at once: not ours if named.
+        ours = {inode: name for name, inode in self.inodes.items()}
+        for inode in named_namespaces():
+            ours.pop(inode, None)
+        for pid in processes_in(set(ours)):
+            name = ours.get(network_namespace(pid) or 0, "?")
+            failures.append(f"namespace {name} lives on, deleted: process {pid} is inside it")
         return failures

@@ -7,7 +7,9 @@ SSM, S3, IAM) after bootstrapping it; 3. give every emulated instance a network 
 holding its private IP, an IMDSv2 stub with its id and tags, and run its real user data there
 (rehearsal switch: no installs, no systemd, no power-off); 4. check the training (world size,
 artifacts in S3, every phase "done", weights equal to a local-cluster run); 5. destroy the stack
-and check that only the artifacts bucket remains. Everything it made is removed, also on failure.
+and check that only the artifacts bucket remains. Everything it made is removed, also on failure:
+every process it starts carries the run's id in FABRIC_REHEARSAL_ID, and writes its temporary
+files in the run's work folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +52,13 @@ from stacks.config import PROJECT_DIR
 
 IMDS_PORT = 1338
 SUBNET_PREFIX_LENGTH = 24
+# In the environment of every process the rehearsal starts, down to the training workers:
+# the one thing they all carry (torchrun starts each worker in a session of its own).
+RUN_ID_VARIABLE = "FABRIC_REHEARSAL_ID"
+# Shorter than the local cluster's: what a process group leaves after it, the sweep for the
+# run's id stops, and a rehearsal keeps no checkpoint of an interrupted run.
+STOP_GRACE_SECONDS = 5.0
+STRAY_GRACE_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -76,6 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="boot node 0 this many seconds after the others (a late main node)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="write what the run makes (its id, work folder, namespaces, links) to this file",
+    )
     parser.add_argument(
         "script_args",
         nargs=argparse.REMAINDER,
@@ -112,6 +127,83 @@ class Phases:
             print(f"[rehearsal] {name:<34} {seconds:7.1f}  {result}", flush=True)
 
 
+class Manifest:
+    """What the run made, rewritten at each change: a leftover check finds things by the
+    names the run itself gave them."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.values: dict[str, Any] = {}
+
+    def update(self, **values: Any) -> None:
+        self.values.update(values)
+        if self.path is not None:  # replaced whole: a reader never sees half of it
+            partial = self.path.with_name(f"{self.path.name}.partial")
+            partial.write_text(json.dumps(self.values, indent=2))
+            partial.replace(self.path)
+
+
+def processes_carrying(variable: str, value: str) -> list[int]:
+    """Live processes (not this one) with variable=value in their environment."""
+    marker = f"{variable}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and _alive(entry):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(proc_entry: Path) -> bool:
+    try:
+        return "\nState:\tZ" not in (proc_entry / "status").read_text()
+    except OSError:
+        return False
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "(gone)"
+    command = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return command or "(exiting)"
+
+
+def stop_strays(run_id: str, network: EmulatedNetwork) -> list[str]:
+    """Stops what stopping the process groups missed; returns one line per stray.
+
+    A worker outlives its node's process group when torchrun dies before stopping it. Strays
+    are found by the run's id in their environment, and by being inside the run's namespaces
+    (whatever their environment: nothing else is started there).
+    """
+    pids = sorted(set(processes_carrying(RUN_ID_VARIABLE, run_id)) | set(network.processes()))
+    strays = [f"stopped a stray process {pid}: {_command_line(pid)}" for pid in pids]
+    for pid in pids:
+        _kill(pid, signal.SIGTERM)
+        _kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+    deadline = time.monotonic() + STRAY_GRACE_SECONDS
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(Path(f"/proc/{pid}"))]
+        time.sleep(0.1)
+    # Found again rather than trusted: a pid may have been reused during the grace period.
+    ours = set(processes_carrying(RUN_ID_VARIABLE, run_id)) | set(network.processes())
+    for pid in ours.intersection(pids):
+        _kill(pid, signal.SIGKILL)
+    return strays
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 class NodeProcesses:
     """Every process started inside the namespaces, each in its own process group."""
 
@@ -144,7 +236,7 @@ class NodeProcesses:
         return process
 
     def stop_all(self) -> None:
-        stop_groups(self.processes)
+        stop_groups(self.processes, grace=STOP_GRACE_SECONDS)
         self.processes.clear()
 
 
@@ -172,6 +264,7 @@ def _first_line(process: subprocess.Popen[bytes], what: str) -> str:
 def work_folder(keep: bool) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="fabric-rehearsal-"))
     try:
+        (folder / "tmp").mkdir()  # TMPDIR of everything it starts (torchrun's log folders)
         yield folder
     finally:
         if keep:
@@ -197,9 +290,15 @@ def boot_nodes(
     network: EmulatedNetwork,
     nodes: list[EmulatedInstance],
     processes: NodeProcesses,
+    run_id: str,
     main_node_delay: float = 0.0,
 ) -> list[subprocess.Popen[bytes]]:
-    base_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **CREDENTIAL_ENV}
+    base_env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        **CREDENTIAL_ENV,
+        **run_environment(folder, run_id),
+    }
     cpus = sorted(os.sched_getaffinity(0))
     boots = []
     for node in nodes:
@@ -317,7 +416,12 @@ def check_training(
     return summary
 
 
-def local_cluster_weights(folder: Path, config: Any) -> str:
+def run_environment(folder: Path, run_id: str) -> dict[str, str]:
+    """What every process the rehearsal starts gets: the run's id and a TMPDIR it removes."""
+    return {RUN_ID_VARIABLE: run_id, "TMPDIR": str(folder / "tmp")}
+
+
+def local_cluster_weights(folder: Path, config: Any, run_id: str) -> str:
     run_dir = folder / "local-run"
     command = [
         sys.executable,
@@ -334,16 +438,35 @@ def local_cluster_weights(folder: Path, config: Any) -> str:
         "--",
         *config.script_args,
     ]
-    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        command,
+        cwd=PROJECT_DIR,
+        env={**os.environ, **run_environment(folder, run_id)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise RehearsalError(f"the local cluster failed: {result.stderr.strip()[-500:]}")
     return json.loads((run_dir / "summary.json").read_text())["weights_sha256"]
 
 
-def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
+def create_network(network: EmulatedNetwork, addresses: list[str], manifest: Manifest) -> None:
+    try:
+        network.create(addresses)
+    finally:  # also what a failed create made
+        manifest.update(namespaces=dict(network.inodes), links=list(network.links))
+        made = [f"{name} (net:[{inode}])" for name, inode in network.inodes.items()]
+        log(f"namespaces {', '.join(made) or 'none'}")
+
+
+def rehearse(
+    args: argparse.Namespace, folder: Path, phases: Phases, run_id: str, manifest: Manifest
+) -> None:
     assembly, artifact, config = phases.run("synth the app", lambda: synth(folder, args))
     aws = EmulatedAws(folder / "aws.sock").start()
-    network = EmulatedNetwork(f"fr{os.getpid() % 100000}", SUBNET_PREFIX_LENGTH)
+    # From the run's id: two runs at once never share a name; short, as interface names are.
+    network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
     processes = NodeProcesses()
     try:
         count = phases.run(
@@ -363,11 +486,14 @@ def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
             )
         log(f"CREATE_COMPLETE; {config.main_address_parameter} = node 0's {nodes[0].private_ip}")
         phases.run(
-            "create the namespaces", lambda: network.create([node.private_ip for node in nodes])
+            "create the namespaces",
+            lambda: create_network(network, [node.private_ip for node in nodes], manifest),
         )
         boots = phases.run(
             "start stubs, boot the nodes",
-            lambda: boot_nodes(folder, aws, network, nodes, processes, args.main_node_delay),
+            lambda: boot_nodes(
+                folder, aws, network, nodes, processes, run_id, args.main_node_delay
+            ),
         )
         phases.run("train (boot to done)", lambda: wait_for_boots(boots, args.timeout))
         summary = phases.run(
@@ -375,7 +501,7 @@ def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
             lambda: check_training(aws, config, outputs, folder, nodes),
         )
         local = phases.run(
-            "local cluster, same settings", lambda: local_cluster_weights(folder, config)
+            "local cluster, same settings", lambda: local_cluster_weights(folder, config, run_id)
         )
         if local != summary["weights_sha256"]:
             raise RehearsalError(
@@ -394,7 +520,8 @@ def rehearse(args: argparse.Namespace, folder: Path, phases: Phases) -> None:
         log(f"after destroy only the artifacts bucket remains: {left['buckets'][0]}")
     finally:
         processes.stop_all()
-        failures = network.delete()
+        failures = stop_strays(run_id, network)
+        failures += network.delete()
         aws.stop()
         for failure in failures:
             log(f"cleanup: {failure}")
@@ -414,9 +541,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)  # cleanup runs for SIGTERM as for Ctrl-C
     phases = Phases()
+    run_id = uuid.uuid4().hex
+    manifest = Manifest(args.manifest)
+    log(f"run {run_id} (in {RUN_ID_VARIABLE} of every process it starts)")
     try:
         with work_folder(args.keep) as folder:
-            rehearse(args, folder, phases)
+            manifest.update(
+                run_id=run_id, marker=f"{RUN_ID_VARIABLE}={run_id}", work_folder=str(folder)
+            )
+            rehearse(args, folder, phases, run_id, manifest)
     except RehearsalError as error:
         phases.report()
         print(f"[rehearsal] error: {error}", file=sys.stderr, flush=True)

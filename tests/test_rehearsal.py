@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,45 +20,109 @@ REASON = namespaces_available()
 pytestmark = pytest.mark.skipif(
     REASON == "this platform has no network namespaces", reason=str(REASON)
 )
+NETNS_DIR = Path("/run/netns")
 
 
-def leftovers(pid: int) -> tuple[list[str], list[str]]:
-    """Namespaces and processes a rehearsal with this pid left behind."""
-    namespaces = subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True
-    ).stdout
-    ours = [line for line in namespaces.splitlines() if line.startswith(f"fr{pid % 100000}-")]
-    processes = subprocess.run(
-        ["ps", "-eo", "args"], capture_output=True, text=True, check=True
-    ).stdout
-    strays = [
-        line
-        for line in processes.splitlines()
-        if "rehearsal.imds_stub" in line
-        or "rehearsal.forward" in line
-        or "fabric-rehearsal-" in line
-    ]
-    return ours, strays
+def network_namespace_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def network_namespace(pid: int | str) -> int | None:
+    return network_namespace_of(Path(f"/proc/{pid}/ns/net"))
+
+
+ROOT_NAMESPACE = network_namespace("self")  # the test runs in the root namespace
+
+
+class Process:
+    """What /proc says of one process."""
+
+    def __init__(self, entry: Path) -> None:
+        # state, parent, process group, session: after the command name, which may hold spaces
+        state, parent, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        self.zombie = state == "Z"
+        self.parent, self.session = int(parent), int(session)
+        self.environment = (entry / "environ").read_bytes().split(b"\0")
+        self.command = (
+            (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        )
+        self.net = network_namespace(entry.name)
+
+
+def live_processes() -> dict[int, Process]:
+    """Every live process but this one, zombies left out."""
+    found: dict[int, Process] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            process = Process(entry)
+        except OSError:
+            continue
+        if not process.zombie:
+            found[int(entry.name)] = process
+    return found
+
+
+def rehearsal(tmp_path: Path, *args: str) -> tuple[list[str], dict[str, str], Path]:
+    """A rehearsal's command and environment; it writes what it makes to the returned manifest
+    and its temporary files (its work folder among them) under tmp_path/tmp."""
+    (tmp_path / "tmp").mkdir()
+    manifest = tmp_path / "manifest.json"
+    command = [sys.executable, "-m", "rehearsal.run", "--manifest", str(manifest), *args]
+    return command, {**os.environ, "TMPDIR": str(tmp_path / "tmp")}, manifest
+
+
+def leftovers(manifest_path: Path) -> dict[str, list[str]]:
+    """What a finished rehearsal left, found by the names and the id it wrote in its manifest."""
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    namespaces: dict[str, int] = manifest.get("namespaces", {})
+    inodes = {inode: name for name, inode in namespaces.items()}
+    for other in NETNS_DIR.iterdir() if NETNS_DIR.exists() else []:
+        if other.name not in namespaces:  # a new namespace given a freed inode of the run's
+            inodes.pop(network_namespace_of(other), None)
+    found: dict[str, list[str]] = {}
+    for pid, process in live_processes().items():
+        if manifest["marker"].encode() in process.environment:
+            where = "the root" if process.net == ROOT_NAMESPACE else f"net:[{process.net}]"
+            found.setdefault("processes", []).append(f"{pid} in {where}: {process.command}")
+        if process.net in inodes:  # a namespace lives on, deleted, while a process is inside it
+            held = f"{inodes[process.net]}: {pid} {process.command}"
+            found.setdefault("held namespaces", []).append(held)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    names = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+    names |= {entry.name for entry in NETNS_DIR.iterdir()} if NETNS_DIR.exists() else set()
+    found["namespaces"] = sorted(names & set(namespaces))
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True)
+    root_links = {line.split(": ")[1].split("@")[0] for line in links.stdout.splitlines()}
+    found["links"] = sorted(root_links & set(manifest.get("links", [])))
+    found["files"] = [str(path) for path in manifest_path.parent.joinpath("tmp").iterdir()]
+    if Path(manifest["work_folder"]).exists():
+        found["files"].append(manifest["work_folder"])
+    return {kind: items for kind, items in found.items() if items}
 
 
 @pytest.mark.parametrize(("nodes", "devices", "main_delay"), [(2, 2, 0), (3, 1, 20)])
 def test_rehearsal_trains_across_namespaces_and_destroys(
-    nodes: int, devices: int, main_delay: int
+    nodes: int, devices: int, main_delay: int, tmp_path: Path
 ) -> None:
     assert REASON is None, REASON  # CI runs as root with iproute2 (.ci/run installs it)
+    command, env, manifest = rehearsal(
+        tmp_path,
+        "--num-nodes",
+        str(nodes),
+        "--devices-per-node",
+        str(devices),
+        "--main-node-delay",
+        str(main_delay),
+    )
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rehearsal.run",
-            "--num-nodes",
-            str(nodes),
-            "--devices-per-node",
-            str(devices),
-            "--main-node-delay",
-            str(main_delay),
-        ],
+        command,
         cwd=PROJECT_DIR,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -68,30 +138,87 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     assert "REHEARSAL: using the venv" in out
     if main_delay:  # the other nodes waited for the main node, then trained with it
         assert f"node 0 boots in {main_delay} s" in out
-    assert leftovers(process.pid) == ([], [])
+    assert "stopped a stray process" not in out  # a run that ends well stops everything itself
+    assert len(json.loads(manifest.read_text())["namespaces"]) == nodes + 1
+    assert leftovers(manifest) == {}
 
 
-def test_a_failed_rehearsal_removes_everything_it_made() -> None:
+def wait_for_workers(
+    manifest_path: Path, process: subprocess.Popen[str], count: int, timeout: float = 240
+) -> dict[int, Process]:
+    """The training workers of a running rehearsal, once `count` of them run in its nodes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the rehearsal ended before its workers started"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            namespaces = set(manifest.get("namespaces", {}).values())
+            running = {
+                pid: candidate
+                for pid, candidate in live_processes().items()
+                if manifest["marker"].encode() in candidate.environment
+                and candidate.net in namespaces
+                and "train.py" in candidate.command
+            }
+            # Not the agent or `fabric run` (torchrun): the workers, each in a session of its own.
+            workers = {
+                pid: p for pid, p in running.items() if p.parent in running and p.session == pid
+            }
+            if len(workers) >= count:
+                return workers
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} training workers within {timeout:g} s")
+
+
+def test_an_interrupted_rehearsal_removes_everything_it_made(tmp_path: Path) -> None:
+    """SIGTERM once the training workers run: they are what is most likely left, in a session
+    of their own (torchrun's), and inside namespaces that live on while they do.
+
+    One node's torchrun and worker are stopped first, as stuck ones would be: torchrun dies
+    (SIGKILL, after the grace period) without stopping its worker, which is in no process
+    group the rehearsal stops. Only the rehearsal's sweep for its id can stop that worker."""
     assert REASON is None, REASON
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rehearsal.run",
-            "--num-nodes",
-            "2",
-            "--devices-per-node",
-            "1",
-            "--timeout",
-            "3",
-        ],
-        cwd=PROJECT_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    command, env, manifest = rehearsal(
+        tmp_path,
+        "--num-nodes",
+        "2",
+        "--devices-per-node",
+        "1",
+        "--",
+        "--epochs",
+        "1000",  # still training when the signal comes
+        "--samples",
+        "4096",
     )
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 1
-    assert "[rehearsal] error: node 0 did not finish within 3 s" in err
-    assert "train (boot to done)                   " in out and "FAILED" in out
-    assert leftovers(process.pid) == ([], [])
+    log = tmp_path / "out.log"
+    with log.open("w") as out:  # a file: a pipe would fill up while the test waits
+        process = subprocess.Popen(
+            command, cwd=PROJECT_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    try:
+        workers = wait_for_workers(manifest, process, count=2)
+        work_folder = json.loads(manifest.read_text())["work_folder"]
+        for worker in workers.values():  # so their files (torchrun's logs) go with the folder
+            assert f"TMPDIR={work_folder}/tmp".encode() in worker.environment
+        worker, worker_process = next(iter(workers.items()))
+        stuck = [worker_process.parent, worker]  # torchrun first: it must not see its worker stop
+        for pid in stuck:
+            os.kill(pid, signal.SIGSTOP)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    try:
+        assert process.returncode == 130, output[-4000:]
+        assert "[rehearsal] interrupted; everything it made is removed" in output
+        assert leftovers(manifest) == {}
+        assert f"[rehearsal] cleanup: stopped a stray process {worker}: " in output
+    finally:  # the stopped ones, should the rehearsal have missed them
+        marker = json.loads(manifest.read_text())["marker"].encode()
+        for pid in stuck:
+            left = live_processes().get(pid)
+            if left and marker in left.environment:
+                os.kill(pid, signal.SIGKILL)
