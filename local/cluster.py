@@ -152,8 +152,52 @@ class Node:
         self._relay.join(timeout=5)
 
 
+def stat_fields(pid: str | int) -> list[str]:
+    """/proc/PID/stat after the command's ")": state, ppid, ..., [19] the start time."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants(pids: Sequence[int]) -> list[tuple[int, str]]:
+    """Every live descendant of these processes, with its start time (a pid can be reused)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: only the process groups are stopped
+        return []
+    children: dict[int, list[int]] = {}
+    started: dict[int, str] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = stat_fields(entry.name)
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        started[int(entry.name)] = fields[19]
+    found: list[tuple[int, str]] = []
+    parents = list(pids)
+    while parents:
+        for child in children.get(parents.pop(), []):
+            found.append((child, started[child]))
+            parents.append(child)
+    return found
+
+
+def kill_leftovers(processes: list[tuple[int, str]]) -> None:
+    for pid, started in processes:
+        try:
+            if stat_fields(pid)[19] == started:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError):
+            continue  # gone already
+
+
 def stop_all(nodes: list[Node]) -> None:
+    # torchrun starts each worker in a session of its own, out of its node's process group:
+    # a worker that does not die of SIGTERM (a frozen one, SIGSTOP or hung) would outlive its
+    # killed node, and hold the node's output pipe open. So its descendants are killed too.
+    workers = descendants([node.process.pid for node in nodes if node.process.poll() is None])
     stop_groups([node.process for node in nodes])
+    kill_leftovers(workers)
     for node in nodes:
         node.finish()
 

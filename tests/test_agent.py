@@ -835,3 +835,20 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     assert summary["steps"] == steps_per_epoch
     assert summary["steps_this_run"] == steps_per_epoch - step
     assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("name", "uploaded"),
+    [
+        ("step-00000016.ckpt", True),
+        ("summary.json", True),
+        ("step-00000024.ckpt.tmp", False),
+        ("step-99999999.ckpt.unreadable", False),
+        ("upload.partial", False),
+        (".hidden", False),
+    ],
+)
+def test_only_complete_files_are_uploaded(name: str, uploaded: bool) -> None:
+    from userdata.artifacts import is_complete
+
+    assert is_complete(Path(name)) is uploaded

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from stacks.config import PROJECT_DIR
 from trainer import train as payload
+from userdata.artifacts import ArtifactSync
 
 
 def train(*args: str) -> subprocess.CompletedProcess[str]:
@@ -169,3 +170,66 @@ def test_every_tensor_the_payload_makes_is_on_fabric_device(
     assert len(recorder.calls) >= 3, recorder.calls  # the metrics, the stop flag, the count
     wrong = [(name, device) for name, device in recorder.calls if device != torch.device("cpu", 0)]
     assert wrong == [], f"tensors made off fabric.device: {wrong}"
+
+
+def main_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The payload's main() here, on CPU; the process-wide things it sets are put back."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # seed_everything sets it: removed afterwards
+    handler = signal.getsignal(signal.SIGUSR1)  # main() installs its own
+    try:
+        payload.main(args)
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+
+
+class RecordingS3:
+    """The one S3 call ArtifactSync makes; records the keys instead of uploading."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def upload_file(self, filename: str, bucket: str, key: str) -> None:
+        self.keys.append(key)
+
+
+def test_a_save_that_fails_halfway_leaves_only_a_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As if the machine died while writing the third checkpoint (end of epoch 3, step 24):
+    # some bytes are on disk, and the final name must not be among them.
+    run_dir = tmp_path / "run"
+    args = ["--epochs", "4", "--samples", "256", "--batch-size", "32", "--run-dir", str(run_dir)]
+    real_save = Fabric.save
+    saves: list[Path] = []
+
+    def dies_at_the_third_save(self: Fabric, path: str | Path, *rest: Any, **kw: Any) -> None:
+        saves.append(Path(path))
+        if len(saves) == 3:
+            Path(path).write_bytes(b"PK\x03\x04 the first bytes of a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(self, path, *rest, **kw)
+
+    monkeypatch.setattr(Fabric, "save", dies_at_the_third_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        main_in_process(args, monkeypatch)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "step-00000008.ckpt",
+        "step-00000016.ckpt",
+        "step-00000024.ckpt.tmp",  # only the temporary name of the step that failed
+    ]
+    s3 = RecordingS3()
+    ArtifactSync(s3, "s3://bucket/run", run_dir).sync_once()
+    assert "run/checkpoints/step-00000016.ckpt" in s3.keys
+    assert [key for key in s3.keys if "step-00000024" in key] == []
+
+    monkeypatch.setattr(Fabric, "save", real_save)
+    capsys.readouterr()
+    main_in_process(args, monkeypatch)
+    out = capsys.readouterr().out
+    assert f"resumed from {checkpoints / 'step-00000016.ckpt'} at step 16" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"]) == (32, 16)
+    assert summary["checkpoint"] == str(checkpoints / "step-00000032.ckpt")
+    assert torch.load(summary["checkpoint"], weights_only=True)["step"] == 32
+    assert not list(checkpoints.glob("*.tmp"))  # the step's save that worked replaced it

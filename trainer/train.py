@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 CHECKPOINT_GLOB = "step-*.ckpt"
 KEEP_CHECKPOINTS = 3
+UNREADABLE_SUFFIX = ".unreadable"  # a torn or corrupt checkpoint, renamed out of the glob
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,6 +131,10 @@ def build_model(features: int, classes: int, hidden: int = 256) -> nn.Module:
 def newest_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads; torn or corrupt files are skipped with a warning.
 
+    A skipped file is set aside as `<name>.unreadable` (renamed, not deleted: it may be worth a
+    look): left under its name it would stay the "newest" checkpoint, which pruning keeps
+    forever and every later resume reads again. Call it on one rank only (it renames files).
+
     Loaded onto the CPU on purpose: it is then broadcast as a pickle, and a CUDA tensor in it
     would be unpickled onto rank 0's GPU on every rank. load_state_dict copies it to the device.
     """
@@ -137,7 +142,16 @@ def newest_checkpoint(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | Non
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            print(f"warning: skipping unreadable checkpoint {path}: {error}", file=sys.stderr)
+            aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+            try:
+                os.replace(path, aside)
+                outcome = f"set aside as {aside.name}"
+            except OSError as rename_error:
+                outcome = f"could not set it aside: {rename_error}"
+            print(
+                f"warning: skipping unreadable checkpoint {path}: {error}; {outcome}",
+                file=sys.stderr,
+            )
     return None
 
 
@@ -242,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
         state["step"], state["history"] = checkpoint["step"], checkpoint["history"]
         fabric.print(f"resumed from {path} at step {state['step']}")
+    # The summary names the checkpoint this run saved last, not the newest name in the folder:
+    # a file this run did not write (torn, or from another run) can sort after it.
+    last_saved: Path | None = found[0] if found else None
 
     # torchrun (under fabric run) says how many processes this node runs.
     devices_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", fabric.world_size))
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             bar.update()
             if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
-                save_checkpoint(fabric, checkpoint_dir, state)
+                last_saved = save_checkpoint(fabric, checkpoint_dir, state)
             if stop_now:  # every rank saw the same value: all stop at this step
                 bar.close()
                 path = save_checkpoint(fabric, checkpoint_dir, state)
@@ -333,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"epoch": epoch + 1, "loss": loss_value, "accuracy": accuracy}, step=state["step"]
             )
             logger.save()
-        save_checkpoint(fabric, checkpoint_dir, state)
+        last_saved = save_checkpoint(fabric, checkpoint_dir, state)
 
     wall_time = time.perf_counter() - started
     if fabric.is_global_zero:
@@ -357,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             # The all-reduce, CSV log and checkpoint at the end of every epoch.
             "epoch_end_s": wall_time - step_seconds,
             "weights_sha256": weights_sha256(model),
-            "checkpoint": str(sorted(checkpoint_dir.glob(CHECKPOINT_GLOB))[-1]),
+            "checkpoint": str(last_saved) if last_saved else None,
             "metrics": str(Path(logger.log_dir) / "metrics.csv"),
             "plot": str(plot_path),
         }

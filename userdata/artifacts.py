@@ -18,8 +18,12 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def is_complete(path: Path) -> bool:
-    """Files being written carry a temporary name until they are renamed into place."""
-    return not (path.name.startswith(".") or ".tmp" in path.name or path.name.endswith(".partial"))
+    """Files being written carry a temporary name until they are renamed into place; a torn
+    checkpoint set aside at resume (`.unreadable`) is never worth uploading."""
+    name = path.name
+    return not (
+        name.startswith(".") or ".tmp" in name or name.endswith((".partial", ".unreadable"))
+    )
 
 
 class ArtifactSync:
