@@ -206,9 +206,8 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
             "a b",
         )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    command = next(line for line in lines if line.startswith("fabric run "))
-    assert shlex.split(command) == [
+    command, environment = dry_run_environment(result.stdout)
+    assert command == [
         "fabric",
         "run",
         f"--node-rank={rank}",
@@ -224,7 +223,6 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
         "--run-name",
         "a b",
     ]
-    environment = dict(line.split("=", 1) for line in lines[lines.index(command) + 1 :])
     assert environment["GLOO_SOCKET_IFNAME"] == "lo"
     assert "NCCL_SOCKET_IFNAME" not in environment
     # The test's CPUs (its affinity, which the agent inherits) shared by the 2 devices.
