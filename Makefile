@@ -16,7 +16,7 @@ ARGS ?=
 
 .PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check
 
-$(VENV)/.runtime: requirements.txt userdata/requirements-node.txt
+$(VENV)/.runtime: requirements.txt userdata/requirements-node.txt trainer/requirements.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $@

@@ -1,7 +1,12 @@
 """The local cluster: N real `fabric run` nodes on this machine, talking over 127.0.0.1.
 
     python -m local.cluster [--num-nodes 2] [--devices-per-node 2] [--script trainer/train.py]
-                            [--accelerator cpu|gpu] [--precision P] [-- SCRIPT_ARGS]
+                            [--project DIR --script FILE] [--accelerator cpu|gpu]
+                            [--precision P] [-- SCRIPT_ARGS]
+
+With --project, the script is a file of that folder, `fabric run` runs in it (as on a node),
+in a venv that the nodes' own install step made for it (cached in .venvs/ until its
+dependency files change). Without it: trainer/train.py in this project's venv.
 
 Each node is its own `fabric run --node-rank=R --main-address=127.0.0.1 ...` process group,
 started last rank first (as on EC2, nodes come up in any order). Output is prefixed with the
@@ -25,6 +30,9 @@ from pathlib import Path
 from typing import IO
 
 from local.process_groups import stop_groups
+from local.project_venv import InstallError, project_venv
+from stacks.errors import ConfigError
+from stacks.project import Project, load_project, pinned_version
 from userdata.fabric_command import (
     PRECISIONS,
     fabric_environment,
@@ -34,8 +42,12 @@ from userdata.fabric_command import (
 )
 
 MAIN_ADDRESS = "127.0.0.1"
-# `fabric run` of this very python: a GPU machine's python3 may have no `fabric` script beside it.
-FABRIC_RUN = (sys.executable, "-m", "lightning.fabric.cli")
+DEFAULT_SCRIPT = "trainer/train.py"
+
+
+def fabric_run(python: str) -> tuple[str, ...]:
+    """`fabric run` of a given python: a GPU machine's python3 may have no `fabric` beside it."""
+    return (python, "-m", "lightning.fabric.cli")
 
 
 def free_port() -> int:
@@ -59,7 +71,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fabric run --precision (default: 32-true on cpu; on a GPU bf16-mixed where it "
         "has bfloat16, else 16-mixed)",
     )
-    parser.add_argument("--script", default="trainer/train.py")
+    parser.add_argument(
+        "--project",
+        help="your project's folder: its script runs there, with its own dependencies",
+    )
+    parser.add_argument(
+        "--script",
+        help=f"the script (default: {DEFAULT_SCRIPT}; with --project: a file inside it)",
+    )
     parser.add_argument(
         "--run-dir", default="runs/local", help="the payload's run directory (FABRIC_RUN_DIR)"
     )
@@ -100,9 +119,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--devices-per-node must be at least 1")
     if args.max_restarts < 0 or args.main_node_delay < 0:
         parser.error("--max-restarts and --main-node-delay must be at least 0")
-    if not Path(args.script).is_file():
-        parser.error(f"--script {args.script}: no such file")
+    if args.project is None:
+        args.script = args.script or DEFAULT_SCRIPT
+        if not Path(args.script).is_file():
+            parser.error(f"--script {args.script}: no such file")
+    elif args.script is None:
+        parser.error("--project needs --script: the script to run, relative to the project")
+    args.run_dir = str(Path(args.run_dir).resolve())  # the nodes may run in the project folder
     return args
+
+
+def prepare_project(args: argparse.Namespace) -> None:
+    """With --project: checks it as synth does, installs its venv (cached), runs in it."""
+    args.python, args.workdir = sys.executable, None
+    if args.project is None:
+        return
+    project: Project = load_project(args.project, args.script, Path.cwd(), pinned_version("torch"))
+    venv = project_venv(project, args.accelerator)
+    args.python = str(venv / "bin" / "python")
+    args.workdir, args.script = project.path, project.script
 
 
 def check_gpus(args: argparse.Namespace) -> None:
@@ -128,11 +163,14 @@ def default_precision(accelerator: str) -> str:
 class Node:
     """One node: a `fabric run` in its own process group, its output prefixed with its rank."""
 
-    def __init__(self, rank: int, command: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, rank: int, command: list[str], env: dict[str, str], cwd: Path | None = None
+    ) -> None:
         self.rank = rank
         self.process = subprocess.Popen(
             command,
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so that stopping a node stops its workers too
@@ -215,7 +253,7 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
             rendezvous_timeout=args.rendezvous_timeout,
             run_dir=args.run_dir,
         ),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": f"{Path(args.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     ranks = range(args.num_nodes) if args.main_first else reversed(range(args.num_nodes))
     for rank in ranks:  # by default the main node last, on purpose
@@ -229,13 +267,13 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
             script=args.script,
             script_args=args.script_args,
             precision=args.precision,
-            launcher=FABRIC_RUN,
+            launcher=fabric_run(args.python),
         )
         if rank == 0 and args.main_node_delay:
             print(f"[cluster] node 0 starts in {args.main_node_delay:g} s", flush=True)
             time.sleep(args.main_node_delay)
         print(f"[cluster] starting node {rank}: {' '.join(command)}", flush=True)
-        nodes.append(Node(rank, command, env))
+        nodes.append(Node(rank, command, env, args.workdir))
 
 
 def wait_for_nodes(nodes: list[Node]) -> Node | None:
@@ -268,6 +306,14 @@ def report(run_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        prepare_project(args)
+    except ConfigError as error:
+        print(f"[cluster] error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except InstallError as error:
+        print(f"[cluster] error: install: {error}", file=sys.stderr, flush=True)
+        return 1
     if args.accelerator != "cpu":
         check_gpus(args)
     args.precision = args.precision or default_precision(args.accelerator)

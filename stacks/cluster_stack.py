@@ -101,7 +101,7 @@ class ClusterStack(cdk.Stack):
         self.vpc = self._network()
         self.security_group = self._security_group()
         self.bucket = self._artifacts_bucket()
-        self.payload = payload_asset(self, "Payload", config.script)
+        self.payload = payload_asset(self, "Payload", config)
         self.phase_parameters = [
             ssm.StringParameter(
                 self,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stacks.errors import ConfigError
 from stacks.instance_types import (
     CPU_DEFAULT_VOLUME_GB,
     EFA_TYPES,
@@ -27,11 +28,13 @@ from stacks.instance_types import (
     supports_bf16,
     supports_cluster_placement_group,
 )
+from stacks.project import load_project, pinned_version
 from userdata.fabric_command import PRECISIONS
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-__all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES"]  # the tag contract, defined where nodes read it
+# The tag contract, defined where nodes read it; ConfigError, where settings are read.
+__all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES", "ConfigError"]
 
 _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
@@ -47,10 +50,6 @@ MAX_HOURS = 168
 CPU_PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true")
 
 
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message is the one line a user sees."""
-
-
 @dataclass(frozen=True)
 class ClusterConfig:
     stack_name: str
@@ -62,7 +61,9 @@ class ClusterConfig:
     ssh_cidr: str | None  # None: only from inside the VPC
     key_pair: str | None
     main_port: int
-    script: str
+    project: Path  # the user's project folder, absolute
+    script: str  # relative to the project
+    torch_version: str  # what the nodes install (the accelerator's build of it)
     script_args: tuple[str, ...]
     stop_when_done: bool
     max_restarts: int
@@ -288,21 +289,6 @@ def _key_pair(value: object) -> str | None:
     return text
 
 
-def _script(value: object, project_dir: Path) -> str:
-    allowed = f"expected the relative path of a file inside the project ({project_dir})"
-    text = _string("script", value, allowed)
-    if not text or Path(text).is_absolute():
-        raise _invalid("script", value, allowed)
-    try:
-        path = (project_dir / text).resolve()
-        usable = path.is_relative_to(project_dir.resolve()) and path.is_file()
-    except (OSError, ValueError):  # e.g. a NUL byte in the path
-        usable = False
-    if not usable:
-        raise _invalid("script", value, allowed)
-    return path.relative_to(project_dir.resolve()).as_posix()
-
-
 def _script_args(value: object) -> tuple[str, ...]:
     allowed = "expected a string of arguments for the script, shell-quoted"
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -324,6 +310,7 @@ SETTINGS = (
     "ssh_cidr",
     "key_pair",
     "main_port",
+    "project",
     "script",
     "script_args",
     "stop_when_done",
@@ -360,6 +347,7 @@ def load_config(
             )
         raw[key] = value
     accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
+    project = load_project(raw["project"], raw["script"], project_dir, pinned_version("torch"))
     instance_type = _instance_type(raw["instance_type"], accelerator)
     return ClusterConfig(
         stack_name=_stack_name(raw["stack_name"]),
@@ -371,7 +359,9 @@ def load_config(
         ssh_cidr=_ssh_cidr(raw["ssh_cidr"]),
         key_pair=_key_pair(raw["key_pair"]),
         main_port=_integer("main_port", raw["main_port"], 1024, 65535),
-        script=_script(raw["script"], project_dir),
+        project=project.path,
+        script=project.script,
+        torch_version=project.torch_version,
         script_args=_script_args(raw["script_args"]),
         stop_when_done=_boolean("stop_when_done", raw["stop_when_done"]),
         max_restarts=_integer("max_restarts", raw["max_restarts"], 0, MAX_RESTARTS),

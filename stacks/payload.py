@@ -1,4 +1,5 @@
-"""The node payload: trainer/, userdata/ and the configured script, as one S3 asset."""
+"""The node payload, one S3 asset: the user's project (under project/) and the node agent (under
+userdata/). Only shipped files are staged, so nothing else changes the asset's hash."""
 
 from __future__ import annotations
 
@@ -9,23 +10,29 @@ from pathlib import Path
 from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
-from stacks.config import PROJECT_DIR
+from stacks.config import PROJECT_DIR, ClusterConfig
+from stacks.project import check_size, shipped_files
 
-PAYLOAD_FOLDERS = ("trainer", "userdata")
-_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+AGENT_DIR = PROJECT_DIR / "userdata"
+PAYLOAD_PROJECT = "project"  # where the project lies in the payload: fabric run's working dir
+PAYLOAD_AGENT = "userdata"
+_AGENT_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
-def payload_asset(
-    scope: Construct, construct_id: str, script: str, project_dir: Path = PROJECT_DIR
-) -> s3_assets.Asset:
-    """Stages exactly what a node needs, so unrelated files never change the asset hash."""
+def stage_payload(config: ClusterConfig, root: Path) -> list[Path]:
+    """Copies what ships into root; returns the project's files (relative to the project)."""
+    files = shipped_files(config.project)
+    check_size(config.project, files)
+    for relative in files:
+        target = root / PAYLOAD_PROJECT / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(config.project / relative, target)
+    shutil.copytree(AGENT_DIR, root / PAYLOAD_AGENT, ignore=_AGENT_IGNORED)
+    return files
+
+
+def payload_asset(scope: Construct, construct_id: str, config: ClusterConfig) -> s3_assets.Asset:
     with tempfile.TemporaryDirectory(prefix="fabric-payload-") as staging:
-        root = Path(staging)
-        for folder in PAYLOAD_FOLDERS:
-            shutil.copytree(project_dir / folder, root / folder, ignore=_IGNORED)
-        target = root / script
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(project_dir / script, target)
+        stage_payload(config, Path(staging))
         # The asset is copied into the cloud assembly here, so the staging folder can go.
-        return s3_assets.Asset(scope, construct_id, path=str(root))
+        return s3_assets.Asset(scope, construct_id, path=staging)

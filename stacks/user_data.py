@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
+from stacks.project import pinned_version
 
 BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
-NODE_REQUIREMENTS = PROJECT_DIR / "userdata" / "requirements-node.txt"
 SETTINGS_MARKER = "# @@SETTINGS@@"
 UV_VERSION = "0.13.9"
 # uv for the nodes: its PyPI wheel for Linux x86_64 (glibc >= 2.17; Ubuntu 24.04 has 2.39) and
@@ -31,15 +30,6 @@ _TOKEN = re.compile(r"\$\{Token\[[^\]]+\]\}")
 def resolved_size(script: str) -> int:
     """Bytes of the user data once CloudFormation has resolved its tokens, at their longest."""
     return len(_TOKEN.sub("x" * LONGEST_RESOLVED_VALUE, script).encode())
-
-
-def pinned_version(package: str, requirements: Path = NODE_REQUIREMENTS) -> str:
-    """The version pinned with == for a package in a requirements file."""
-    for line in requirements.read_text().splitlines():
-        match = re.match(rf"^{re.escape(package)}==([^\s#;]+)", line.strip())
-        if match:
-            return match.group(1)
-    raise ValueError(f"{requirements} does not pin {package}==VERSION")
 
 
 def _quote(value: str) -> str:
@@ -75,7 +65,7 @@ def render_boot_script(
         "UV_WHEEL_URL": UV_WHEEL_URL,
         "UV_WHEEL_SHA256": UV_WHEEL_SHA256,
         "PYTHON_VERSION": PYTHON_VERSION,
-        "TORCH_VERSION": pinned_version("torch"),
+        "TORCH_VERSION": config.torch_version,
         "BOTO3_VERSION": pinned_version("boto3"),
     }
     lines = [f"readonly {name}={_quote(value)}" for name, value in settings.items()]

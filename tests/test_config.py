@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 
-from stacks.config import SETTINGS, ConfigError, check_known_settings, load_config
+from stacks.config import PROJECT_DIR, SETTINGS, ConfigError, check_known_settings, load_config
 from stacks.instance_types import (
     GPU_DEFAULT_VOLUME_GB,
     GPU_MIN_VOLUME_GB,
     supports_cluster_placement_group,
 )
+from stacks.project import pinned_version
 from tests.cfn import cdk_json_context
 
 
@@ -25,7 +26,8 @@ def test_defaults_from_cdk_json() -> None:
     assert (config.num_nodes, config.devices_per_node, config.accelerator) == (2, 2, "cpu")
     assert (config.instance_type, config.volume_gb, config.main_port) == ("t2.large", 50, 29400)
     assert config.ssh_cidr is None and config.key_pair is None
-    assert config.script == "trainer/train.py" and config.script_args == ()
+    assert config.project == PROJECT_DIR / "trainer" and config.script == "train.py"
+    assert config.script_args == () and config.torch_version == pinned_version("torch")
     assert config.stop_when_done is True
     assert config.max_restarts == 3
     assert config.main_address_parameter == "/fabric/FabricCluster/main-address"
@@ -47,7 +49,7 @@ def test_defaults_from_cdk_json() -> None:
         ("key_pair", "my-key", "key_pair", "my-key"),
         ("main_port", "1024", "main_port", 1024),
         ("main_port", 65535, "main_port", 65535),
-        ("script", "trainer/../trainer/train.py", "script", "trainer/train.py"),
+        ("script", "../trainer/train.py", "script", "train.py"),
         (
             "script_args",
             "--epochs 3 --run-name 'a b'",
@@ -128,10 +130,13 @@ BAD = [
     ("main_port", "80", "from 1024 to 65535"),
     ("main_port", "65536", "from 1024 to 65535"),
     ("main_port", "port", "from 1024 to 65535"),
-    ("script", "trainer/missing.py", "inside the project"),
+    ("script", "missing.py", "inside the project"),
     ("script", "/etc/passwd", "inside the project"),
-    ("script", "../shared/DESIGN.md", "inside the project"),
-    ("script", "trainer", "inside the project"),
+    ("script", "../app.py", "inside the project"),
+    ("script", ".", "inside the project"),
+    ("project", "no-such-folder", "no such folder"),
+    ("project", "", "expected a folder"),
+    ("project", 3, "expected a folder"),
     ("script_args", "--name 'unclosed", "shell-quoted"),
     ("script_args", 5, "shell-quoted"),
     ("stop_when_done", "yes", "true or false"),

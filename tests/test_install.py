@@ -20,16 +20,11 @@ import pytest
 
 from stacks.cluster_app import cdk_json_context
 from stacks.config import PROJECT_DIR, load_config
-from stacks.user_data import (
-    NODE_REQUIREMENTS,
-    UV_VERSION,
-    UV_WHEEL_SHA256,
-    UV_WHEEL_URL,
-    pinned_version,
-    render_boot_script,
-)
+from stacks.project import NODE_REQUIREMENTS, pinned_version
+from stacks.user_data import UV_VERSION, UV_WHEEL_SHA256, UV_WHEEL_URL, render_boot_script
 
 INSTALL_SCRIPT = PROJECT_DIR / "userdata" / "install.sh"
+EXAMPLE_PROJECT = PROJECT_DIR / "trainer"
 TORCH_VERSION = pinned_version("torch")
 LOCAL_WHEELS = Path("/opt/wheels")
 CUDA_LIBRARIES = ("libcudart*", "libcublas*")
@@ -49,7 +44,7 @@ def install_call(script: str) -> str:
     return match.group(0)
 
 
-def install_command(uv: Path, venv: Path) -> list[str]:
+def install_command(uv: Path, venv: Path, project: Path = EXAMPLE_PROJECT) -> list[str]:
     """install.sh for the CPU case, as boot.sh calls it, with this machine's Python."""
     arguments = {
         "--uv": uv,
@@ -57,7 +52,9 @@ def install_command(uv: Path, venv: Path) -> list[str]:
         "--python": sys.executable,
         "--accelerator": "cpu",
         "--torch-version": TORCH_VERSION,
+        "--project": project,
         "--requirements": NODE_REQUIREMENTS,
+        "--error-file": venv.parent / "install-error.txt",
     }
     return [
         "bash",
@@ -166,17 +163,29 @@ def local_torch_wheels() -> Path | None:
     return None
 
 
-def test_cpu_install_gives_a_venv_with_lightning_and_no_cuda(
-    uv: Path, cache_dir: Path, tmp_path: Path
-) -> None:
+def install_environment(cache_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "FABRIC_", "VIRTUAL"))}
     env.update(UV_CACHE_DIR=str(cache_dir / "uv"), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
     wheels = local_torch_wheels()
     if wheels:
         env["FABRIC_TORCH_INDEX"] = str(wheels)
+    return env
+
+
+def test_cpu_install_of_a_project_naming_torch_gives_the_cpu_build_and_no_cuda(
+    uv: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A project whose requirements say torch>=2 (which alone would pull the CUDA build from
+    PyPI) and a package no node requirement has."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text("torch>=2\ntabulate==0.9.0\n")
+    (project / "main.py").write_text("import tabulate\n")
+    env = install_environment(cache_dir)
+    wheels = env.get("FABRIC_TORCH_INDEX")
     venv = tmp_path / "venv"
     install = subprocess.run(
-        install_command(uv, venv),
+        install_command(uv, venv, project),
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -212,6 +221,7 @@ def test_cpu_install_gives_a_venv_with_lightning_and_no_cuda(
     assert torch_version == f"{TORCH_VERSION}+cpu" and cuda == "None"
     assert lightning == pinned_version("lightning")
     assert [name for name in names.split() if name.startswith("nvidia-")] == []
+    assert "tabulate" in names.split() and "boto3" in names.split()
     site_packages = next((venv / "lib").glob("python3.*/site-packages"))
     assert [path for pattern in CUDA_LIBRARIES for path in site_packages.rglob(pattern)] == []
 
@@ -220,3 +230,25 @@ def test_cpu_install_gives_a_venv_with_lightning_and_no_cuda(
     )
     assert fabric.returncode == 0, fabric.stderr
     assert "Usage: fabric" in fabric.stdout and "run" in fabric.stdout
+
+
+def test_a_dependency_that_cannot_be_installed_fails_with_the_installers_own_message(
+    uv: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text("fabric-cluster-no-such-package==1.0\n")
+    venv = tmp_path / "venv"
+    install = subprocess.run(
+        install_command(uv, venv, project),
+        env=install_environment(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert install.returncode == 1
+    message = (tmp_path / "install-error.txt").read_text()
+    assert message.count("\n") == 1  # one line
+    assert message.startswith("install: ")
+    assert "fabric-cluster-no-such-package" in message and "not found" in message

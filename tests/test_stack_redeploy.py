@@ -3,7 +3,6 @@ the AMI is fixed per deploy (recorded in cdk.context.json, or the ami setting)."
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from stacks import cluster_stack
 from stacks.cluster_stack import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
-from stacks.payload import PAYLOAD_FOLDERS, payload_asset
+from stacks.config import PROJECT_DIR
 from tests.cfn import Synth
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
@@ -44,18 +42,27 @@ def test_changed_script_args_replace_every_node(defaults: Synth, tmp_path: Path)
     assert kept <= set(changed.template_dict["Resources"])
 
 
-def test_a_changed_payload_file_replaces_every_node(
-    defaults: Synth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_only_a_changed_shipped_file_of_the_project_replaces_the_nodes(
+    defaults: Synth, tmp_path: Path
 ) -> None:
+    """The example project copied elsewhere, with files that never ship: the same template.
+    One more line in its script: new nodes."""
     project = tmp_path / "project"
-    for folder in PAYLOAD_FOLDERS:
-        shutil.copytree(Path(cluster_stack.__file__).parent.parent / folder, project / folder)
-    with (project / "trainer" / "train.py").open("a") as script:
-        script.write("# one more line\n")
-    monkeypatch.setattr(
-        cluster_stack, "payload_asset", functools.partial(payload_asset, project_dir=project)
+    shutil.copytree(PROJECT_DIR / "trainer", project, ignore=shutil.ignore_patterns("__pycache__"))
+    junk = (
+        "runs/local/step-1.ckpt",
+        "__pycache__/train.cpython-311.pyc",
+        ".git/HEAD",
+        "env/pyvenv.cfg",
     )
-    changed = Synth(tmp_path / "out")
+    for name in junk:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("not shipped\n")
+    same = Synth(tmp_path / "same", project=str(project))
+    assert same.template_path.read_bytes() == defaults.template_path.read_bytes()
+    with (project / "train.py").open("a") as script:
+        script.write("# one more line\n")
+    changed = Synth(tmp_path / "changed", project=str(project))
     assert not set(instance_ids(changed)) & set(instance_ids(defaults))
 
 

@@ -279,15 +279,18 @@ def test_policy_statement_checks_see_one_string_actions() -> None:
     assert normalized["Action"] == ["s3:DeleteObject"]
 
 
-def test_payload_is_an_s3_asset_with_trainer_and_userdata(synth: Synth) -> None:
+def test_payload_is_an_s3_asset_with_the_project_and_the_agent(synth: Synth) -> None:
     assets = json.loads((synth.outdir / f"{synth.stack.artifact_id}.assets.json").read_text())
     zips = [a for a in assets["files"].values() if a["source"]["packaging"] == "zip"]
     assert len(zips) == 1
     folder = synth.outdir / zips[0]["source"]["path"]
-    assert (folder / "trainer" / "train.py").is_file()
+    project = sorted(
+        p.relative_to(folder / "project").as_posix() for p in (folder / "project").rglob("*")
+    )
+    assert project == ["__init__.py", "requirements.txt", "train.py"]  # the example project
     assert (folder / "userdata" / "agent.py").is_file()
     assert (folder / "userdata" / "requirements-node.txt").is_file()
-    assert not (folder / "tests").exists() and not (folder / "stacks").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["project", "userdata"]
     text = user_data_text(synth.instances_by_rank()[0])
     assert ".zip" in text and "PAYLOAD_URL=" in text
 
@@ -391,7 +394,7 @@ def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> Non
     assert values["EFA"] == "false"
     assert args == want["ARGS"]
     assert values["STACK_NAME"] == "FabricCluster"
-    assert values["SCRIPT"] == "trainer/train.py"
+    assert values["SCRIPT"] == "train.py"
     assert values["MAIN_ADDRESS_PARAMETER"] == "/fabric/FabricCluster/main-address"
     assert values["PHASE_PARAMETER"] == "/fabric/FabricCluster/node-{rank}/phase"
     assert values["TORCH_VERSION"] == "2.13.0"

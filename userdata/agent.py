@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m userdata.agent",
         description="Find this node's rank and the main node, then run `fabric run SCRIPT`.",
     )
-    parser.add_argument("script", help="the training script, relative to the payload")
+    parser.add_argument("script", help="the training script, relative to --workdir")
     parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, help="after --: arguments passed to the script"
     )
@@ -78,6 +78,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--main-port", type=int, default=29400)
     parser.add_argument("--run-dir", default="", help="where the payload writes its run")
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="the project folder: fabric run's working directory (default: the current one)",
+    )
     parser.add_argument(
         "--artifacts-uri", default="", help="s3://bucket/prefix that rank 0 copies the run dir to"
     )
@@ -192,12 +197,16 @@ def resolve(
 
 
 def run_fabric(
-    command: list[str], environment: dict[str, str], watcher: SpotWatcher | None = None
+    command: list[str],
+    environment: dict[str, str],
+    watcher: SpotWatcher | None = None,
+    workdir: str = "",
 ) -> int:
-    """Runs fabric run with the venv's bin first on PATH, its output streamed as it comes."""
+    """Runs fabric run in the project folder (as the manual procedure's `cd`), with the venv's
+    bin first on PATH, its output streamed as it comes."""
     env = {**os.environ, **environment}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, cwd=workdir or None)
     if watcher:
         watcher.attach(process.pid)
 
@@ -281,7 +290,7 @@ def supervise(
     the payload resumes from its newest checkpoint), at most --max-restarts times."""
     for attempt in range(args.max_restarts + 1):
         reporter.record("training" if attempt == 0 else f"training (restart {attempt})")
-        status = run_fabric(command, environment, watcher)
+        status = run_fabric(command, environment, watcher, args.workdir)
         if status == 0 or attempt == args.max_restarts or (watcher and watcher.notice):
             return status
         log(

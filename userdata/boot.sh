@@ -3,8 +3,9 @@
 # every node. What differs between nodes is in their tags (fabric:node-rank); the node agent
 # (userdata/agent.py) reads them, finds the main node through SSM and starts `fabric run`.
 #
-# Phases: uv -> venv -> payload -> install (userdata/install.sh, from the payload) -> agent (a
-# systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
+# Phases: uv -> venv -> payload (the user's project under payload/project, the node agent under
+# payload/userdata) -> install (userdata/install.sh: torch, the project's dependencies, the
+# agent's) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
 # timestamp to $FABRIC_HOME/boot.log and stdout (cloud-init copies stdout to the console and
 # /var/log/cloud-init-output.log).
 set -euo pipefail
@@ -21,6 +22,8 @@ if [[ -n $REHEARSAL_VENV ]]; then
 fi
 VENV=$FABRIC_HOME/venv
 PAYLOAD_DIR=$FABRIC_HOME/payload
+PROJECT=$PAYLOAD_DIR/project
+INSTALL_ERROR=$FABRIC_HOME/install-error.txt
 RUN_DIR=$FABRIC_HOME/run
 export HOME=${HOME:-/root}
 export UV_CACHE_DIR=$FABRIC_HOME/cache/uv
@@ -52,7 +55,12 @@ report_phase() {
 on_error() {
   local status=$?
   log "FAILED in phase $phase (exit status $status)"
-  report_phase "failed: boot phase $phase (exit status $status)"
+  if [[ $phase == install && -s $INSTALL_ERROR ]]; then
+    # The installer's own message: what a user must fix in the project's dependencies.
+    report_phase "failed: install: $(head -c 3000 "$INSTALL_ERROR")"
+  else
+    report_phase "failed: boot phase $phase (exit status $status)"
+  fi
   if [[ $STOP_WHEN_DONE == true ]] && on_real_ec2; then
     log "stop_when_done: powering off so that a broken node does not bill"
     systemctl poweroff
@@ -109,10 +117,10 @@ rm -rf "$PAYLOAD_DIR"
 report_phase installing
 
 if [[ -z $REHEARSAL_VENV ]]; then
-  begin install "torch $TORCH_VERSION ($ACCELERATOR build) and the node requirements"
+  begin install "torch $TORCH_VERSION ($ACCELERATOR build), the project's and the agent's needs"
   bash "$PAYLOAD_DIR/userdata/install.sh" --uv "$uv" --venv "$VENV" --python "$PYTHON_VERSION" \
-    --accelerator "$ACCELERATOR" --torch-version "$TORCH_VERSION" \
-    --requirements "$PAYLOAD_DIR/userdata/requirements-node.txt"
+    --accelerator "$ACCELERATOR" --torch-version "$TORCH_VERSION" --project "$PROJECT" \
+    --requirements "$PAYLOAD_DIR/userdata/requirements-node.txt" --error-file "$INSTALL_ERROR"
 else
   begin install "REHEARSAL: skipped, the venv $REHEARSAL_VENV is used as it is"
 fi
@@ -133,6 +141,7 @@ agent=("$VENV/bin/python" -m userdata.agent
   --main-port "$MAIN_PORT"
   --max-restarts "$MAX_RESTARTS"
   --run-dir "$RUN_DIR"
+  --workdir "$PROJECT"
   --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME"
   "${stop_flag[@]}"
   "$SCRIPT" -- "${SCRIPT_ARGS[@]}")

@@ -1,0 +1,250 @@
+"""The user's training project, checked on the user's machine (at synth and by the local cluster):
+the folder, the script inside it, its dependency file, the torch a node installs for it, and
+the files that ship.
+
+A bad project raises ConfigError with one line naming the setting (project or script).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+from pathspec import GitIgnoreSpec
+
+from stacks.errors import ConfigError
+from userdata.dependencies import (
+    DEPENDENCY_FILES,
+    DependencyError,
+    dependency_file,
+    locked_packages,
+    normalized,
+    pyproject_dependencies,
+    requirement_name,
+)
+
+NODE_REQUIREMENTS = Path(__file__).resolve().parent.parent / "userdata" / "requirements-node.txt"
+MAX_PROJECT_BYTES = 500 * 1024 * 1024
+# Never shipped, wherever they are: version control, caches and the CDK's own output.
+NEVER_SHIPPED = frozenset(
+    {".git", ".hg", ".svn", "__pycache__", "node_modules", "cdk.out", ".pytest_cache",
+     ".mypy_cache", ".ruff_cache", ".hypothesis", ".ipynb_checkpoints", ".DS_Store"}
+)  # fmt: skip
+# Only at the project's top: the local cluster's runs (a package may be called runs).
+NEVER_SHIPPED_AT_TOP = frozenset({"runs"})
+NEVER_SHIPPED_SUFFIXES = (".pyc", ".pyo")
+
+
+@dataclass(frozen=True)
+class Project:
+    path: Path  # absolute
+    script: str  # relative to path, POSIX
+    dependency_file: str | None  # uv.lock, pyproject.toml, requirements.txt or None
+    torch_version: str  # what a node installs (the accelerator's build of it)
+
+
+def pinned_version(package: str, requirements: Path = NODE_REQUIREMENTS) -> str:
+    """The version pinned with == for a package in a requirements file."""
+    for line in requirements.read_text().splitlines():
+        match = re.match(rf"^{re.escape(package)}==([^\s#;]+)", line.strip())
+        if match:
+            return match.group(1)
+    raise ValueError(f"{requirements} does not pin {package}==VERSION")
+
+
+def _invalid(key: str, value: object, problem: str) -> ConfigError:
+    return ConfigError(f"invalid setting {key}={value!r}: {problem}")
+
+
+def project_folder(value: object, app_dir: Path) -> Path:
+    """An existing folder, absolute or relative to the CDK app, holding at least one .py file."""
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid("project", value, "expected a folder (absolute, or relative to the app)")
+    try:
+        path = (app_dir / value.strip()).resolve()
+        exists = path.is_dir()
+    except (OSError, ValueError):
+        exists = False
+    if not exists:
+        raise _invalid("project", value, f"no such folder ({app_dir / str(value).strip()})")
+    if not any(f.suffix == ".py" for f in _walk(path)):  # stops at the first one
+        raise _invalid("project", value, f"{path} holds no Python file that would ship")
+    return path
+
+
+def project_script(value: object, project: Path) -> str:
+    allowed = f"expected the relative path of a file inside the project ({project})"
+    if not isinstance(value, str) or not value.strip() or Path(value.strip()).is_absolute():
+        raise _invalid("script", value, allowed)
+    try:
+        path = (project / value.strip()).resolve()
+        usable = path.is_relative_to(project) and path.is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the path
+        usable = False
+    if not usable:
+        raise _invalid("script", value, allowed)
+    relative = path.relative_to(project)
+    if not _ships(project, relative):
+        raise _invalid("script", value, "it would not ship (ignored by .gitignore or a cache)")
+    return relative.as_posix()
+
+
+def torch_specifiers(project: Path) -> list[str]:
+    """What the project's dependency file says about torch (a lock: its exact version)."""
+    source = dependency_file(project)
+    if source is None:
+        return []
+    if source.name == "uv.lock":
+        version = locked_packages(source).get("torch")
+        return [f"=={version}"] if version else []
+    if source.name == "pyproject.toml":
+        lines = pyproject_dependencies(source)
+    else:
+        lines = _requirement_lines(source)
+    specifiers = []
+    for line in lines:
+        if requirement_name(line) != "torch":
+            continue
+        try:
+            requirement = Requirement(line.split("#", 1)[0].strip().split(" --", 1)[0])
+        except InvalidRequirement as error:
+            raise DependencyError(
+                f"{source.name}: {line.strip()!r} does not parse: {error}"
+            ) from None
+        if requirement.url:
+            raise DependencyError(
+                f"{source.name}: torch from a URL cannot be used: a node installs its "
+                "accelerator's build (name a version instead)"
+            )
+        specifiers.append(str(requirement.specifier))
+    return specifiers
+
+
+def _requirement_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
+    """A requirements file's lines, with those of the files it includes (-r FILE)."""
+    lines: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DependencyError(f"{path.name} cannot be read: {error}") from None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("-r ", "--requirement ")):
+            included = (path.parent / stripped.split(None, 1)[1]).resolve()
+            if included not in seen:
+                lines += _requirement_lines(included, seen | {path.resolve()})
+        else:
+            lines.append(stripped)
+    return lines
+
+
+def node_torch_version(specifiers: list[str], pinned: str) -> str:
+    """The torch a node installs: an exact pin wins; else the pinned one, if the project's
+    range allows it; else there is no torch both agree on."""
+    exact = [s[2:] for spec in specifiers for s in spec.split(",") if s.startswith("==")]
+    exact += [s[3:] for spec in specifiers for s in spec.split(",") if s.startswith("===")]
+    exact = [version for version in exact if "*" not in version]
+    if exact:
+        try:
+            return Version(exact[0]).public  # +cpu or +cu121 is the node's choice, not the lock's
+        except InvalidVersion:
+            raise DependencyError(f"torch=={exact[0]} is not a version") from None
+    wanted = SpecifierSet(",".join(s for s in specifiers if s))
+    if wanted.contains(pinned, prereleases=True):
+        return pinned
+    raise DependencyError(
+        f"it asks for torch{wanted}, which the nodes' torch {pinned} does not satisfy: allow "
+        f"{pinned}, or pin an exact version (torch==X) to get that one"
+    )
+
+
+def load_project(project: object, script: object, app_dir: Path, pinned_torch: str) -> Project:
+    path = project_folder(project, app_dir)
+    relative_script = project_script(script, path)
+    source = dependency_file(path)
+    try:
+        torch_version = node_torch_version(torch_specifiers(path), pinned_torch)
+    except DependencyError as error:
+        raise _invalid("project", project, str(error)) from None
+    return Project(path, relative_script, source.name if source else None, torch_version)
+
+
+def _gitignores(project: Path, folder: Path) -> list[tuple[Path, GitIgnoreSpec]]:
+    ignore_file = folder / ".gitignore"
+    if not ignore_file.is_file():
+        return []
+    lines = ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [(folder.relative_to(project), GitIgnoreSpec.from_lines(lines))]
+
+
+def _ignored(relative: Path, is_dir: bool, specs: list[tuple[Path, GitIgnoreSpec]]) -> bool:
+    for base, spec in specs:
+        inside = relative.relative_to(base).as_posix() if base.parts else relative.as_posix()
+        if spec.match_file(inside + ("/" if is_dir else "")):
+            return True
+    return False
+
+
+def _never_shipped(relative: Path, is_dir: bool, folder: Path) -> bool:
+    name = relative.name
+    if name in NEVER_SHIPPED or name.endswith(NEVER_SHIPPED_SUFFIXES):
+        return True
+    if len(relative.parts) == 1 and name in NEVER_SHIPPED_AT_TOP:
+        return True
+    # A virtualenv, whatever its name.
+    return is_dir and (folder / "pyvenv.cfg").is_file()
+
+
+def _walk(project: Path) -> Iterator[Path]:
+    """Every shipped file, relative to the project, in a stable order."""
+    stack: list[tuple[Path, list[tuple[Path, GitIgnoreSpec]]]] = [(project, [])]
+    while stack:
+        folder, inherited = stack.pop()
+        specs = inherited + _gitignores(project, folder)
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name, reverse=True):
+                path = Path(entry.path)
+                relative = path.relative_to(project)
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if _never_shipped(relative, is_dir, path) or _ignored(relative, is_dir, specs):
+                    continue
+                if is_dir:
+                    stack.append((path, specs))
+                elif entry.is_file():
+                    yield relative
+
+
+def shipped_files(project: Path) -> list[Path]:
+    """What ships; the dependency files always do (the node installs from them)."""
+    files = set(_walk(project))
+    files |= {Path(name) for name in DEPENDENCY_FILES if (project / name).is_file()}
+    return sorted(files)
+
+
+def _ships(project: Path, relative: Path) -> bool:
+    return relative in set(shipped_files(project))
+
+
+def check_size(project: Path, files: list[Path], limit: int = MAX_PROJECT_BYTES) -> None:
+    sizes = {relative: (project / relative).stat().st_size for relative in files}
+    total = sum(sizes.values())
+    if total <= limit:
+        return
+    biggest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+    listed = ", ".join(f"{path.as_posix()} ({sizes[path] / 1e6:.0f} MB)" for path in biggest)
+    raise _invalid(
+        "project",
+        str(project),
+        f"{total / 1e6:.0f} MB would ship, over the {limit / 1e6:.0f} MB limit (biggest: "
+        f"{listed}); keep data out of the project (.gitignore it) and pass it with "
+        "--data s3://...",
+    )
+
+
+__all__ = ["DependencyError", "Project", "load_project", "normalized", "shipped_files"]
