@@ -1,0 +1,144 @@
+"""`make local ARGS="--project DIR --script FILE"`: a user's project installed by the nodes' own
+install step into a venv of its own (cached), then trained by 2 nodes x 1 device.
+
+Each project imports a package that no node requirement has, a module of its own, and reads a
+data file by a relative path. The installs reach PyPI (as test_install does); uv's cache is
+shared with test_install under .pytest_cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stacks.config import PROJECT_DIR
+from stacks.project import pinned_version
+
+PROJECTS = Path(__file__).parent / "projects"
+TORCH = pinned_version("torch")
+
+
+@pytest.fixture(scope="module")
+def environment(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    cache = getattr(pytestconfig, "cache", None)
+    uv_cache = (
+        Path(cache.mkdir("fabric-install")) / "uv" if cache else tmp_path_factory.mktemp("uv-cache")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL"))}
+    env.update(
+        FABRIC_VENVS_DIR=str(tmp_path_factory.mktemp("venvs")),
+        UV_CACHE_DIR=str(uv_cache),
+        UV_NO_PROGRESS="1",
+    )
+    return env
+
+
+def local_cluster(
+    env: dict[str, str], project: Path, script: str, run_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "local.cluster",
+            "--project",
+            str(project),
+            "--script",
+            script,
+            "--num-nodes",
+            "2",
+            "--devices-per-node",
+            "1",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+
+
+def venv_packages(output: str) -> list[str]:
+    """The distributions of the venv the run used (its python is in the node command line)."""
+    line = next(text for text in output.splitlines() if "starting node 0:" in text)
+    python = line.split("starting node 0: ", 1)[1].split()[0]
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            "import importlib.metadata as m; "
+            "print(*sorted(d.metadata['Name'].lower() for d in m.distributions()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return probe.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("name", "script", "dependency"),
+    [
+        ("with-requirements", "src/main.py", "tabulate"),
+        ("with-lock", "train.py", "humanize"),  # pyproject.toml + uv.lock, torch in the lock
+        ("names-torch", "main.py", "tabulate"),  # requirements.txt says torch>=2 and lightning
+    ],
+)
+def test_a_project_installs_and_trains_on_two_nodes(
+    environment: dict[str, str], tmp_path: Path, name: str, script: str, dependency: str
+) -> None:
+    project = PROJECTS / name
+    result = local_cluster(environment, project, script, tmp_path / "run")
+    print(result.stdout[-4000:], result.stderr[-4000:], sep="\n")
+    assert result.returncode == 0
+    assert "[fabric-install] done" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["dependency"] == dependency
+    assert summary["words"] == 9  # data/words.txt, read by a relative path
+    assert summary["cwd"] == str(project)  # fabric run ran in the project folder
+    assert summary["torch"] == f"{TORCH}+cpu"
+    assert summary["final_loss"] < 1.0
+    packages = venv_packages(result.stdout)
+    assert dependency in packages and "boto3" in packages and "click" in packages
+    assert [p for p in packages if p.startswith(("nvidia-", "triton"))] == []
+
+    again = local_cluster(environment, project, script, tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "(cached)" in again.stdout and "[fabric-install]" not in again.stdout + again.stderr
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_bad_project_is_one_line_and_starts_nothing(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    result = local_cluster(environment, PROJECTS / "with-requirements", "nope.py", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("[cluster] error: invalid setting script='nope.py'")
+    assert result.stderr.count("\n") == 1
+    assert "[fabric-install]" not in result.stdout and "starting node" not in result.stdout
+
+
+def test_a_dependency_that_cannot_be_installed_shows_the_installers_message(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    project = tmp_path / "broken"
+    project.mkdir()
+    (project / "main.py").write_text("print('never runs')\n")
+    (project / "requirements.txt").write_text("fabric-cluster-no-such-package==1.0\n")
+    result = local_cluster(environment, project, "main.py", tmp_path / "run")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("[cluster] error: install: ")
+    assert "fabric-cluster-no-such-package was not found in the package registry" in error
+    assert "starting node" not in result.stdout
+    assert not [v for v in os.listdir(environment["FABRIC_VENVS_DIR"]) if v.startswith("broken")]
