@@ -17,7 +17,8 @@ from stacks.config import PROJECT_DIR
 from stacks.project import NODE_REQUIREMENTS, Project
 from userdata.dependencies import DEPENDENCY_FILES
 
-VENVS_DIR = PROJECT_DIR / ".venvs"
+# Where project venvs live (a test points it elsewhere).
+VENVS_DIR = Path(os.environ.get("FABRIC_VENVS_DIR") or PROJECT_DIR / ".venvs")
 INSTALL_SCRIPT = PROJECT_DIR / "userdata" / "install.sh"
 INSTALL_CODE = (INSTALL_SCRIPT, PROJECT_DIR / "userdata" / "dependencies.py", NODE_REQUIREMENTS)
 DONE_MARKER = ".fabric-installed"

@@ -147,15 +147,13 @@ def _requirement_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[
 def node_torch_version(specifiers: list[str], pinned: str) -> str:
     """The torch a node installs: an exact pin wins; else the pinned one, if the project's
     range allows it; else there is no torch both agree on."""
-    exact = [s[2:] for spec in specifiers for s in spec.split(",") if s.startswith("==")]
-    exact += [s[3:] for spec in specifiers for s in spec.split(",") if s.startswith("===")]
-    exact = [version for version in exact if "*" not in version]
+    wanted = SpecifierSet(",".join(s for s in specifiers if s))
+    exact = [s.version for s in wanted if s.operator in ("==", "===") and "*" not in s.version]
     if exact:
         try:
             return Version(exact[0]).public  # +cpu or +cu121 is the node's choice, not the lock's
         except InvalidVersion:
             raise DependencyError(f"torch=={exact[0]} is not a version") from None
-    wanted = SpecifierSet(",".join(s for s in specifiers if s))
     if wanted.contains(pinned, prereleases=True):
         return pinned
     raise DependencyError(

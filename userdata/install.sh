@@ -57,6 +57,8 @@ done
 [[ -x $uv ]] || die "--uv $uv is not an executable"
 [[ -d $project ]] || die "--project $project is not a folder"
 [[ -f $requirements ]] || die "--requirements $requirements is not a file"
+# Absolute: the install runs from the project folder.
+uv=$(realpath "$uv") venv=$(realpath -m "$venv") requirements=$(realpath "$requirements")
 # The folder that holds userdata/ (the payload on a node, the repository here).
 agent_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d)
@@ -73,8 +75,9 @@ step() {
   fi
   cat "$work/stderr" >&2
   local message
-  message=$(tr -s '[:space:]' ' ' <"$work/stderr" | sed -e 's/×//g; s/╰─▶//g; s/│//g' \
-    -e 's/  */ /g; s/^ //; s/ $//' | cut -c1-900)
+  message=$({ grep -Ev '^(Using|Resolved|Prepared|Installed|Uninstalled|Audited) ' "$work/stderr" || true; } |
+    tr -s '[:space:]' ' ' | sed -e 's/×//g; s/╰─▶//g; s/│//g' -e 's/  */ /g; s/^ //; s/ $//' |
+    cut -c1-900)
   log "error: $what: ${message:-no message}" >&2
   record "$what: ${message:-no message}"
   exit 1
