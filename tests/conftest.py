@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -64,3 +65,13 @@ def ssm(moto_url: str):
 @pytest.fixture
 def s3(moto_url: str):
     return moto_client(moto_url, "s3")
+
+
+@pytest.fixture(scope="session")
+def uv_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """uv's cache for the tests that install for real, kept between runs under .pytest_cache
+    (uv's cache is made to be shared): about 1 GB, cold installs reach PyPI once."""
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        return tmp_path_factory.mktemp("uv-cache")
+    return Path(cache.mkdir("fabric-install")) / "uv"

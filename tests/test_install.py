@@ -115,14 +115,6 @@ def test_install_script_refuses_bad_arguments(
     assert not (tmp_path / "venv").exists()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(pytestconfig, "cache", None)
-    if cache is None:  # -p no:cacheprovider
-        return tmp_path_factory.mktemp("install-cache")
-    return Path(cache.mkdir("fabric-install"))
-
-
 def boot_uv_phase(script: str, fabric_home: Path) -> str:
     """boot.sh's own uv phase (download, sha256 check, unpack), runnable on its own."""
     settings = re.findall(r"^readonly UV_\w+=.*$", script, re.MULTILINE)
@@ -165,7 +157,7 @@ def local_torch_wheels() -> Path | None:
 
 def install_environment(cache_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "FABRIC_", "VIRTUAL"))}
-    env.update(UV_CACHE_DIR=str(cache_dir / "uv"), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
+    env.update(UV_CACHE_DIR=str(cache_dir), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
     wheels = local_torch_wheels()
     if wheels:
         env["FABRIC_TORCH_INDEX"] = str(wheels)
@@ -173,7 +165,7 @@ def install_environment(cache_dir: Path) -> dict[str, str]:
 
 
 def test_cpu_install_of_a_project_naming_torch_gives_the_cpu_build_and_no_cuda(
-    uv: Path, cache_dir: Path, tmp_path: Path
+    uv: Path, uv_cache: Path, tmp_path: Path
 ) -> None:
     """A project whose requirements say torch>=2 (which alone would pull the CUDA build from
     PyPI) and a package no node requirement has."""
@@ -181,7 +173,7 @@ def test_cpu_install_of_a_project_naming_torch_gives_the_cpu_build_and_no_cuda(
     project.mkdir()
     (project / "requirements.txt").write_text("torch>=2\ntabulate==0.9.0\n")
     (project / "main.py").write_text("import tabulate\n")
-    env = install_environment(cache_dir)
+    env = install_environment(uv_cache)
     wheels = env.get("FABRIC_TORCH_INDEX")
     venv = tmp_path / "venv"
     install = subprocess.run(
@@ -233,7 +225,7 @@ def test_cpu_install_of_a_project_naming_torch_gives_the_cpu_build_and_no_cuda(
 
 
 def test_a_dependency_that_cannot_be_installed_fails_with_the_installers_own_message(
-    uv: Path, cache_dir: Path, tmp_path: Path
+    uv: Path, uv_cache: Path, tmp_path: Path
 ) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -241,7 +233,7 @@ def test_a_dependency_that_cannot_be_installed_fails_with_the_installers_own_mes
     venv = tmp_path / "venv"
     install = subprocess.run(
         install_command(uv, venv, project),
-        env=install_environment(cache_dir),
+        env=install_environment(uv_cache),
         capture_output=True,
         text=True,
         timeout=300,

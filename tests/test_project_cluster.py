@@ -24,13 +24,7 @@ TORCH = pinned_version("torch")
 
 
 @pytest.fixture(scope="module")
-def environment(
-    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, str]:
-    cache = getattr(pytestconfig, "cache", None)
-    uv_cache = (
-        Path(cache.mkdir("fabric-install")) / "uv" if cache else tmp_path_factory.mktemp("uv-cache")
-    )
+def environment(uv_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL"))}
     env.update(
         FABRIC_VENVS_DIR=str(tmp_path_factory.mktemp("venvs")),

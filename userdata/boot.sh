@@ -14,11 +14,23 @@ set -euo pipefail
 # @@SETTINGS@@
 
 FABRIC_HOME=/opt/fabric
-# Rehearsal switch (make rehearse, never on EC2): use an existing venv instead of installing,
-# run the agent directly instead of through systemd, and never power anything off.
+# Rehearsal switches (make rehearse and tests, never on EC2): FABRIC_REHEARSAL_HOME instead of
+# /opt/fabric, the agent run directly instead of through systemd, nothing ever powered off;
+# then either FABRIC_REHEARSAL_VENV, an existing venv used instead of installing anything, or
+# FABRIC_REHEARSAL_UV and FABRIC_REHEARSAL_PYTHON, the uv and the python that the real install
+# phases use (no uv download; the python that this machine has).
+REHEARSAL=${FABRIC_REHEARSAL_HOME:-}
 REHEARSAL_VENV=${FABRIC_REHEARSAL_VENV:-}
-if [[ -n $REHEARSAL_VENV ]]; then
-  FABRIC_HOME=${FABRIC_REHEARSAL_HOME:?FABRIC_REHEARSAL_HOME must be set in a rehearsal}
+PYTHON=${FABRIC_REHEARSAL_PYTHON:-$PYTHON_VERSION}
+if [[ -n $REHEARSAL ]]; then
+  FABRIC_HOME=$REHEARSAL
+  if [[ -z $REHEARSAL_VENV ]]; then
+    : "${FABRIC_REHEARSAL_UV:?a rehearsal needs FABRIC_REHEARSAL_VENV or FABRIC_REHEARSAL_UV}"
+    : "${FABRIC_REHEARSAL_PYTHON:?FABRIC_REHEARSAL_UV needs FABRIC_REHEARSAL_PYTHON}"
+  fi
+elif [[ -n $REHEARSAL_VENV ]]; then
+  echo "FABRIC_REHEARSAL_VENV needs FABRIC_REHEARSAL_HOME" >&2
+  exit 2
 fi
 VENV=$FABRIC_HOME/venv
 PAYLOAD_DIR=$FABRIC_HOME/payload
@@ -26,7 +38,7 @@ PROJECT=$PAYLOAD_DIR/project
 INSTALL_ERROR=$FABRIC_HOME/install-error.txt
 RUN_DIR=$FABRIC_HOME/run
 export HOME=${HOME:-/root}
-export UV_CACHE_DIR=$FABRIC_HOME/cache/uv
+export UV_CACHE_DIR=${UV_CACHE_DIR:-$FABRIC_HOME/cache/uv}
 export AWS_DEFAULT_REGION=$REGION
 export PYTHONUNBUFFERED=1
 mkdir -p "$FABRIC_HOME"
@@ -41,7 +53,7 @@ begin() {
 
 # True only on an EC2 instance (Xen: /sys/hypervisor/uuid, Nitro: the DMI asset tag).
 on_real_ec2() {
-  [[ -z $REHEARSAL_VENV && -z ${AWS_EC2_METADATA_SERVICE_ENDPOINT:-} ]] || return 1
+  [[ -z $REHEARSAL && -z ${AWS_EC2_METADATA_SERVICE_ENDPOINT:-} ]] || return 1
   grep -qi '^ec2' /sys/hypervisor/uuid 2>/dev/null && return 0
   grep -q '^i-' /sys/devices/virtual/dmi/id/board_asset_tag 2>/dev/null
 }
@@ -64,6 +76,8 @@ on_error() {
   if [[ $STOP_WHEN_DONE == true ]] && on_real_ec2; then
     log "stop_when_done: powering off so that a broken node does not bill"
     systemctl poweroff
+  elif [[ $STOP_WHEN_DONE == true ]]; then
+    log "stop_when_done: would power off now (not a real EC2 instance)"
   fi
   exit "$status"
 }
@@ -72,9 +86,14 @@ trap on_error ERR
 log "fabric cluster node boot: stack $STACK_NAME, region $REGION, accelerator $ACCELERATOR"
 if [[ -n $REHEARSAL_VENV ]]; then
   log "REHEARSAL: using the venv $REHEARSAL_VENV, skipping every install; power-off disabled"
+elif [[ -n $REHEARSAL ]]; then
+  log "REHEARSAL: uv $FABRIC_REHEARSAL_UV, python $PYTHON; power-off disabled"
 fi
 
-if [[ -z $REHEARSAL_VENV ]]; then
+if [[ -n $REHEARSAL && -z $REHEARSAL_VENV ]]; then
+  uv=$FABRIC_REHEARSAL_UV
+fi
+if [[ -z $REHEARSAL ]]; then
   # uv's PyPI wheel, checked against its pinned sha256 before use; the binary is taken out
   # with python3's zipfile (Ubuntu 24.04 has python3 and curl, but no pip or unzip).
   begin uv "installing uv $UV_VERSION from $UV_WHEEL_URL"
@@ -94,10 +113,12 @@ with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as binary:
 PY
   chmod 755 "$uv"
   "$uv" --version
+fi
 
+if [[ -z $REHEARSAL_VENV ]]; then
   # boto3 first, to fetch the payload; install.sh (in the payload) then fills this venv.
-  begin venv "creating $VENV (Python $PYTHON_VERSION) with boto3"
-  "$uv" venv --python "$PYTHON_VERSION" "$VENV"
+  begin venv "creating $VENV (Python $PYTHON) with boto3"
+  "$uv" venv --python "$PYTHON" "$VENV"
   "$uv" pip install --python "$VENV/bin/python" "boto3==$BOTO3_VERSION"
 else
   ln -sfn "$REHEARSAL_VENV" "$VENV"
@@ -118,7 +139,7 @@ report_phase installing
 
 if [[ -z $REHEARSAL_VENV ]]; then
   begin install "torch $TORCH_VERSION ($ACCELERATOR build), the project's and the agent's needs"
-  bash "$PAYLOAD_DIR/userdata/install.sh" --uv "$uv" --venv "$VENV" --python "$PYTHON_VERSION" \
+  bash "$PAYLOAD_DIR/userdata/install.sh" --uv "$uv" --venv "$VENV" --python "$PYTHON" \
     --accelerator "$ACCELERATOR" --torch-version "$TORCH_VERSION" --project "$PROJECT" \
     --requirements "$PAYLOAD_DIR/userdata/requirements-node.txt" --error-file "$INSTALL_ERROR"
 else
@@ -168,7 +189,7 @@ chmod 755 "$FABRIC_HOME/run-agent.sh"
   if on_real_ec2; then echo "FABRIC_POWEROFF=allowed"; fi
 } >"$FABRIC_HOME/agent.env"
 
-if [[ -n $REHEARSAL_VENV ]]; then
+if [[ -n $REHEARSAL ]]; then
   log "REHEARSAL: running the unit's command directly (no systemd)"
   trap - ERR
   set -a
