@@ -1,12 +1,15 @@
 """The rehearsal: deploy the real template to an emulated AWS and boot every node for real.
 
-    python -m rehearsal.run [--num-nodes 2] [--devices-per-node 2] [-- SCRIPT_ARGS]
+    python -m rehearsal.run [--num-nodes 2] [--devices-per-node 2]
+                            [--project DIR --script FILE] [-- SCRIPT_ARGS]
 
 1. synth the real app with cdk.json's settings; 2. deploy it to moto (CloudFormation, EC2,
 SSM, S3, IAM) after bootstrapping it; 3. give every emulated instance a network namespace
 holding its private IP, an IMDSv2 stub with its id and tags, and run its real user data there
-(rehearsal switch: no installs, no systemd, no power-off); 4. check the training (world size,
-artifacts in S3, every phase "done", weights equal to a local-cluster run); 5. destroy the stack
+(rehearsal switch: no systemd, no power-off; the default project reuses this venv, a --project
+runs the nodes' real install phases, offline, from the uv cache that installing it here filled);
+4. check the training (world size, artifacts in S3, every phase "done", the same result as a
+local-cluster run); 5. destroy the stack
 and check that only the artifacts bucket remains. Everything it made is removed, also on failure:
 every process it starts carries the run's id in FABRIC_REHEARSAL_ID, and writes its temporary
 files in the run's work folder.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from local.process_groups import stop_groups
+from local.project_venv import project_venv, torch_source, uv_binary
 from rehearsal.emulated_aws import (
     CREDENTIAL_ENV,
     EmulatedAws,
@@ -49,8 +53,10 @@ from rehearsal.namespaces import EmulatedNetwork, namespaces_available
 from stacks.cluster_app import build_app, cdk_json_context
 from stacks.cluster_stack import VPC_CIDR
 from stacks.config import PROJECT_DIR
+from stacks.project import load_project, pinned_version
 
 IMDS_PORT = 1338
+EXAMPLE_PROJECT = PROJECT_DIR / "trainer"
 SUBNET_PREFIX_LENGTH = 24
 # In the environment of every process the rehearsal starts, down to the training workers:
 # the one thing they all carry (torchrun starts each worker in a session of its own).
@@ -85,6 +91,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         help="boot node 0 this many seconds after the others (a late main node)",
     )
+    parser.add_argument("--project", help="your project's folder (default: the example, trainer/)")
+    parser.add_argument("--script", help="with --project: the script, relative to it")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
         "--manifest",
@@ -99,7 +107,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.script_args[:1] == ["--"]:
         args.script_args = args.script_args[1:]
-    if not args.script_args:
+    if (args.project is None) != (args.script is None):
+        parser.error("--project and --script go together")
+    if not args.script_args and args.project is None:
         args.script_args = ["--epochs", "2", "--samples", "4096"]
     return args
 
@@ -274,10 +284,12 @@ def work_folder(keep: bool) -> Iterator[Path]:
 
 
 def synth(folder: Path, args: argparse.Namespace) -> tuple[Path, str, Any]:
+    project = {"project": args.project, "script": args.script} if args.project else {}
     context = cdk_json_context(
         num_nodes=args.num_nodes,
         devices_per_node=args.devices_per_node,
         script_args=shlex.join(args.script_args),
+        **project,
     )
     app, stack = build_app(context, outdir=str(folder / "cdk.out"))
     app.synth()
@@ -291,6 +303,7 @@ def boot_nodes(
     nodes: list[EmulatedInstance],
     processes: NodeProcesses,
     run_id: str,
+    install_environment: dict[str, str],
     main_node_delay: float = 0.0,
 ) -> list[subprocess.Popen[bytes]]:
     base_env = {
@@ -350,7 +363,7 @@ def boot_nodes(
         env = {
             **base_env,
             "HOME": str(home),
-            "FABRIC_REHEARSAL_VENV": sys.prefix,
+            **install_environment,
             "FABRIC_REHEARSAL_HOME": str(home / "fabric"),
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{aws.port}",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{IMDS_PORT}",
@@ -421,23 +434,17 @@ def run_environment(folder: Path, run_id: str) -> dict[str, str]:
     return {RUN_ID_VARIABLE: run_id, "TMPDIR": str(folder / "tmp")}
 
 
-def local_cluster_weights(folder: Path, config: Any, run_id: str) -> str:
+def local_cluster_summary(folder: Path, config: Any, run_id: str) -> dict[str, Any]:
     run_dir = folder / "local-run"
+    if config.project == EXAMPLE_PROJECT:  # this venv, as `make local` runs it
+        project = ["--script", (EXAMPLE_PROJECT / config.script).relative_to(PROJECT_DIR)]
+    else:  # the venv that the rehearsal installed it into
+        project = ["--project", config.project, "--script", config.script]
     command = [
-        sys.executable,
-        "-m",
-        "local.cluster",
-        "--num-nodes",
-        str(config.num_nodes),
-        "--devices-per-node",
-        str(config.devices_per_node),
-        "--script",
-        config.script,
-        "--run-dir",
-        str(run_dir),
-        "--",
-        *config.script_args,
-    ]
+        sys.executable, "-m", "local.cluster", *map(str, project),
+        "--num-nodes", str(config.num_nodes), "--devices-per-node", str(config.devices_per_node),
+        "--run-dir", str(run_dir), "--", *config.script_args,
+    ]  # fmt: skip
     result = subprocess.run(
         command,
         cwd=PROJECT_DIR,
@@ -448,7 +455,40 @@ def local_cluster_weights(folder: Path, config: Any, run_id: str) -> str:
     )
     if result.returncode != 0:
         raise RehearsalError(f"the local cluster failed: {result.stderr.strip()[-500:]}")
-    return json.loads((run_dir / "summary.json").read_text())["weights_sha256"]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def same_result(cluster: dict[str, Any], local: dict[str, Any]) -> str:
+    """The final weights' hash where the script writes one (the example), else the final loss:
+    on CPU with gloo, the same seed gives bit-identical results over loopback and namespaces."""
+    key = "weights_sha256" if "weights_sha256" in cluster else "final_loss"
+    if key not in cluster or cluster[key] != local.get(key):
+        raise RehearsalError(
+            f"{key} differs from the local cluster's: {cluster.get(key)} != {local.get(key)}"
+        )
+    return f"{key} {str(cluster[key])[:16]}"
+
+
+def install_here(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of the nodes' install phases. The example reuses this venv; a --project
+    is installed here first (the local cluster's cached venv), which fills uv's cache, from
+    which every node's real install phases then run offline (no node reaches the internet)."""
+    if args.project is None:
+        return {"FABRIC_REHEARSAL_VENV": sys.prefix}
+    project = load_project(args.project, args.script, Path.cwd(), pinned_version("torch"))
+    project_venv(project, "cpu")
+    uv = uv_binary()
+    cache = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, check=True)
+    environment = {
+        "FABRIC_REHEARSAL_UV": uv,
+        "FABRIC_REHEARSAL_PYTHON": sys.executable,
+        "UV_CACHE_DIR": cache.stdout.strip(),
+        "UV_OFFLINE": "1",
+        "UV_NO_PROGRESS": "1",
+    }
+    if torch_source():
+        environment["FABRIC_TORCH_INDEX"] = torch_source()
+    return environment
 
 
 def create_network(network: EmulatedNetwork, addresses: list[str], manifest: Manifest) -> None:
@@ -464,6 +504,7 @@ def rehearse(
     args: argparse.Namespace, folder: Path, phases: Phases, run_id: str, manifest: Manifest
 ) -> None:
     assembly, artifact, config = phases.run("synth the app", lambda: synth(folder, args))
+    installs = phases.run("install the project here", lambda: install_here(args))
     aws = EmulatedAws(folder / "aws.sock").start()
     # From the run's id: two runs at once never share a name; short, as interface names are.
     network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
@@ -492,7 +533,7 @@ def rehearse(
         boots = phases.run(
             "start stubs, boot the nodes",
             lambda: boot_nodes(
-                folder, aws, network, nodes, processes, run_id, args.main_node_delay
+                folder, aws, network, nodes, processes, run_id, installs, args.main_node_delay
             ),
         )
         phases.run("train (boot to done)", lambda: wait_for_boots(boots, args.timeout))
@@ -501,14 +542,9 @@ def rehearse(
             lambda: check_training(aws, config, outputs, folder, nodes),
         )
         local = phases.run(
-            "local cluster, same settings", lambda: local_cluster_weights(folder, config, run_id)
+            "local cluster, same settings", lambda: local_cluster_summary(folder, config, run_id)
         )
-        if local != summary["weights_sha256"]:
-            raise RehearsalError(
-                f"final weights differ from the local cluster's: "
-                f"{summary['weights_sha256']} != {local}"
-            )
-        log(f"final weights equal the local cluster's, bit for bit (sha256 {local[:16]}...)")
+        log(f"the same result as the local cluster, bit for bit ({same_result(summary, local)})")
         processes.stop_all()
         notes = phases.run("destroy the stack", lambda: destroy(aws, config.stack_name, VPC_CIDR))
         for note in notes:

@@ -105,9 +105,17 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
     return {kind: items for kind, items in found.items() if items}
 
 
-@pytest.mark.parametrize(("nodes", "devices", "main_delay"), [(2, 2, 0), (3, 1, 20)])
+@pytest.mark.parametrize(
+    ("nodes", "devices", "main_delay", "project"),
+    [
+        # The example project of examples/: the nodes' real install phases (offline, from the
+        # uv cache that installing it here filled), its uv.lock less torch's CUDA wheels.
+        (2, 2, 0, ["--project", "examples/charlm", "--script", "train.py"]),
+        (3, 1, 20, []),  # the default project (trainer/), in this venv; a late main node
+    ],
+)
 def test_rehearsal_trains_across_namespaces_and_destroys(
-    nodes: int, devices: int, main_delay: int, tmp_path: Path
+    nodes: int, devices: int, main_delay: int, project: list[str], tmp_path: Path
 ) -> None:
     assert REASON is None, REASON  # CI runs as root with iproute2 (.ci/run installs it)
     command, env, manifest = rehearsal(
@@ -118,6 +126,8 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
         str(devices),
         "--main-node-delay",
         str(main_delay),
+        *project,
+        *(["--", "--max-steps", "30"] if project else []),
     )
     process = subprocess.Popen(
         command,
@@ -130,12 +140,17 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out[-4000:] + err[-4000:]
     assert f"world size {nodes * devices};" in out
-    assert "final weights equal the local cluster's, bit for bit" in out
+    assert "the same result as the local cluster, bit for bit" in out
     assert "after destroy only the artifacts bucket remains" in out
     for rank in range(nodes):
         assert f"[node {rank}] [fabric-agent] phase: done" in out
         assert f"[node {rank}] [fabric-agent] would stop now" in out
-    assert "REHEARSAL: using the venv" in out
+    if project:
+        for rank in range(nodes):
+            assert f"[node {rank}] " in out and "0 nvidia-*)" in out
+        assert out.count("[fabric-install] done:") == nodes
+    else:
+        assert "REHEARSAL: using the venv" in out
     if main_delay:  # the other nodes waited for the main node, then trained with it
         assert f"node 0 boots in {main_delay} s" in out
     assert "stopped a stray process" not in out  # a run that ends well stops everything itself
