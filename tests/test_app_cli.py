@@ -48,6 +48,7 @@ def run_app(outdir: Path, **overrides: Any) -> subprocess.CompletedProcess[str]:
         ("key_pair", "a\tb"),
         ("main_port", "22"),
         ("script", "nope.py"),
+        ("project", "no-such-folder"),
         ("script_args", "'"),
         ("stop_when_done", "maybe"),
         ("stack_name", "_x"),
