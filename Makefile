@@ -14,7 +14,8 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check
+.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check \
+	status logs results runs
 
 $(VENV)/.runtime: requirements.txt userdata/requirements-node.txt trainer/requirements.txt
 	python3 -m venv $(VENV)
@@ -60,6 +61,23 @@ clean:
 # The main job: a real 2-node x 2-device training run on this machine (127.0.0.1).
 local: venv
 	$(PYTHON) -m local.cluster $(ARGS)
+
+# Watching a deployed cluster from this terminal (AWS credentials of the deploy), e.g.
+# make status ARGS=--watch, make logs NODE=1 FOLLOW=1, make results RUN=run-0123abcd.
+NODE ?=
+FOLLOW ?=
+RUN ?=
+status: venv
+	$(PYTHON) -m console status $(ARGS)
+
+logs: venv
+	$(PYTHON) -m console logs $(if $(NODE),--node $(NODE)) $(if $(FOLLOW),--follow) $(ARGS)
+
+results: venv
+	$(PYTHON) -m console results $(if $(RUN),--run $(RUN)) $(ARGS)
+
+runs: venv
+	$(PYTHON) -m console runs $(ARGS)
 
 # The whole deploy on this machine: the real template on moto, every node's real user data in
 # its own network namespace (needs root and iproute2), then cdk destroy's path.

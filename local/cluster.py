@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -40,8 +42,11 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
+from userdata.run_state import COMPLETE_MARKER
 
 MAIN_ADDRESS = "127.0.0.1"
+RUNS = Path("runs/local")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_SCRIPT = "trainer/train.py"
 
 
@@ -80,7 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"the script (default: {DEFAULT_SCRIPT}; with --project: a file inside it)",
     )
     parser.add_argument(
-        "--run-dir", default="runs/local", help="the payload's run directory (FABRIC_RUN_DIR)"
+        "--run",
+        help="the run: a new one each time by default (runs/local/<date-time>, "
+        "runs/local/latest points at the newest); an existing name continues that run",
+    )
+    parser.add_argument(
+        "--run-dir", help="the payload's run directory (FABRIC_RUN_DIR), instead of --run"
     )
     parser.add_argument("--main-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--rendezvous-timeout", type=int, default=120)
@@ -125,8 +135,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--script {args.script}: no such file")
     elif args.script is None:
         parser.error("--project needs --script: the script to run, relative to the project")
+    if args.run and args.run_dir:
+        parser.error("--run and --run-dir go apart: a run's directory is runs/local/<run>")
+    if args.run and not RUN_NAME.fullmatch(args.run):
+        parser.error(f"--run {args.run!r}: letters, digits, . _ - (up to 64)")
+    if not args.run_dir:
+        args.run = args.run or datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.run_dir = str(RUNS / args.run)
     args.run_dir = str(Path(args.run_dir).resolve())  # the nodes may run in the project folder
     return args
+
+
+def start_run(args: argparse.Namespace) -> bool:
+    """Makes the run's directory the newest (runs/local/latest); False if the run has ended
+    already: trained again, it would train nothing and look broken."""
+    run_dir = Path(args.run_dir)
+    if args.run and (run_dir / COMPLETE_MARKER).is_file():
+        print(
+            f"[cluster] run {args.run} is complete already ({run_dir}); "
+            "to train again, start a new run (leave out --run, or pass a new name)",
+            flush=True,
+        )
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        latest = RUNS / "latest"
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(args.run)
+        print(f"[cluster] run {args.run}: {run_dir} (runs/local/latest)", flush=True)
+    return True
+
+
+def finish_run(args: argparse.Namespace) -> None:
+    """As node 0 does in S3: the run is complete, a run started again says so."""
+    marker = {"run": args.run, "status": "complete"}
+    marker["finished"] = datetime.now(UTC).isoformat()
+    (Path(args.run_dir) / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def prepare_project(args: argparse.Namespace) -> None:
@@ -317,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.accelerator != "cpu":
         check_gpus(args)
     args.precision = args.precision or default_precision(args.accelerator)
+    if not start_run(args):
+        return 0
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -339,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         stop_all(nodes)  # nothing is left running, whatever happened
         if not failed:
+            if args.run:
+                finish_run(args)
             report(Path(args.run_dir))
             return 0
         what = f"node {failed.rank} exited with status {failed.process.returncode}"

@@ -6,12 +6,14 @@ import aws_cdk as cdk
 import jsii
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
 from stacks.payload import payload_asset
+from stacks.run_name import run_name
 from stacks.user_data import render_boot_script
 
 UBUNTU_AMI_PARAMETER = (
@@ -102,6 +104,8 @@ class ClusterStack(cdk.Stack):
         self.security_group = self._security_group()
         self.bucket = self._artifacts_bucket()
         self.payload = payload_asset(self, "Payload", config)
+        self.run_name = run_name(config)
+        self.logs = self._log_group()
         self.phase_parameters = [
             ssm.StringParameter(
                 self,
@@ -209,6 +213,20 @@ class ClusterStack(cdk.Stack):
         _ack(bucket, "AwsSolutions-S1", ACCESS_LOGGING_REASON)
         return bucket
 
+    def _log_group(self) -> logs.LogGroup:
+        """Every node's boot, agent and training output, one stream per node (node-<rank>).
+        Kept by cdk destroy (a failed cluster's logs outlive it) until its retention ends; its
+        name is CloudFormation's, so a stack made again gets a new group."""
+        group = logs.LogGroup(self, "Logs", removal_policy=cdk.RemovalPolicy.RETAIN)
+        # In days, as the setting says (CDK's RetentionDays names them instead).
+        group.node.default_child.retention_in_days = self.config.log_retention_days  # type: ignore[union-attr]
+        _checkov_skip(
+            group,
+            ("CKV_AWS_158", "Encrypted by CloudWatch Logs' own key; no customer key to manage."),
+            ("CKV_AWS_338", "Retention is the log_retention_days setting (default 30 days)."),
+        )
+        return group
+
     def _node_role(self) -> iam.Role:
         role = iam.Role(
             self,
@@ -225,6 +243,9 @@ class ClusterStack(cdk.Stack):
         self.bucket.grant_put(role)
         for parameter in self.phase_parameters:
             parameter.grant_write(role)
+            # Every node watches the others': one failed node stops them all.
+            parameter.grant_read(role)
+        self.logs.grant_write(role)
         # By ARN, not through the parameter: it refers to node 0, which depends on this role.
         role.add_to_policy(
             iam.PolicyStatement(
@@ -277,6 +298,8 @@ class ClusterStack(cdk.Stack):
                 region=self.region,
                 payload_url=self.payload.s3_object_url,
                 artifacts_bucket=self.bucket.bucket_name,
+                run_name=self.run_name,
+                log_group=self.logs.log_group_name,
             )
         )
         profile = iam.InstanceProfile(self, "NodeProfile", role=self.role)
@@ -459,5 +482,12 @@ class ClusterStack(cdk.Stack):
                 ),
             )
         cdk.CfnOutput(self, "ArtifactsBucket", value=self.bucket.bucket_name)
+        cdk.CfnOutput(
+            self,
+            "RunName",
+            description="The run this deploy trains: s3://<ArtifactsBucket>/<stack>/<run>/",
+            value=self.run_name,
+        )
+        cdk.CfnOutput(self, "LogGroup", value=self.logs.log_group_name)
         cdk.CfnOutput(self, "StillBilled", value=self._still_billed())
         cdk.CfnOutput(self, "MainAddressParameter", value=self.config.main_address_parameter)

@@ -40,6 +40,10 @@ _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _AMI = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What CloudWatch Logs accepts as a retention period.
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
+                      2192, 2557, 2922, 3288, 3653)  # fmt: skip
 _KEY_PAIR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,253}[\x21-\x7e]$|^[\x21-\x7e]$")
 
 MAX_DEVICES_PER_NODE = 128
@@ -72,6 +76,8 @@ class ClusterConfig:
     spot: bool
     precision: str
     ami: str | None  # None: the image of the SSM parameter, looked up once and cached
+    run: str | None  # None: named after what the nodes run (stacks/run_name.py)
+    log_retention_days: int
 
     @property
     def instance_family(self) -> str:
@@ -289,6 +295,36 @@ def _key_pair(value: object) -> str | None:
     return text
 
 
+def _run(value: object) -> str | None:
+    allowed = (
+        '"" (named after what the nodes run: the same project and settings continue the same '
+        "run) or a name of letters, digits, . _ - (up to 64, starting with a letter or digit)"
+    )
+    if value is None:
+        return None
+    text = _string("run", value, allowed)
+    if text == "":
+        return None
+    if not _RUN.fullmatch(text):
+        raise _invalid("run", value, allowed)
+    return text
+
+
+def _log_retention_days(value: object) -> int:
+    allowed = "expected one of CloudWatch's retention periods in days: " + ", ".join(
+        map(str, LOG_RETENTION_DAYS)
+    )
+    if isinstance(value, bool):
+        raise _invalid("log_retention_days", value, allowed)
+    try:
+        days = int(str(value).strip())
+    except ValueError:
+        raise _invalid("log_retention_days", value, allowed) from None
+    if days not in LOG_RETENTION_DAYS:
+        raise _invalid("log_retention_days", value, allowed)
+    return days
+
+
 def _script_args(value: object) -> tuple[str, ...]:
     allowed = "expected a string of arguments for the script, shell-quoted"
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -320,6 +356,8 @@ SETTINGS = (
     "spot",
     "precision",
     "ami",
+    "run",
+    "log_retention_days",
 )
 
 
@@ -341,7 +379,7 @@ def load_config(
     raw: dict[str, object] = {}
     for key in SETTINGS:
         value = get_context(key)
-        if value is None and key not in ("key_pair", "ami"):
+        if value is None and key not in ("key_pair", "ami", "run"):
             raise ConfigError(
                 f'missing setting {key}: set it in cdk.json "context" or pass -c {key}=VALUE'
             )
@@ -370,4 +408,6 @@ def load_config(
         spot=_boolean("spot", raw["spot"]),
         precision=_precision(raw["precision"], accelerator, instance_type),
         ami=_ami(raw["ami"]) if raw["ami"] is not None else None,
+        run=_run(raw["run"]),
+        log_retention_days=_log_retention_days(raw["log_retention_days"]),
     )

@@ -43,6 +43,8 @@ def render_boot_script(
     region: str,
     payload_url: str,
     artifacts_bucket: str,
+    run_name: str = "run",
+    log_group: str = "",
 ) -> str:
     """boot.sh with its settings block filled in; region/url/bucket may be CDK tokens."""
     settings = {
@@ -57,6 +59,8 @@ def render_boot_script(
         "PHASE_PARAMETER": config.phase_parameter_template,
         "PAYLOAD_URL": payload_url,
         "ARTIFACTS_BUCKET": artifacts_bucket,
+        "RUN_NAME": run_name,
+        "LOG_GROUP": log_group,
         "SCRIPT": config.script,
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
         "MAX_RESTARTS": str(config.max_restarts),

@@ -177,6 +177,15 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def write_progress(run_dir: Path, values: dict[str, Any]) -> None:
+    """progress.json: what `make status` shows while the run trains (rank 0 only). Replaced
+    in one rename, so a reader never sees half of it."""
+    progress = {**values, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+    partial = run_dir / "progress.json.tmp"
+    partial.write_text(json.dumps(progress) + "\n")
+    partial.replace(run_dir / "progress.json")
+
+
 def plot_loss(history: list[list[float]], path: Path) -> None:
     import matplotlib
 
@@ -272,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.epochs} epochs, run dir {run_dir}"
     )
     started, trained_steps, step_seconds = time.perf_counter(), 0, 0.0
+    progress_written = 0.0  # when progress.json was written last (time.perf_counter)
     first_epoch = state["step"] // steps_per_epoch
     for epoch in range(first_epoch, args.epochs):
         sampler.set_epoch_from_loop(epoch)
@@ -324,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix(
                     loss=f"{global_loss:.4f}", samples_per_s=f"{rate:.0f}", refresh=False
                 )
+                if fabric.is_global_zero and time.perf_counter() - progress_written >= 15:
+                    progress_written = time.perf_counter()
+                    progress = {"step": state["step"], "total_steps": total_steps}
+                    progress |= {"loss": global_loss, "samples_per_s": rate}
+                    write_progress(run_dir, progress)
             bar.update()
             if args.checkpoint_every and state["step"] % args.checkpoint_every == 0:
                 last_saved = save_checkpoint(fabric, checkpoint_dir, state)
@@ -378,6 +393,15 @@ def main(argv: list[str] | None = None) -> None:
             "metrics": str(Path(logger.log_dir) / "metrics.csv"),
             "plot": str(plot_path),
         }
+        write_progress(
+            run_dir,
+            {
+                "step": state["step"],
+                "total_steps": total_steps,
+                "loss": summary["final_loss"],
+                "samples_per_s": summary["samples_per_s"],
+            },
+        )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         fabric.print("summary: " + json.dumps(summary))
 

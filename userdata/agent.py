@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from userdata.artifacts import ArtifactSync
 from userdata.errors import AgentError
@@ -37,10 +39,14 @@ from userdata.gpus import wait_for_gpus
 from userdata.imds import Imds, NodeIdentity, read_identity
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
+from userdata.peers import PeerWatch
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
+from userdata.run_state import completed, mark_complete, restore
 from userdata.spot import SpotWatcher
 
+T = TypeVar("T")
+PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
 
 
@@ -84,7 +90,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the project folder: fabric run's working directory (default: the current one)",
     )
     parser.add_argument(
-        "--artifacts-uri", default="", help="s3://bucket/prefix that rank 0 copies the run dir to"
+        "--artifacts-uri",
+        default="",
+        help="s3://bucket/stack/run: the run's files, restored from and copied to by rank 0",
+    )
+    parser.add_argument("--run-name", default="run", help="the run's name, for messages")
+    parser.add_argument(
+        "--peer-poll-interval",
+        type=float,
+        default=15.0,
+        help="seconds between looks at the other nodes' phases (one failed: stop)",
     )
     parser.add_argument(
         "--stop-when-done",
@@ -201,6 +216,7 @@ def run_fabric(
     environment: dict[str, str],
     watcher: SpotWatcher | None = None,
     workdir: str = "",
+    peers: PeerWatch | None = None,
 ) -> int:
     """Runs fabric run in the project folder (as the manual procedure's `cd`), with the venv's
     bin first on PATH, its output streamed as it comes."""
@@ -209,6 +225,8 @@ def run_fabric(
     process = subprocess.Popen(command, env=env, cwd=workdir or None)
     if watcher:
         watcher.attach(process.pid)
+    if peers:
+        peers.attach(process)
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)
@@ -219,6 +237,14 @@ def run_fabric(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_state(action: Callable[[], T], uri: str) -> T:
+    """The run's state in S3, read once before training: unreadable is one clear line."""
+    try:
+        return action()
+    except (BotoCoreError, ClientError) as error:
+        raise AgentError(f"cannot read the run's files in {uri}/: {error}") from None
 
 
 def identify(imds: Imds) -> NodeIdentity:
@@ -249,6 +275,17 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         reporter.record("waiting-for-gpus")
         gpus = wait_for_gpus(args.devices_per_node, args.gpu_timeout, log=log)
         log(f"nvidia-smi sees {gpus} GPU(s)")
+    s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
+    if args.artifacts_uri and not args.dry_run:
+        marker = run_state(lambda: completed(s3, args.artifacts_uri), args.artifacts_uri)
+        if marker:
+            # Trained again in silence, it would look like a broken machine: say so instead.
+            log(
+                f"run {args.run_name} ended at {marker.get('finished', '?')}; its results are in "
+                f"{args.artifacts_uri}/. To train again, deploy with a new -c run=NAME."
+            )
+            reporter.record(f"done: run {args.run_name} already complete ({args.artifacts_uri}/)")
+            return 0
     reporter.record("waiting-for-main")
     command, environment = resolve(args, identity, ssm)
     if args.dry_run:
@@ -256,18 +293,41 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         for key, value in sorted(environment.items()):
             print(f"{key}={value}", flush=True)
         return 0
-    log(f"running: {shlex.join(command)}")
+    started = "training"
     sync = None
     if identity.node_rank == 0 and args.artifacts_uri and args.run_dir:
-        s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
-        sync = ArtifactSync(s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval)
+        reporter.record("restoring")
+        restored = run_state(
+            lambda: restore(s3, args.artifacts_uri, Path(args.run_dir)), args.artifacts_uri
+        )
+        started = f"training ({restored.describe()})"
+        log(f"run {args.run_name}: {restored.describe()} ({args.artifacts_uri}/)")
+        sync = ArtifactSync(
+            s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval, PROGRESS_INTERVAL
+        )
         sync.start()
+    log(f"running: {shlex.join(command)}")
     watcher = SpotWatcher(imds, args.spot_poll_interval, log)
     watcher.start()
-    status = supervise(command, environment, args, reporter, watcher)
+    peers = None
+    if args.phase_parameter:
+        peers = PeerWatch(
+            ssm,
+            args.phase_parameter,
+            identity.num_nodes,
+            identity.node_rank,
+            args.peer_poll_interval,
+            log,
+        )
+        peers.start()
+    status = supervise(command, environment, args, reporter, watcher, peers, started)
     watcher.stop()
+    if peers:
+        peers.stop()
     if sync:
         log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
+    if peers and peers.failed:
+        raise AgentError(peers.reason)
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
         reporter.record(f"interrupted: spot instance-action {watcher.notice}")
@@ -275,6 +335,8 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
     if status != 0:
         restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
         raise AgentError(f"fabric run exited with status {status}{restarts}")
+    if sync:
+        mark_complete(s3, args.artifacts_uri, args.run_name)
     reporter.record("done")
     return status
 
@@ -285,13 +347,17 @@ def supervise(
     args: argparse.Namespace,
     reporter: PhaseReporter,
     watcher: SpotWatcher | None = None,
+    peers: PeerWatch | None = None,
+    started: str = "training",
 ) -> int:
     """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
-    the payload resumes from its newest checkpoint), at most --max-restarts times."""
+    the payload resumes from its newest checkpoint), at most --max-restarts times; never again
+    once a peer has failed for good or a spot notice came."""
     for attempt in range(args.max_restarts + 1):
-        reporter.record("training" if attempt == 0 else f"training (restart {attempt})")
-        status = run_fabric(command, environment, watcher, args.workdir)
-        if status == 0 or attempt == args.max_restarts or (watcher and watcher.notice):
+        reporter.record(started if attempt == 0 else f"training (restart {attempt})")
+        status = run_fabric(command, environment, watcher, args.workdir, peers)
+        stopped = (watcher and watcher.notice) or (peers and peers.failed)
+        if status == 0 or attempt == args.max_restarts or stopped:
             return status
         log(
             f"fabric run exited with status {status}: restart {attempt + 1} of "

@@ -9,6 +9,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+PROGRESS_FILE = "progress.json"  # written by the script, shown by `make status`
+
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
@@ -29,20 +31,32 @@ def is_complete(path: Path) -> bool:
 class ArtifactSync:
     """Uploads new or changed complete files; an S3 object appears only once fully uploaded."""
 
-    def __init__(self, s3: Any, uri: str, run_dir: Path, interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        s3: Any,
+        uri: str,
+        run_dir: Path,
+        interval: float = 60.0,
+        progress_interval: float | None = None,
+    ) -> None:
+        """progress_interval: how often the script's small progress.json goes up on its own
+        (what `make status` shows), between the full syncs."""
         self.s3 = s3
         self.bucket, self.prefix = split_s3_uri(uri)
         self.run_dir = run_dir
         self.interval = interval
+        self.progress_interval = progress_interval or interval
         self._seen: dict[Path, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def sync_once(self) -> int:
+    def sync_once(self, only: str | None = None) -> int:
+        """Uploads what changed (only: just the file of that name at the run dir's top)."""
         uploaded = 0
         if not self.run_dir.is_dir():
             return 0
-        for path in sorted(self.run_dir.rglob("*")):
+        paths = [self.run_dir / only] if only else sorted(self.run_dir.rglob("*"))
+        for path in paths:
             if not path.is_file() or not is_complete(path):
                 continue
             try:
@@ -67,8 +81,15 @@ class ArtifactSync:
         return uploaded
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sync_once()
+        since_full = 0.0
+        step = min(self.interval, self.progress_interval)
+        while not self._stop.wait(step):
+            since_full += step
+            if since_full >= self.interval:
+                since_full = 0.0
+                self.sync_once()
+            else:
+                self.sync_once(only=PROGRESS_FILE)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="artifact-sync", daemon=True)

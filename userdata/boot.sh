@@ -64,6 +64,38 @@ report_phase() {
     --phase-parameter "$PHASE_PARAMETER" "$1") || log "could not record phase '$1'"
 }
 
+# CloudWatch Logs, one stream per node (userdata/log_shipper.py): boot.log and agent.log, read
+# from their start, shipped by a process of its own, so that a slow CloudWatch never stalls
+# training. On EC2 a transient systemd unit (stopped, and flushed, at power-off).
+LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid
+start_log_shipper() {
+  [[ -n $LOG_GROUP && -f $PAYLOAD_DIR/userdata/log_shipper.py ]] || return 0
+  local shipper=("$VENV/bin/python" -m userdata.log_shipper --log-group "$LOG_GROUP"
+    --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log")
+  if [[ -z $REHEARSAL ]]; then
+    systemd-run --unit=fabric-logs --property=Restart=on-failure \
+      --working-directory="$PAYLOAD_DIR" "${shipper[@]}"
+  else
+    (cd "$PAYLOAD_DIR" && exec "${shipper[@]}") >>"$FABRIC_HOME/log-shipper.log" 2>&1 &
+    echo $! >"$LOG_SHIPPER_PID"
+  fi
+  log "logs: shipping to CloudWatch Logs group $LOG_GROUP"
+}
+
+# Outside systemd only (a rehearsal): let the shipper send what is left, then stop it.
+stop_log_shipper() {
+  [[ -f $LOG_SHIPPER_PID ]] || return 0
+  local pid
+  pid=$(cat "$LOG_SHIPPER_PID")
+  rm -f "$LOG_SHIPPER_PID"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in {1..100}; do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
 on_error() {
   local status=$?
   log "FAILED in phase $phase (exit status $status)"
@@ -79,6 +111,7 @@ on_error() {
   elif [[ $STOP_WHEN_DONE == true ]]; then
     log "stop_when_done: would power off now (not a real EC2 instance)"
   fi
+  stop_log_shipper
   exit "$status"
 }
 trap on_error ERR
@@ -135,6 +168,7 @@ boto3.client("s3").download_file(bucket, key, sys.argv[2])
 PY
 rm -rf "$PAYLOAD_DIR"
 "$VENV/bin/python" -m zipfile -e "$FABRIC_HOME/payload.zip" "$PAYLOAD_DIR"
+start_log_shipper
 report_phase installing
 
 if [[ -z $REHEARSAL_VENV ]]; then
@@ -163,7 +197,8 @@ agent=("$VENV/bin/python" -m userdata.agent
   --max-restarts "$MAX_RESTARTS"
   --run-dir "$RUN_DIR"
   --workdir "$PROJECT"
-  --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME"
+  --run-name "$RUN_NAME"
+  --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME/$RUN_NAME"
   "${stop_flag[@]}"
   "$SCRIPT" -- "${SCRIPT_ARGS[@]}")
 {
@@ -176,9 +211,20 @@ agent=("$VENV/bin/python" -m userdata.agent
   echo 'else'
   printf '  echo %q\n' "max_hours: would power off in $MAX_HOURS h (power-off not allowed here)"
   echo 'fi'
-  printf 'cd %q && exec' "$PAYLOAD_DIR"
-  printf ' %q' "${agent[@]}"
-  echo
+  # The agent's and the training's output also goes to agent.log, for the log shipper.
+  # shellcheck disable=SC2016  # written literally: run-agent.sh expands them
+  printf 'cd %q || exit 1\n' "$PAYLOAD_DIR"
+  printf '%q ' "${agent[@]}"
+  printf '2>&1 | tee -a %q\n' "$FABRIC_HOME/agent.log"
+  # shellcheck disable=SC2016
+  echo 'status=${PIPESTATUS[0]}'
+  if [[ -n $REHEARSAL ]]; then
+    declare -f stop_log_shipper
+    printf 'LOG_SHIPPER_PID=%q\n' "$LOG_SHIPPER_PID"
+    echo 'stop_log_shipper'
+  fi
+  # shellcheck disable=SC2016
+  echo 'exit "$status"'
 } >"$FABRIC_HOME/run-agent.sh"
 chmod 755 "$FABRIC_HOME/run-agent.sh"
 {

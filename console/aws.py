@@ -1,0 +1,314 @@
+"""AWS access for the console: the session and its clients, the stack's outputs, the nodes'
+phases and instance states, small S3 reads, and every AWS failure as one line."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ProfileNotFound,
+)
+
+DEFAULT_STACK = "FabricCluster"
+CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
+NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
+NO_REGION = "no AWS region: set AWS_DEFAULT_REGION (or aws configure), or pass --region"
+# A console must answer or fail within seconds, not wait out botocore's 60 s connect timeout
+# and legacy retries when an endpoint cannot be reached.
+CLIENT_CONFIG = Config(
+    connect_timeout=5,
+    read_timeout=30,
+    retries={"max_attempts": 3, "mode": "standard"},
+    user_agent_extra="fabric-console",
+)
+# The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
+PHASE_PARAMETER = "/fabric/{stack}/node-{rank}/phase"
+GET_PARAMETERS_MAX = 10
+NODE_OUTPUT = re.compile(r"^Node(\d+)InstanceId$")
+
+
+class ConsoleError(Exception):
+    """A failure the console reports as one line, `error: ...`, with exit status 2."""
+
+
+def default_stack_name(cdk_json: Path = CDK_JSON) -> str:
+    """The stack `make deploy` creates: cdk.json's context.stack_name."""
+    try:
+        context = json.loads(cdk_json.read_text()).get("context", {})
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_STACK
+    name = context.get("stack_name") if isinstance(context, dict) else None
+    return name if isinstance(name, str) and name else DEFAULT_STACK
+
+
+def explain(error: BaseException) -> str | None:
+    """The one line a user reads for an AWS failure; None for an error that is a bug."""
+    if isinstance(error, ConsoleError):
+        text = str(error)
+    elif isinstance(error, NoCredentialsError):
+        text = NO_CREDENTIALS
+    elif isinstance(error, NoRegionError):
+        text = NO_REGION
+    elif isinstance(error, ProfileNotFound):
+        text = f"{error}: check AWS_PROFILE or ~/.aws/config"
+    elif isinstance(error, HTTPClientError):  # refused, timed out, DNS, TLS, proxy
+        endpoint = error.kwargs.get("endpoint_url") or "the AWS endpoint"
+        text = (
+            f"cannot reach {endpoint}: check the network, --region, or AWS_ENDPOINT_URL "
+            f"({type(error).__name__})"
+        )
+    elif isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        code, message = details.get("Code", "?"), details.get("Message", "")
+        if code in ("ExpiredToken", "ExpiredTokenException", "RequestExpired"):
+            text = f"AWS credentials have expired ({code}): refresh them (aws sso login, ...)"
+        elif code in (
+            "InvalidClientTokenId",
+            "UnrecognizedClientException",
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+        ):
+            text = f"AWS rejected the credentials ({code}): check them with aws sts get-caller-identity"
+        else:
+            text = f"AWS refused {error.operation_name}: {code}: {message}"
+    elif isinstance(error, BotoCoreError):
+        text = f"AWS: {error}"
+    else:
+        return None
+    return " ".join(text.split())  # one line, whatever the service put in its message
+
+
+@dataclass
+class Aws:
+    """One session for a command: one region, one set of credentials, clients made once."""
+
+    session: boto3.Session
+    _clients: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def region(self) -> str:
+        return self.session.region_name or ""
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self.session.client(service, config=CLIENT_CONFIG)
+        return self._clients[service]
+
+
+def connect(region: str | None) -> Aws:
+    """Fails before any request when there is no region or no credentials, so the user gets
+    the one reason and not a signing error from the middle of a command."""
+    try:
+        session = boto3.Session(region_name=region)
+        if not session.region_name:
+            raise ConsoleError(NO_REGION)
+        if session.get_credentials() is None:
+            raise ConsoleError(NO_CREDENTIALS)
+    except ProfileNotFound as error:
+        raise ConsoleError(explain(error)) from error
+    return Aws(session)
+
+
+def error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def no_stack_message(name: str, region: str) -> str:
+    return (
+        f"no stack {name} in region {region}: deploy it with make deploy, "
+        "or pass --stack/--region"
+    )
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What a deployed stack publishes in its outputs (see stacks/)."""
+
+    name: str
+    region: str
+    status: str
+    outputs: dict[str, str]
+
+    def output(self, key: str) -> str:
+        value = self.outputs.get(key)
+        if not value:
+            raise ConsoleError(
+                f"stack {self.name} ({self.status}) has no output {key}: it is still being "
+                "created, or was deployed by an older version of this app (make deploy)"
+            )
+        return value
+
+    @property
+    def bucket(self) -> str:
+        return self.output("ArtifactsBucket")
+
+    @property
+    def run(self) -> str:
+        return self.output("RunName")
+
+    @property
+    def log_group(self) -> str:
+        return self.output("LogGroup")
+
+    @property
+    def instance_ids(self) -> list[str]:
+        """Instance ids by rank (index = node rank)."""
+        by_rank = {
+            int(match.group(1)): value
+            for key, value in self.outputs.items()
+            if (match := NODE_OUTPUT.match(key))
+        }
+        if not by_rank:
+            self.output("Node0InstanceId")  # raises the missing-output error
+        return [by_rank.get(rank, "") for rank in range(max(by_rank) + 1)]
+
+
+def load_stack(aws: Aws, name: str) -> Stack:
+    try:
+        answer = aws.client("cloudformation").describe_stacks(StackName=name)
+    except ClientError as error:
+        if error_code(error) == "ValidationError" and "does not exist" in str(error):
+            raise ConsoleError(no_stack_message(name, aws.region)) from error
+        raise
+    stack = answer["Stacks"][0]
+    outputs = {item["OutputKey"]: item.get("OutputValue", "") for item in stack.get("Outputs", [])}
+    return Stack(name=name, region=aws.region, status=stack["StackStatus"], outputs=outputs)
+
+
+@dataclass(frozen=True)
+class NodePhase:
+    rank: int
+    phase: str | None  # None: the node has not reported a phase yet
+    since: datetime | None  # when the phase was recorded (the parameter's LastModifiedDate)
+
+
+def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def read_phases(aws: Aws, stack: str, num_nodes: int) -> list[NodePhase]:
+    names = [PHASE_PARAMETER.format(stack=stack, rank=rank) for rank in range(num_nodes)]
+    found: dict[str, dict[str, Any]] = {}
+    ssm = aws.client("ssm")
+    for batch in chunks(names, GET_PARAMETERS_MAX):
+        for parameter in ssm.get_parameters(Names=list(batch)).get("Parameters", []):
+            found[parameter["Name"]] = parameter
+    phases = []
+    for rank, name in enumerate(names):
+        parameter = found.get(name)
+        if parameter is None:
+            phases.append(NodePhase(rank, None, None))
+            continue
+        since = parameter.get("LastModifiedDate")
+        phases.append(
+            NodePhase(rank, parameter.get("Value"), since.astimezone(UTC) if since else None)
+        )
+    return phases
+
+
+def instance_states(aws: Aws, instance_ids: Sequence[str]) -> dict[str, str]:
+    """State by instance id; an id EC2 no longer knows is absent (a filter, unlike InstanceIds,
+    does not fail the whole call for one unknown id)."""
+    ids = [instance_id for instance_id in instance_ids if instance_id]
+    if not ids:
+        return {}
+    states: dict[str, str] = {}
+    pages = aws.client("ec2").get_paginator("describe_instances").paginate(
+        Filters=[{"Name": "instance-id", "Values": ids}]
+    )
+    for page in pages:
+        for reservation in page.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                states[instance["InstanceId"]] = instance.get("State", {}).get("Name", "?")
+    return states
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    modified: datetime
+
+
+def list_objects(aws: Aws, bucket: str, prefix: str) -> list[S3Object]:
+    objects = []
+    try:
+        for page in aws.client("s3").get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            for item in page.get("Contents", []):
+                objects.append(
+                    S3Object(item["Key"], int(item.get("Size", 0)), item["LastModified"])
+                )
+    except ClientError as error:
+        raise _bucket_error(error, bucket) from error
+    return objects
+
+
+def list_prefixes(aws: Aws, bucket: str, prefix: str) -> list[str]:
+    """The 'folders' directly under prefix, without it and without the trailing slash."""
+    names = []
+    try:
+        for page in aws.client("s3").get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, Delimiter="/"
+        ):
+            for item in page.get("CommonPrefixes", []):
+                names.append(item["Prefix"][len(prefix) :].rstrip("/"))
+    except ClientError as error:
+        raise _bucket_error(error, bucket) from error
+    return [name for name in names if name]
+
+
+def _bucket_error(error: ClientError, bucket: str) -> Exception:
+    if error_code(error) == "NoSuchBucket":
+        return ConsoleError(f"no bucket {bucket}: it was deleted, or is in another account")
+    return error
+
+
+def read_json(
+    aws: Aws, bucket: str, key: str, version_id: str | None = None
+) -> dict[str, Any] | None:
+    """A small JSON object written by the script or the agent; None when it is not there or
+    is not a JSON object (a script's file is never a reason for the console to fail)."""
+    extra = {"VersionId": version_id} if version_id else {}
+    try:
+        body = aws.client("s3").get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+    except ClientError as error:
+        if error_code(error) in ("NoSuchKey", "404", "NoSuchVersion", "InvalidArgument"):
+            return None
+        raise _bucket_error(error, bucket) from error
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def previous_version_id(aws: Aws, bucket: str, key: str) -> str | None:
+    """The version of key before the current one: the artifacts bucket is versioned, so an
+    earlier progress.json is there to measure a step rate from a single look."""
+    try:
+        answer = aws.client("s3").list_object_versions(Bucket=bucket, Prefix=key, MaxKeys=10)
+    except ClientError:
+        return None  # no permission for versions: a rate from one look is a nicety
+    versions = [
+        version
+        for version in answer.get("Versions", [])
+        if version.get("Key") == key and version.get("VersionId") not in (None, "null")
+    ]
+    versions.sort(key=lambda version: version["LastModified"], reverse=True)
+    return versions[1]["VersionId"] if len(versions) > 1 else None

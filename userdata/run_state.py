@@ -1,0 +1,75 @@
+"""A run's state in S3, at s3://<bucket>/<stack>/<run>/: node 0 restores it before training
+(so a cluster made again continues the run) and marks it complete when training has ended."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from userdata.artifacts import is_complete, split_s3_uri
+
+COMPLETE_MARKER = "fabric-run.json"
+_STEP = re.compile(r"step-(\d+)\.ckpt$")
+
+
+@dataclass(frozen=True)
+class Restored:
+    files: int
+    step: int | None  # of the newest checkpoint restored (step-N.ckpt), if any
+
+    def describe(self) -> str:
+        if self.step is not None:
+            return f"resumed from step {self.step}"
+        return f"restored {self.files} file(s)" if self.files else "new run"
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def completed(s3: Any, uri: str) -> dict[str, Any] | None:
+    """The run's completion marker, if the run has ended well."""
+    bucket, prefix = split_s3_uri(uri)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER))["Body"].read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return json.loads(body)
+
+
+def mark_complete(s3: Any, uri: str, run: str) -> None:
+    bucket, prefix = split_s3_uri(uri)
+    marker = {"run": run, "status": "complete", "finished": datetime.now(UTC).isoformat()}
+    s3.put_object(
+        Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER), Body=json.dumps(marker).encode()
+    )
+
+
+def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
+    """Every complete file of the run (no temporary or set-aside name) into run_dir; each lands
+    under a temporary name first, so a restore cut short leaves nothing half-written."""
+    bucket, prefix = split_s3_uri(uri)
+    files, steps = 0, []
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
+    for page in pages:
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(_key(prefix, "")) :]
+            target = run_dir / relative
+            if not relative or relative == COMPLETE_MARKER or not is_complete(target):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            s3.download_file(bucket, item["Key"], str(partial))
+            partial.replace(target)
+            files += 1
+            if match := _STEP.search(relative):
+                steps.append(int(match.group(1)))
+    return Restored(files, max(steps) if steps else None)
