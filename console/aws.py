@@ -81,7 +81,7 @@ def explain(error: BaseException) -> str | None:
             "SignatureDoesNotMatch",
             "InvalidAccessKeyId",
         ):
-            text = f"AWS rejected the credentials ({code}): check them with aws sts get-caller-identity"
+            text = f"AWS rejected the credentials ({code}): check aws sts get-caller-identity"
         else:
             text = f"AWS refused {error.operation_name}: {code}: {message}"
     elif isinstance(error, BotoCoreError):
@@ -128,8 +128,7 @@ def error_code(error: ClientError) -> str:
 
 def no_stack_message(name: str, region: str) -> str:
     return (
-        f"no stack {name} in region {region}: deploy it with make deploy, "
-        "or pass --stack/--region"
+        f"no stack {name} in region {region}: deploy it with make deploy, or pass --stack/--region"
     )
 
 
@@ -227,8 +226,10 @@ def instance_states(aws: Aws, instance_ids: Sequence[str]) -> dict[str, str]:
     if not ids:
         return {}
     states: dict[str, str] = {}
-    pages = aws.client("ec2").get_paginator("describe_instances").paginate(
-        Filters=[{"Name": "instance-id", "Values": ids}]
+    pages = (
+        aws.client("ec2")
+        .get_paginator("describe_instances")
+        .paginate(Filters=[{"Name": "instance-id", "Values": ids}])
     )
     for page in pages:
         for reservation in page.get("Reservations", []):
@@ -247,8 +248,8 @@ class S3Object:
 def list_objects(aws: Aws, bucket: str, prefix: str) -> list[S3Object]:
     objects = []
     try:
-        for page in aws.client("s3").get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix
+        for page in (
+            aws.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         ):
             for item in page.get("Contents", []):
                 objects.append(
@@ -263,8 +264,10 @@ def list_prefixes(aws: Aws, bucket: str, prefix: str) -> list[str]:
     """The 'folders' directly under prefix, without it and without the trailing slash."""
     names = []
     try:
-        for page in aws.client("s3").get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, Delimiter="/"
+        for page in (
+            aws.client("s3")
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
         ):
             for item in page.get("CommonPrefixes", []):
                 names.append(item["Prefix"][len(prefix) :].rstrip("/"))

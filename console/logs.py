@@ -76,8 +76,10 @@ def _group_error(error: ClientError, group: str, region: str) -> Exception:
 def existing_streams(aws: Aws, group: str) -> set[str]:
     names: set[str] = set()
     try:
-        for page in aws.client("logs").get_paginator("describe_log_streams").paginate(
-            logGroupName=group, logStreamNamePrefix="node-"
+        for page in (
+            aws.client("logs")
+            .get_paginator("describe_log_streams")
+            .paginate(logGroupName=group, logStreamNamePrefix="node-")
         ):
             names.update(stream["logStreamName"] for stream in page.get("logStreams", []))
     except ClientError as error:
@@ -133,7 +135,9 @@ def run_logs(
                         f"no log stream {wanted[0]} in {group}: node {node} has not logged "
                         "anything yet (--follow waits for it)"
                     )
-            events = [event for event in fetch(aws, group, streams, start) if event.event_id not in shown]
+            events = [
+                event for event in fetch(aws, group, streams, start) if event.event_id not in shown
+            ]
             for event in merge(events):
                 echo(format_event(event))
                 shown[event.event_id] = event.timestamp

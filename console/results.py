@@ -129,9 +129,7 @@ def format_results(
         f"{len(downloads) - fetched} already here, {len(skipped)} temporary skipped"
     ]
     if summary is None:
-        lines.append(
-            "no summary.json: the run has not finished, or its script writes none"
-        )
+        lines.append("no summary.json: the run has not finished, or its script writes none")
     else:
         lines += ["", "summary.json:", json.dumps(summary, indent=2, sort_keys=False), ""]
     rows = [[what, str(path) if path else NO_VALUE] for what, path in paths.items()]

@@ -187,7 +187,9 @@ def training_elapsed(snapshot: Snapshot) -> float | None:
     """Since the earliest node entered training; for a finished run, the script's own
     train_time_s when its summary has one."""
     starts = [
-        node.since for node in snapshot.nodes if node.since and (node.phase or "").startswith("training")
+        node.since
+        for node in snapshot.nodes
+        if node.since and (node.phase or "").startswith("training")
     ]
     if starts:
         return (snapshot.now - min(starts)).total_seconds()
@@ -306,7 +308,9 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
                 if earlier:
                     history.add(Progress.from_json(earlier))
             history.add(progress)
-    summary = read_json(aws, bucket, prefix + "summary.json") if "summary.json" in modified else None
+    summary = (
+        read_json(aws, bucket, prefix + "summary.json") if "summary.json" in modified else None
+    )
     return Snapshot(
         stack=stack.name,
         region=stack.region,

@@ -92,6 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--run-dir", help="the payload's run directory (FABRIC_RUN_DIR), instead of --run"
     )
+    parser.add_argument("--runs", default=str(RUNS), help="where runs live (default: %(default)s)")
     parser.add_argument("--main-port", type=int, default=0, help="default: a free port")
     parser.add_argument("--rendezvous-timeout", type=int, default=120)
     parser.add_argument(
@@ -141,7 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--run {args.run!r}: letters, digits, . _ - (up to 64)")
     if not args.run_dir:
         args.run = args.run or datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.run_dir = str(RUNS / args.run)
+        args.run_dir = str(Path(args.runs) / args.run)
     args.run_dir = str(Path(args.run_dir).resolve())  # the nodes may run in the project folder
     return args
 
@@ -159,10 +160,10 @@ def start_run(args: argparse.Namespace) -> bool:
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.run:
-        latest = RUNS / "latest"
+        latest = Path(args.runs) / "latest"
         latest.unlink(missing_ok=True)
         latest.symlink_to(args.run)
-        print(f"[cluster] run {args.run}: {run_dir} (runs/local/latest)", flush=True)
+        print(f"[cluster] run {args.run}: {run_dir} ({latest})", flush=True)
     return True
 
 

@@ -494,6 +494,9 @@ def test_real_run_records_phases_and_uploads_artifacts(
     parameters = StackParameters.put(ssm, "127.0.0.1")
     stack = parameters.stack
     s3.create_bucket(Bucket=stack.lower())
+    # What a cluster before this one left of the run: restored first, complete files only.
+    s3.put_object(Bucket=stack.lower(), Key=f"{stack}/checkpoints/step-00000007.ckpt", Body=b"7")
+    s3.put_object(Bucket=stack.lower(), Key=f"{stack}/checkpoints/step-8.ckpt.tmp", Body=b"x")
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
@@ -520,15 +523,24 @@ def test_real_run_records_phases_and_uploads_artifacts(
             timeout=120,
         )
     recorded = ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.lower()).get("Contents", [])]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000007.ckpt").read_bytes() == b"7"
+    assert not (tmp_path / "run" / "checkpoints" / "step-8.ckpt.tmp").exists()
     if exit_status == 0:
         assert result.returncode == 0, result.stdout + result.stderr
         assert recorded == "done"
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.lower()).get("Contents", [])]
-        assert keys == [f"{stack}/rank0.txt"]  # the temporary file is never uploaded
+        # The temporary file is never uploaded; the run is marked complete.
+        assert sorted(set(keys) - {f"{stack}/checkpoints/step-8.ckpt.tmp"}) == [
+            f"{stack}/checkpoints/step-00000007.ckpt",
+            f"{stack}/fabric-run.json",
+            f"{stack}/rank0.txt",
+        ]
     else:
         assert result.returncode != 0
         assert recorded.startswith("failed: fabric run exited with status")
-    assert "phase: waiting-for-main" in result.stdout and "phase: training" in result.stdout
+        assert f"{stack}/fabric-run.json" not in keys  # a failed run is not complete
+    assert "phase: waiting-for-main" in result.stdout
+    assert "phase: training (resumed from step 7)" in result.stdout
     assert "would stop now (not powering off: not started by the boot script" in result.stdout
 
 
@@ -850,3 +862,66 @@ def test_only_complete_files_are_uploaded(name: str, uploaded: bool) -> None:
     from userdata.artifacts import is_complete
 
     assert is_complete(Path(name)) is uploaded
+
+
+def test_a_complete_run_is_reported_and_not_trained_again(aws_env, ssm, s3) -> None:
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=1)
+    stack = parameters.stack
+    s3.create_bucket(Bucket=stack.lower())
+    s3.put_object(Bucket=stack.lower(), Key=f"{stack}/fabric-run.json", Body=b'{"run": "r1"}')
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            "--run-name",
+            "r1",
+            "--artifacts-uri",
+            f"s3://{stack.lower()}/{stack}",
+            "--stop-when-done",
+            "trainer/train.py",
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    recorded = parameters.phases(ssm)[parameters.phase(0)][0]
+    assert recorded == f"done: run r1 already complete (s3://{stack.lower()}/{stack}/)"
+    assert "deploy with a new -c run=NAME" in result.stdout
+    assert "running: " not in result.stdout  # no fabric run
+    assert "would stop now" in result.stdout
+
+
+def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:
+    """Node 1 waits in the rendezvous for a node 0 that will never come (it failed in its
+    boot): without the watch, every restart would wait the whole rendezvous timeout."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=2)  # nothing listens there
+    with (
+        ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds,
+        BackgroundAgent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            "--devices-per-node",
+            "1",
+            "--main-port",
+            "29587",
+            "--rendezvous-timeout",
+            "600",
+            "--max-restarts",
+            "3",
+            "--peer-poll-interval",
+            "1",
+            "--stop-when-done",
+            "trainer/train.py",
+        ) as agent,
+    ):
+        agent.wait_for("phase: training", timeout=60)
+        reason = "failed: install: Because nope was not found in the package registry"
+        ssm.put_parameter(Name=parameters.phase(0), Value=reason, Type="String", Overwrite=True)
+        failed_at = time.monotonic()
+        status = agent.finish(timeout=60)
+        elapsed = time.monotonic() - failed_at
+    assert status == 1, agent.output[-3000:]
+    assert elapsed < 20  # the poll interval, then stopping fabric run
+    verdict = f"node 0 failed ({reason.removeprefix('failed: ')})"
+    assert parameters.phases(ssm)[parameters.phase(1)][0] == f"failed: {verdict}"
+    assert "restart 1 of 3" not in agent.output  # not started again for a dead peer
+    assert "would stop now" in agent.output

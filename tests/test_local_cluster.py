@@ -391,3 +391,40 @@ def test_a_frozen_worker_fails_the_survivors_within_the_pg_timeout_and_the_run_r
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         reader.join(timeout=10)
+
+
+def runs_command(runs: Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "local.cluster", "--runs", str(runs), "--num-nodes", "1",
+        "--devices-per-node", "1", *args, "--", "--epochs", "1", "--samples", "512",
+    ]  # fmt: skip
+
+
+def test_every_make_local_is_a_new_run_and_a_complete_run_is_not_trained_again(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    trained = []
+    for _ in range(2):
+        result = subprocess.run(
+            runs_command(runs), cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        run_dir = Path((runs / "latest").resolve())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps_this_run"] == summary["steps"] > 0 and summary["samples_per_s"] > 0
+        assert json.loads((run_dir / "fabric-run.json").read_text())["status"] == "complete"
+        trained.append(run_dir.name)
+        time.sleep(1.1)  # run names are to the second
+    assert len(set(trained)) == 2 and (runs / "latest").resolve().name == trained[1]
+    again = subprocess.run(
+        runs_command(runs, "--run", trained[0]),
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0
+    assert f"[cluster] run {trained[0]} is complete already" in again.stdout
+    assert "starting node" not in again.stdout
+    assert (runs / "latest").resolve().name == trained[1]  # untouched

@@ -261,6 +261,7 @@ class Shipper:
         self.interval = interval
         self.log = log
         self.failures = 0  # in a row
+        self.rejected = False  # CloudWatch has rejected events for their time
 
     def backoff(self) -> float:
         """Seconds until the next send: the interval, doubled for each failure in a row."""
@@ -272,7 +273,7 @@ class Shipper:
         events = [{"timestamp": e.timestamp, "message": e.message} for e in batch]
         put = {"logGroupName": self.group, "logStreamName": self.stream, "logEvents": events}
         try:
-            self.client.put_log_events(**put)
+            self._check(self.client.put_log_events(**put))
             return
         except ClientError as error:
             if error_code(error) != "ResourceNotFoundException":
@@ -285,7 +286,14 @@ class Shipper:
                 raise AgentError(f"log group {self.group} does not exist") from None
             if error_code(error) != "ResourceAlreadyExistsException":
                 raise
-        self.client.put_log_events(**put)
+        self._check(self.client.put_log_events(**put))
+
+    def _check(self, answer: dict[str, Any]) -> None:
+        # Events too old (beyond the retention or 14 days) or too new (2 h ahead): the clock.
+        rejected = answer.get("rejectedLogEventsInfo")
+        if rejected and not self.rejected:
+            self.log(f"CloudWatch rejected some events (said once): {rejected}")
+        self.rejected = self.rejected or bool(rejected)
 
     def send_batch(self) -> bool:
         """One PutLogEvents call with the oldest events; False when it failed."""

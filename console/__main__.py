@@ -1,0 +1,180 @@
+"""`python -m console <command>`: status, logs, results and runs of a deployed cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from botocore.exceptions import BotoCoreError, ClientError
+
+from console.aws import ConsoleError, Stack, connect, default_stack_name, explain, load_stack
+from console.logs import parse_since, run_logs
+from console.results import run_results, run_runs
+from console.status import run_status
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class Console(click.Group):
+    """Every failure a user can act on is one line on stderr, `error: ...`, exit status 2;
+    Ctrl-C is 130. Nothing reaches the user as a traceback but a bug."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as error:  # a bad option or value
+            fail(f"{' '.join(error.format_message().split())} (see --help)", error.exit_code)
+        except click.Abort:
+            sys.exit(130)
+        except (ConsoleError, BotoCoreError, ClientError) as error:
+            fail(explain(error) or str(error))
+        except BrokenPipeError:  # `... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def stack_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--region", default=None, help="AWS region (default: boto3's, e.g. AWS_DEFAULT_REGION)."
+    )(command)
+    return click.option(
+        "--stack",
+        "stack_name",
+        default=default_stack_name(),
+        show_default=True,
+        help="The CloudFormation stack (default: cdk.json's stack_name).",
+    )(command)
+
+
+@click.group(cls=Console, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Watch a deployed fabric cluster: its nodes, logs, runs and results."""
+
+
+@cli.command()
+@stack_options
+@click.option("--watch", is_flag=True, help="Redraw until the run completes or fails.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between redraws with --watch.",
+)
+@click.pass_context
+def status(
+    ctx: click.Context, stack_name: str, region: str | None, watch: bool, interval: float
+) -> None:
+    """Nodes, phases and the run's progress.
+
+    Exit status: 0 in progress or complete, 1 failed (or stopped before completing).
+    """
+    aws = connect(region)
+    ctx.exit(run_status(aws, load_stack(aws, stack_name), watch, interval))
+
+
+@cli.command()
+@stack_options
+@click.option("--node", type=click.IntRange(min=0), default=None, help="Only this node (its rank).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option(
+    "--since",
+    default="1h",
+    show_default=True,
+    help="How far back: 30m, 2h, 1d, 1h30m, or all.",
+)
+@click.pass_context
+def logs(
+    ctx: click.Context,
+    stack_name: str,
+    region: str | None,
+    node: int | None,
+    follow: bool,
+    since: str,
+) -> None:
+    """The nodes' log lines, merged in time order.
+
+    Each line is prefixed [node R].
+    """
+    window = parse_since(since)  # a typo fails before any AWS call
+    aws = connect(region)
+    ctx.exit(run_logs(aws, load_stack(aws, stack_name), node, follow, window, click.echo))
+
+
+def _stack_or_hint(aws: Any, stack_name: str, hint: str) -> Stack:
+    try:
+        return load_stack(aws, stack_name)
+    except ConsoleError as error:
+        raise ConsoleError(f"{error} ({hint})") from error
+
+
+@cli.command()
+@stack_options
+@click.option("--run", "run_name", default=None, help="A run (default: the stack's current run).")
+@click.option(
+    "--bucket",
+    default=None,
+    help="The artifacts bucket (default: the stack's); with --run the stack may be gone.",
+)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Files go to DEST/<stack>/<run>/.",
+)
+@click.pass_context
+def results(
+    ctx: click.Context,
+    stack_name: str,
+    region: str | None,
+    run_name: str | None,
+    bucket: str | None,
+    dest: Path,
+) -> None:
+    """Download a run's files, show its summary.
+
+    Prints the summary and the local paths of the summary, the plot and the newest
+    checkpoint. Temporary files (.tmp, .partial, .unreadable) are skipped.
+    """
+    aws = connect(region)
+    if run_name is None or bucket is None:  # a deleted stack's run needs only the bucket
+        stack = _stack_or_hint(aws, stack_name, "for a deleted stack's run: --run R --bucket B")
+        run_name = run_name or stack.run
+        bucket = bucket or stack.bucket
+    ctx.exit(run_results(aws, stack_name, bucket, run_name, dest, click.echo))
+
+
+@cli.command()
+@stack_options
+@click.option("--bucket", default=None, help="The artifacts bucket (default: the stack's).")
+@click.pass_context
+def runs(ctx: click.Context, stack_name: str, region: str | None, bucket: str | None) -> None:
+    """The runs this stack has made, newest first.
+
+    * marks the run the stack trains now.
+    """
+    aws = connect(region)
+    current = None
+    if bucket is None:
+        stack = _stack_or_hint(aws, stack_name, "or name the bucket: --bucket B")
+        bucket, current = stack.bucket, stack.outputs.get("RunName")
+    else:
+        try:  # only to mark the current run: the stack may be gone
+            current = load_stack(aws, stack_name).outputs.get("RunName")
+        except ConsoleError:
+            current = None
+    ctx.exit(run_runs(aws, stack_name, bucket, current, click.echo))
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m console")
