@@ -27,6 +27,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_pairs(rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Labels and values, aligned, without a header row."""
+    lines = format_table([""] * len(rows[0]), rows).splitlines()[1:] if rows else []
+    return "\n".join(indent + line for line in lines)
+
+
 def format_duration(seconds: float | None) -> str:
     """Two units at most, the way a person reads a clock: 45s, 3m12s, 2h05m, 1d03h."""
     if seconds is None:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 from botocore.exceptions import BotoCoreError, ClientError
 
-from console.aws import ConsoleError, Stack, connect, default_stack_name, explain, load_stack
+from console.aws import Aws, ConsoleError, Stack, connect, default_stack_name, explain, load_stack
 from console.logs import parse_since, run_logs
 from console.results import run_results, run_runs
 from console.status import run_status
@@ -110,7 +110,7 @@ def logs(
     ctx.exit(run_logs(aws, load_stack(aws, stack_name), node, follow, window, click.echo))
 
 
-def _stack_or_hint(aws: Any, stack_name: str, hint: str) -> Stack:
+def _stack_or_hint(aws: Aws, stack_name: str, hint: str) -> Stack:
     try:
         return load_stack(aws, stack_name)
     except ConsoleError as error:

@@ -21,17 +21,19 @@ from botocore.exceptions import (
     NoRegionError,
     ProfileNotFound,
 )
+from botocore.exceptions import ConnectionError as AwsConnectionError
 
 DEFAULT_STACK = "FabricCluster"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
 NO_REGION = "no AWS region: set AWS_DEFAULT_REGION (or aws configure), or pass --region"
 # A console must answer or fail within seconds, not wait out botocore's 60 s connect timeout
-# and legacy retries when an endpoint cannot be reached.
+# and legacy retries when an endpoint cannot be reached. Standard retries: 3 attempts unless
+# AWS_MAX_ATTEMPTS says otherwise.
 CLIENT_CONFIG = Config(
     connect_timeout=5,
     read_timeout=30,
-    retries={"max_attempts": 3, "mode": "standard"},
+    retries={"mode": "standard"},
     user_agent_extra="fabric-console",
 )
 # The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
@@ -64,7 +66,7 @@ def explain(error: BaseException) -> str | None:
         text = NO_REGION
     elif isinstance(error, ProfileNotFound):
         text = f"{error}: check AWS_PROFILE or ~/.aws/config"
-    elif isinstance(error, HTTPClientError):  # refused, timed out, DNS, TLS, proxy
+    elif isinstance(error, AwsConnectionError | HTTPClientError):  # refused, timeout, TLS, proxy
         endpoint = error.kwargs.get("endpoint_url") or "the AWS endpoint"
         text = (
             f"cannot reach {endpoint}: check the network, --region, or AWS_ENDPOINT_URL "
@@ -301,17 +303,18 @@ def read_json(
     return data if isinstance(data, dict) else None
 
 
-def previous_version_id(aws: Aws, bucket: str, key: str) -> str | None:
-    """The version of key before the current one: the artifacts bucket is versioned, so an
-    earlier progress.json is there to measure a step rate from a single look."""
+def previous_version(aws: Aws, bucket: str, key: str) -> tuple[str, datetime] | None:
+    """The version of key before the current one, and its date: the artifacts bucket is
+    versioned, so an earlier progress.json is there to measure a step rate from one look."""
     try:
         answer = aws.client("s3").list_object_versions(Bucket=bucket, Prefix=key, MaxKeys=10)
     except ClientError:
-        return None  # no permission for versions: a rate from one look is a nicety
-    versions = [
-        version
-        for version in answer.get("Versions", [])
-        if version.get("Key") == key and version.get("VersionId") not in (None, "null")
-    ]
-    versions.sort(key=lambda version: version["LastModified"], reverse=True)
-    return versions[1]["VersionId"] if len(versions) > 1 else None
+        return None  # no permission to list versions: a rate from one look is a nicety
+    # S3 lists a key's versions newest first; the first that is not the latest is the one before.
+    for version in answer.get("Versions", []):
+        if version.get("Key") == key and not version.get("IsLatest"):
+            version_id = version.get("VersionId")
+            if version_id and version_id != "null":
+                return version_id, version["LastModified"]
+            return None
+    return None

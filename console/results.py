@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from console import NO_VALUE, format_number, format_table, format_time
+from console import NO_VALUE, format_number, format_pairs, format_table, format_time
 from console.aws import Aws, ConsoleError, S3Object, list_objects, list_prefixes, read_json
 
 MARKER = "fabric-run.json"  # written by node 0's agent when the run finished
@@ -79,7 +79,12 @@ def _unchanged(path: Path, item: S3Object) -> bool:
 
 
 def download_run(
-    aws: Aws, bucket: str, prefix: str, objects: Sequence[S3Object], dest: Path
+    aws: Aws,
+    bucket: str,
+    prefix: str,
+    objects: Sequence[S3Object],
+    dest: Path,
+    fetching: Callable[[PurePosixPath, int], None] = lambda path, size: None,
 ) -> tuple[list[Download], list[str]]:
     """Downloads into a temporary name and renames, so an interrupted download never leaves
     a file that looks complete; a file already here (same size and time) is not fetched."""
@@ -96,12 +101,20 @@ def download_run(
         if _unchanged(path, item):
             downloads.append(Download(item.key, path, item.size, fetched=False))
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fetching(relative, item.size)  # before: a checkpoint can take a while
         partial = path.with_name(path.name + ".download")
-        s3.download_file(bucket, item.key, str(partial))
-        stamp = item.modified.timestamp()
-        os.utime(partial, (stamp, stamp))
-        partial.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, item.key, str(partial))
+            stamp = item.modified.timestamp()
+            os.utime(partial, (stamp, stamp))
+            partial.replace(path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise ConsoleError(f"cannot write {path}: {error.strerror or error}") from error
+        except BaseException:  # Ctrl-C, an AWS error: no half file left behind
+            partial.unlink(missing_ok=True)
+            raise
         downloads.append(Download(item.key, path, item.size, fetched=True))
     return downloads, skipped
 
@@ -116,8 +129,6 @@ def format_size(size: int) -> str:
 
 
 def format_results(
-    location: str,
-    dest: Path,
     downloads: Sequence[Download],
     skipped: Sequence[str],
     summary: dict[str, Any] | None,
@@ -125,15 +136,15 @@ def format_results(
 ) -> str:
     fetched = sum(download.fetched for download in downloads)
     lines = [
-        f"{location} -> {dest}: {fetched} file(s) downloaded, "
-        f"{len(downloads) - fetched} already here, {len(skipped)} temporary skipped"
+        f"{fetched} file(s) downloaded, {len(downloads) - fetched} already here, "
+        f"{len(skipped)} temporary skipped"
     ]
     if summary is None:
-        lines.append("no summary.json: the run has not finished, or its script writes none")
+        lines += ["no summary.json: the run has not finished, or its script writes none", ""]
     else:
         lines += ["", "summary.json:", json.dumps(summary, indent=2, sort_keys=False), ""]
     rows = [[what, str(path) if path else NO_VALUE] for what, path in paths.items()]
-    lines.append(format_table(["", ""], rows).split("\n", 1)[1])
+    lines.append(format_pairs(rows))
     return "\n".join(lines)
 
 
@@ -150,10 +161,15 @@ def run_results(
     if not objects:
         raise no_run_error(run, bucket, stack, list_prefixes(aws, bucket, f"{stack}/"))
     dest = dest_root / stack / run
-    downloads, skipped = download_run(aws, bucket, prefix, objects, dest)
-    for download in downloads:
-        if download.fetched:
-            echo(f"  {download.path}  ({format_size(download.size)})")
+    echo(f"s3://{bucket}/{prefix} -> {dest}/")
+    downloads, skipped = download_run(
+        aws,
+        bucket,
+        prefix,
+        objects,
+        dest,
+        lambda path, size: echo(f"  {path}  ({format_size(size)})"),
+    )
     local = {download.key: download.path for download in downloads}
     summary_path = local.get(prefix + "summary.json")
     summary = None
@@ -170,7 +186,7 @@ def run_results(
         "plot": local[plot.key] if plot else None,
         "checkpoint": local[checkpoint.key] if checkpoint else None,
     }
-    echo(format_results(f"s3://{bucket}/{prefix}", dest, downloads, skipped, summary, paths))
+    echo(format_results(downloads, skipped, summary, paths))
     return 0
 
 
@@ -228,7 +244,8 @@ def run_runs(
         echo(f"no runs in s3://{bucket}/{stack}/")
         return 0
     rows = [describe_run(aws, bucket, stack, name, current) for name in names]
-    rows.sort(key=lambda row: row.date or EPOCH, reverse=True)  # newest first
+    # Newest first; S3's dates have whole seconds, so the name decides a tie.
+    rows.sort(key=lambda row: (row.date or EPOCH, row.name), reverse=True)
     echo(format_runs(rows))
     if current:
         echo(f"(* the run stack {stack} trains now: {current})")

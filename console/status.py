@@ -3,6 +3,7 @@ failed (exit 1), complete (exit 0), in progress (exit 0); `--watch` until it is 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from console import (
     NO_VALUE,
     format_duration,
     format_number,
+    format_pairs,
     format_table,
     parse_time,
     utc_now,
@@ -25,7 +27,7 @@ from console.aws import (
     Stack,
     instance_states,
     list_objects,
-    previous_version_id,
+    previous_version,
     read_json,
     read_phases,
 )
@@ -215,7 +217,7 @@ def format_run(snapshot: Snapshot) -> str:
     # summary.json is written last, at the end: its numbers win over progress.json's.
     step = _integer(summary.get("steps"))
     step = step if step is not None else (progress.step if progress else None)
-    total = progress.total if progress and progress.total is not None else None
+    total = progress.total if progress else None
     loss = _real(summary.get("final_loss"))
     loss = loss if loss is not None else (progress.loss if progress else None)
     rate = _real(summary.get("samples_per_s"))
@@ -244,10 +246,7 @@ def format_run(snapshot: Snapshot) -> str:
         ["ETA", format_duration(eta)],
         ["progress", updated],
     ]
-    table = format_table(["", ""], rows).split("\n", 1)[1]  # no header row
-    return f"run {snapshot.run} ({snapshot.location})\n" + "\n".join(
-        "  " + line for line in table.splitlines()
-    )
+    return f"run {snapshot.run} ({snapshot.location})\n" + format_pairs(rows, indent="  ")
 
 
 def format_verdict(snapshot: Snapshot) -> str:
@@ -302,11 +301,12 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
         data = read_json(aws, bucket, prefix + "progress.json")
         if data is not None:
             progress = Progress.from_json(data, modified["progress.json"])
-            if not history.points:
-                version = previous_version_id(aws, bucket, prefix + "progress.json")
-                earlier = version and read_json(aws, bucket, prefix + "progress.json", version)
+            if not history.points and (
+                before := previous_version(aws, bucket, prefix + "progress.json")
+            ):
+                earlier = read_json(aws, bucket, prefix + "progress.json", before[0])
                 if earlier:
-                    history.add(Progress.from_json(earlier))
+                    history.add(Progress.from_json(earlier, before[1]))
             history.add(progress)
     summary = (
         read_json(aws, bucket, prefix + "summary.json") if "summary.json" in modified else None
@@ -353,7 +353,7 @@ def run_status(aws: Aws, stack: Stack, watch_it: bool, interval: float) -> int:
         return collect(aws, stack, history)
 
     if watch_it:
-        clear = click.get_text_stream("stdout").isatty()
+        clear = sys.stdout.isatty()
         return watch(look, interval, click.echo, clear=clear)
     snapshot = look()
     click.echo(format_status(snapshot))

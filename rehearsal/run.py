@@ -33,6 +33,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from local.process_groups import stop_groups
 from local.project_venv import project_venv, torch_source, uv_binary
 from rehearsal.emulated_aws import (
     CREDENTIAL_ENV,
+    REGION,
     EmulatedAws,
     EmulatedInstance,
     bootstrap_and_upload,
@@ -93,6 +95,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--project", help="your project's folder (default: the example, trainer/)")
     parser.add_argument("--script", help="with --project: the script, relative to it")
+    parser.add_argument(
+        "--runs",
+        action="store_true",
+        help="also watch the run (status, logs, results), then deploy again three times: "
+        "the run resumed by a new cluster from S3, a complete run not trained again, a change "
+        "of arguments a new run",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
         "--manifest",
@@ -283,13 +292,14 @@ def work_folder(keep: bool) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def synth(folder: Path, args: argparse.Namespace) -> tuple[Path, str, Any]:
+def synth(folder: Path, args: argparse.Namespace, **overrides: str) -> tuple[Path, str, Any]:
     project = {"project": args.project, "script": args.script} if args.project else {}
     context = cdk_json_context(
         num_nodes=args.num_nodes,
         devices_per_node=args.devices_per_node,
         script_args=shlex.join(args.script_args),
         **project,
+        **overrides,
     )
     app, stack = build_app(context, outdir=str(folder / "cdk.out"))
     app.synth()
@@ -409,7 +419,7 @@ def check_training(
     }
     if any(phase != "done" for phase in phases.values()):
         raise RehearsalError(f"not every node reported done: {phases}")
-    bucket, prefix = outputs["ArtifactsBucket"], config.stack_name
+    bucket, prefix = outputs["ArtifactsBucket"], f"{config.stack_name}/{outputs['RunName']}"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     checkpoints = [key for key in keys if key.endswith(".ckpt")]
     if not checkpoints or f"{prefix}/summary.json" not in keys:
@@ -500,16 +510,46 @@ def create_network(network: EmulatedNetwork, addresses: list[str], manifest: Man
         log(f"namespaces {', '.join(made) or 'none'}")
 
 
-def rehearse(
-    args: argparse.Namespace, folder: Path, phases: Phases, run_id: str, manifest: Manifest
-) -> None:
-    assembly, artifact, config = phases.run("synth the app", lambda: synth(folder, args))
-    installs = phases.run("install the project here", lambda: install_here(args))
-    aws = EmulatedAws(folder / "aws.sock").start()
-    # From the run's id: two runs at once never share a name; short, as interface names are.
-    network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
-    processes = NodeProcesses()
-    try:
+@dataclass
+class Deployment:
+    """One `cdk deploy` on the emulated AWS and the boot of its nodes."""
+
+    folder: Path  # the nodes' homes and their console logs
+    config: Any
+    outputs: dict[str, str]
+    nodes: list[EmulatedInstance]
+
+
+class Rehearsal:
+    """The emulated AWS, the namespaces and the node processes of one rehearsal."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        folder: Path,
+        phases: Phases,
+        run_id: str,
+        manifest: Manifest,
+    ) -> None:
+        self.args, self.folder, self.phases, self.run_id = args, folder, phases, run_id
+        self.manifest = manifest
+        self.aws = EmulatedAws(folder / "aws.sock").start()
+        # From the run's id: two runs at once never share a name; short, as interface names are.
+        self.network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
+        self.processes = NodeProcesses()
+        self.installs: dict[str, str] = {}
+        self.deploys = 0
+
+    def deploy(self, what: str, **overrides: str) -> Deployment:
+        """Synth with these settings, deploy, boot every node and wait for them to end."""
+        self.deploys += 1
+        folder = self.folder / f"deploy-{self.deploys}"
+        folder.mkdir()
+        log(f"deploy {self.deploys}: {what}")
+        phases, aws = self.phases, self.aws
+        assembly, artifact, config = phases.run(
+            "synth the app", lambda: synth(folder, self.args, **overrides)
+        )
         count = phases.run(
             "bootstrap, upload assets", lambda: bootstrap_and_upload(aws, assembly, artifact)
         )
@@ -526,41 +566,181 @@ def rehearse(
                 f"{main['Parameter']['Value']}, node 0 has {nodes[0].private_ip}"
             )
         log(f"CREATE_COMPLETE; {config.main_address_parameter} = node 0's {nodes[0].private_ip}")
+        log(f"run {outputs['RunName']} in s3://{outputs['ArtifactsBucket']}/{config.stack_name}/")
         phases.run(
             "create the namespaces",
-            lambda: create_network(network, [node.private_ip for node in nodes], manifest),
+            lambda: create_network(
+                self.network, [node.private_ip for node in nodes], self.manifest
+            ),
         )
         boots = phases.run(
             "start stubs, boot the nodes",
             lambda: boot_nodes(
-                folder, aws, network, nodes, processes, run_id, installs, args.main_node_delay
+                folder,
+                aws,
+                self.network,
+                nodes,
+                self.processes,
+                self.run_id,
+                self.installs,
+                self.args.main_node_delay if self.deploys == 1 else 0.0,
             ),
         )
-        phases.run("train (boot to done)", lambda: wait_for_boots(boots, args.timeout))
-        summary = phases.run(
-            "check phases and artifacts",
-            lambda: check_training(aws, config, outputs, folder, nodes),
+        phases.run("train (boot to done)", lambda: wait_for_boots(boots, self.args.timeout))
+        return Deployment(folder, config, outputs, nodes)
+
+    def destroy(self, deployment: Deployment) -> None:
+        """`cdk destroy`, and a check that only the artifacts bucket (and logs) remain."""
+        self.processes.stop_all()
+        config, outputs = deployment.config, deployment.outputs
+        notes = self.phases.run(
+            "destroy the stack", lambda: destroy(self.aws, config.stack_name, VPC_CIDR)
         )
-        local = phases.run(
-            "local cluster, same settings", lambda: local_cluster_summary(folder, config, run_id)
-        )
-        log(f"the same result as the local cluster, bit for bit ({same_result(summary, local)})")
-        processes.stop_all()
-        notes = phases.run("destroy the stack", lambda: destroy(aws, config.stack_name, VPC_CIDR))
         for note in notes:
             log(note)
-        left = remaining(aws, config.stack_name, VPC_CIDR, outputs["ArtifactsBucket"])
+        failures = self.network.delete()
+        if failures:
+            raise RehearsalError(f"namespaces left after deploy {self.deploys}: {failures}")
+        left = remaining(self.aws, config.stack_name, VPC_CIDR, outputs["ArtifactsBucket"])
         gone = {kind: names for kind, names in left.items() if kind != "buckets" and names}
         if gone or left["buckets"] != [outputs["ArtifactsBucket"]]:
             raise RehearsalError(f"after destroy, expected only the artifacts bucket: {left}")
         log(f"after destroy only the artifacts bucket remains: {left['buckets'][0]}")
-    finally:
-        processes.stop_all()
-        failures = stop_strays(run_id, network)
-        failures += network.delete()
-        aws.stop()
+
+    def close(self) -> None:
+        self.processes.stop_all()
+        failures = stop_strays(self.run_id, self.network)
+        failures += self.network.delete()
+        self.aws.stop()
         for failure in failures:
             log(f"cleanup: {failure}")
+
+
+def agent_output(deployment: Deployment, rank: int) -> str:
+    return (deployment.folder / f"node-{rank}" / "console.log").read_text()
+
+
+def rehearse(
+    args: argparse.Namespace, folder: Path, phases: Phases, run_id: str, manifest: Manifest
+) -> None:
+    rehearsal = Rehearsal(args, folder, phases, run_id, manifest)
+    try:
+        rehearsal.installs = phases.run("install the project here", lambda: install_here(args))
+        first = rehearsal.deploy("the settings given")
+        summary = phases.run(
+            "check phases and artifacts",
+            lambda: check_training(
+                rehearsal.aws, first.config, first.outputs, first.folder, first.nodes
+            ),
+        )
+        local = phases.run(
+            "local cluster, same settings",
+            lambda: local_cluster_summary(folder, first.config, run_id),
+        )
+        log(f"the same result as the local cluster, bit for bit ({same_result(summary, local)})")
+        if args.runs:
+            phases.run("watch it: status, logs, results", lambda: check_console(rehearsal, first))
+        rehearsal.destroy(first)
+        if args.runs:
+            check_runs(rehearsal, first, summary)
+    finally:
+        rehearsal.close()
+
+
+def console(rehearsal: Rehearsal, *command: str) -> subprocess.CompletedProcess[str]:
+    """`make status` and friends, as a user runs them, against the emulated AWS."""
+    env = {
+        **os.environ,
+        **CREDENTIAL_ENV,
+        **run_environment(rehearsal.folder, rehearsal.run_id),
+        "AWS_ENDPOINT_URL": rehearsal.aws.url,
+        "AWS_DEFAULT_REGION": REGION,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "console", *command],
+        cwd=rehearsal.folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def check_console(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    stack, run = deployment.config.stack_name, deployment.outputs["RunName"]
+    status = console(rehearsal, "status", "--stack", stack)
+    if status.returncode != 0 or f"run {run}: complete" not in status.stdout:
+        raise RehearsalError(f"make status: {status.stdout[-800:]} {status.stderr[-400:]}")
+    for node in deployment.nodes:
+        if not any(
+            node.instance_id in line and "done" in line for line in status.stdout.splitlines()
+        ):
+            raise RehearsalError(f"make status does not show node {node.rank} done")
+    logs = console(rehearsal, "logs", "--stack", stack)
+    for node in deployment.nodes:
+        lines = [
+            line for line in logs.stdout.splitlines() if line.startswith(f"[node {node.rank}] ")
+        ]
+        if not any("[fabric-agent]" in line for line in lines) or not any(
+            "fabric-boot" in line for line in lines
+        ):
+            raise RehearsalError(f"make logs: no boot or agent line of node {node.rank}")
+    if not any("training: world size" in line for line in logs.stdout.splitlines()):
+        raise RehearsalError("make logs: no training line")
+    results = console(rehearsal, "results", "--stack", stack, "--dest", "runs")
+    local = rehearsal.folder / "runs" / stack / run / "summary.json"
+    s3 = rehearsal.aws.client("s3")
+    key = f"{stack}/{run}/summary.json"
+    remote = s3.get_object(Bucket=deployment.outputs["ArtifactsBucket"], Key=key)["Body"].read()
+    if results.returncode != 0 or not local.is_file() or local.read_bytes() != remote:
+        raise RehearsalError(f"make results: {results.stdout[-500:]} {results.stderr[-500:]}")
+    log(f"make status, logs and results: every node done, its logs, the summary ({local})")
+
+
+def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any]) -> None:
+    """A cluster made again continues the run from S3; a complete run is not trained again; a
+    change of arguments is a new run beside the old one."""
+    run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
+    more = [*rehearsal.args.script_args]
+    epochs = more.index("--epochs") + 1 if "--epochs" in more else None
+    if epochs is None:
+        raise RehearsalError("--runs needs --epochs in the script's arguments")
+    more[epochs] = str(int(more[epochs]) + 1)
+    again = {"run": run, "artifacts_bucket": bucket, "script_args": shlex.join(more)}
+    second = rehearsal.deploy(f"run {run} again with one more epoch, on a new cluster", **again)
+    s3 = rehearsal.aws.client("s3")
+    key = f"{first.config.stack_name}/{run}/summary.json"
+    resumed = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    if f"training (resumed from step {summary['steps']})" not in agent_output(second, 0):
+        raise RehearsalError(f"node 0 did not resume from step {summary['steps']} in S3")
+    per_epoch = summary["steps"] // int(rehearsal.args.script_args[epochs])
+    if resumed["steps"] != summary["steps"] + per_epoch or resumed["steps_this_run"] != per_epoch:
+        raise RehearsalError(f"the resumed run trained {resumed['steps_this_run']} steps")
+    log(f"a new cluster resumed run {run} from step {summary['steps']} to {resumed['steps']}")
+    rehearsal.destroy(second)
+
+    third = rehearsal.deploy(f"run {run} once more, the same: complete", **again)
+    ssm = rehearsal.aws.client("ssm")
+    for node in third.nodes:
+        phase = ssm.get_parameter(Name=third.config.phase_parameter(node.rank))["Parameter"]
+        if not phase["Value"].startswith(f"done: run {run} already complete"):
+            raise RehearsalError(f"node {node.rank}: {phase['Value']!r}, not 'already complete'")
+        if "running: " in agent_output(third, node.rank):
+            raise RehearsalError(f"node {node.rank} trained a complete run again")
+    log(f"run {run} again: every node says it is complete, and nothing trained")
+    rehearsal.destroy(third)
+
+    changed = shlex.join([*rehearsal.args.script_args, "--seed", "7"])
+    fourth = rehearsal.deploy(
+        "changed arguments: a new run", artifacts_bucket=bucket, script_args=changed
+    )
+    new_run = fourth.outputs["RunName"]
+    listed = console(rehearsal, "runs", "--stack", fourth.config.stack_name)
+    if new_run == run or run not in listed.stdout or new_run not in listed.stdout:
+        raise RehearsalError(f"make runs: {listed.stdout[-600:]} {listed.stderr[-300:]}")
+    log(f"changed arguments trained a new run {new_run} beside {run} (make runs lists both)")
+    rehearsal.destroy(fourth)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

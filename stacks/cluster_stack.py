@@ -13,7 +13,7 @@ from constructs import Construct
 
 from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
 from stacks.payload import payload_asset
-from stacks.run_name import run_name
+from stacks.run_name import run_fingerprint, run_name
 from stacks.user_data import render_boot_script
 
 UBUNTU_AMI_PARAMETER = (
@@ -187,7 +187,13 @@ class ClusterStack(cdk.Stack):
             _ack(group, "AwsSolutions-EC23", "The user chose ssh_cidr=0.0.0.0/0 explicitly.")
         return group
 
-    def _artifacts_bucket(self) -> s3.Bucket:
+    def _artifacts_bucket(self) -> s3.IBucket:
+        if self.config.artifacts_bucket:
+            # A bucket a deploy before this one kept (cdk destroy keeps it): its runs go on here.
+            return s3.Bucket.from_bucket_name(self, "Artifacts", self.config.artifacts_bucket)
+        return self._new_artifacts_bucket()
+
+    def _new_artifacts_bucket(self) -> s3.Bucket:
         bucket = s3.Bucket(
             self,
             "Artifacts",
@@ -273,7 +279,7 @@ class ClusterStack(cdk.Stack):
             ("Action::s3:List*", "CDK grant_read of the payload asset and the bucket."),
             ("Action::s3:Abort*", "Aborts its own failed multipart checkpoint uploads."),
             (
-                f"Resource::<{self.get_logical_id(self.bucket.node.default_child)}.Arn>/*",
+                f"Resource::{self._bucket_arn_as_nag_reads_it()}/*",
                 "Nodes write checkpoints and metrics under any key of the cluster's own bucket.",
             ),
             (
@@ -283,6 +289,11 @@ class ClusterStack(cdk.Stack):
         ):
             _ack(role, f"AwsSolutions-IAM5[{finding}]", reason)
         return role
+
+    def _bucket_arn_as_nag_reads_it(self) -> str:
+        if self.config.artifacts_bucket:
+            return f"arn:<AWS::Partition>:s3:::{self.config.artifacts_bucket}"
+        return f"<{self.get_logical_id(self.bucket.node.default_child)}.Arn>"  # type: ignore[arg-type]
 
     def _asset_bucket_arn_as_nag_reads_it(self) -> str:
         """Literal with credentials at synth (an environment), intrinsics without."""
@@ -299,6 +310,7 @@ class ClusterStack(cdk.Stack):
                 payload_url=self.payload.s3_object_url,
                 artifacts_bucket=self.bucket.bucket_name,
                 run_name=self.run_name,
+                run_fingerprint=run_fingerprint(config),
                 log_group=self.logs.log_group_name,
             )
         )

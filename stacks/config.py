@@ -40,6 +40,7 @@ _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
 _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _AMI = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What CloudWatch Logs accepts as a retention period.
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
@@ -77,6 +78,7 @@ class ClusterConfig:
     precision: str
     ami: str | None  # None: the image of the SSM parameter, looked up once and cached
     run: str | None  # None: named after what the nodes run (stacks/run_name.py)
+    artifacts_bucket: str | None  # None: the stack makes its own (and cdk destroy keeps it)
     log_retention_days: int
 
     @property
@@ -310,6 +312,21 @@ def _run(value: object) -> str | None:
     return text
 
 
+def _artifacts_bucket(value: object) -> str | None:
+    allowed = (
+        '"" (the stack makes its bucket) or the name of an existing S3 bucket, such as the one '
+        "a destroyed cluster kept (its ArtifactsBucket output)"
+    )
+    if value is None:
+        return None
+    text = _string("artifacts_bucket", value, allowed)
+    if text == "":
+        return None
+    if not _BUCKET.fullmatch(text) or ".." in text:
+        raise _invalid("artifacts_bucket", value, allowed)
+    return text
+
+
 def _log_retention_days(value: object) -> int:
     allowed = "expected one of CloudWatch's retention periods in days: " + ", ".join(
         map(str, LOG_RETENTION_DAYS)
@@ -357,6 +374,7 @@ SETTINGS = (
     "precision",
     "ami",
     "run",
+    "artifacts_bucket",
     "log_retention_days",
 )
 
@@ -379,7 +397,7 @@ def load_config(
     raw: dict[str, object] = {}
     for key in SETTINGS:
         value = get_context(key)
-        if value is None and key not in ("key_pair", "ami", "run"):
+        if value is None and key not in ("key_pair", "ami", "run", "artifacts_bucket"):
             raise ConfigError(
                 f'missing setting {key}: set it in cdk.json "context" or pass -c {key}=VALUE'
             )
@@ -409,5 +427,6 @@ def load_config(
         precision=_precision(raw["precision"], accelerator, instance_type),
         ami=_ami(raw["ami"]) if raw["ami"] is not None else None,
         run=_run(raw["run"]),
+        artifacts_bucket=_artifacts_bucket(raw["artifacts_bucket"]),
         log_retention_days=_log_retention_days(raw["log_retention_days"]),
     )

@@ -73,7 +73,11 @@ def project_folder(value: object, app_dir: Path) -> Path:
         exists = False
     if not exists:
         raise _invalid("project", value, f"no such folder ({app_dir / str(value).strip()})")
-    if not any(f.suffix == ".py" for f in _walk(path)):  # stops at the first one
+    try:
+        has_code = any(f.suffix == ".py" for f in _walk(path))  # stops at the first one
+    except OSError as error:  # an unreadable folder inside it
+        raise _invalid("project", value, f"cannot be read: {error}") from None
+    if not has_code:
         raise _invalid("project", value, f"{path} holds no Python file that would ship")
     return path
 

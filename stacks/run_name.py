@@ -18,12 +18,9 @@ def project_fingerprint(config: ClusterConfig) -> str:
     return digest.hexdigest()
 
 
-def run_name(config: ClusterConfig) -> str:
-    """The same project and training settings: the same run, which a new cluster continues;
-    a change of code, arguments or world size: a new run beside the old ones. Instance type,
-    spot and the like are not part of it: they change where a run trains, not what."""
-    if config.run:
-        return config.run
+def run_fingerprint(config: ClusterConfig) -> str:
+    """What the nodes train: the project's code, the script, its arguments and the world.
+    Instance type, spot and the like are not part of it: they change where a run trains."""
     what = {
         "project": project_fingerprint(config),
         "script": config.script,
@@ -33,4 +30,10 @@ def run_name(config: ClusterConfig) -> str:
         "accelerator": config.accelerator,
         "precision": config.precision,
     }
-    return "run-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def run_name(config: ClusterConfig) -> str:
+    """The same project and training settings: the same run, which a new cluster continues;
+    a change of code, arguments or world size: a new run beside the old ones."""
+    return config.run or "run-" + run_fingerprint(config)[:12]

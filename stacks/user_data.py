@@ -44,6 +44,7 @@ def render_boot_script(
     payload_url: str,
     artifacts_bucket: str,
     run_name: str = "run",
+    run_fingerprint: str = "",
     log_group: str = "",
 ) -> str:
     """boot.sh with its settings block filled in; region/url/bucket may be CDK tokens."""
@@ -60,6 +61,7 @@ def render_boot_script(
         "PAYLOAD_URL": payload_url,
         "ARTIFACTS_BUCKET": artifacts_bucket,
         "RUN_NAME": run_name,
+        "RUN_FINGERPRINT": run_fingerprint,
         "LOG_GROUP": log_group,
         "SCRIPT": config.script,
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",

@@ -179,3 +179,27 @@ def test_nodes_write_logs_only_to_their_group_and_read_only_their_peers_phases(
         resources = statement["Resource"]
         resources = resources if isinstance(resources, list) else [resources]
         assert all("Phase" in json.dumps(resource) for resource in resources)
+
+
+def test_a_complete_run_named_again_with_other_training_goes_on(s3: Any) -> None:
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/Stack/my-run"
+    mark_complete(s3, uri, "my-run", fingerprint="a" * 64)
+    assert completed(s3, uri, "a" * 64)
+    assert completed(s3, uri, "b" * 64) is None  # -c run=my-run with more epochs: train on
+
+
+def test_a_kept_bucket_carries_runs_over_to_a_new_stack(tmp_path: Path) -> None:
+    """After cdk destroy (which keeps the bucket), -c artifacts_bucket=<it> continues runs."""
+    synth = Synth(tmp_path, artifacts_bucket="fabriccluster-artifacts-kept")
+    assert synth.resources("AWS::S3::Bucket") == {}
+    assert synth.template_dict["Outputs"]["ArtifactsBucket"]["Value"] == (
+        "fabriccluster-artifacts-kept"
+    )
+    policies = json.dumps(synth.resources("AWS::IAM::Policy"))
+    assert ":s3:::fabriccluster-artifacts-kept/*" in policies
+    user_data = json.dumps(synth.instances_by_rank()[0]["Properties"]["UserData"])
+    assert "readonly ARTIFACTS_BUCKET=fabriccluster-artifacts-kept" in user_data
+    with pytest.raises(ConfigError, match=r"invalid setting artifacts_bucket='Bad_Bucket'"):
+        config(artifacts_bucket="Bad_Bucket")

@@ -96,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--run-name", default="run", help="the run's name, for messages")
     parser.add_argument(
+        "--run-fingerprint",
+        default="",
+        help="what the nodes train (code, arguments, world): a complete run trained with "
+        "another fingerprint (more epochs, new code) goes on",
+    )
+    parser.add_argument(
         "--peer-poll-interval",
         type=float,
         default=15.0,
@@ -277,7 +283,9 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         log(f"nvidia-smi sees {gpus} GPU(s)")
     s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
     if args.artifacts_uri and not args.dry_run:
-        marker = run_state(lambda: completed(s3, args.artifacts_uri), args.artifacts_uri)
+        marker = run_state(
+            lambda: completed(s3, args.artifacts_uri, args.run_fingerprint), args.artifacts_uri
+        )
         if marker:
             # Trained again in silence, it would look like a broken machine: say so instead.
             log(
@@ -336,7 +344,7 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
         raise AgentError(f"fabric run exited with status {status}{restarts}")
     if sync:
-        mark_complete(s3, args.artifacts_uri, args.run_name)
+        mark_complete(s3, args.artifacts_uri, args.run_name, args.run_fingerprint)
     reporter.record("done")
     return status
 

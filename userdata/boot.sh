@@ -73,10 +73,10 @@ start_log_shipper() {
   local shipper=("$VENV/bin/python" -m userdata.log_shipper --log-group "$LOG_GROUP"
     --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log")
   if [[ -z $REHEARSAL ]]; then
-    systemd-run --unit=fabric-logs --property=Restart=on-failure \
+    systemd-run --unit=fabric-logs --nice=10 --property=Restart=on-failure \
       --working-directory="$PAYLOAD_DIR" "${shipper[@]}"
   else
-    (cd "$PAYLOAD_DIR" && exec "${shipper[@]}") >>"$FABRIC_HOME/log-shipper.log" 2>&1 &
+    (cd "$PAYLOAD_DIR" && exec nice -n 10 "${shipper[@]}") >>"$FABRIC_HOME/log-shipper.log" 2>&1 &
     echo $! >"$LOG_SHIPPER_PID"
   fi
   log "logs: shipping to CloudWatch Logs group $LOG_GROUP"
@@ -198,6 +198,7 @@ agent=("$VENV/bin/python" -m userdata.agent
   --run-dir "$RUN_DIR"
   --workdir "$PROJECT"
   --run-name "$RUN_NAME"
+  --run-fingerprint "$RUN_FINGERPRINT"
   --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME/$RUN_NAME"
   "${stop_flag[@]}"
   "$SCRIPT" -- "${SCRIPT_ARGS[@]}")

@@ -14,6 +14,7 @@ is read, sent for at most a few seconds, and the shipper exits 0.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import os
 import signal
@@ -111,7 +112,7 @@ class Tail:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.caught_up = True  # the last read reached the end of the file (or it has none)
-        self._file: Any = None  # unbuffered (FileIO): tell() is where the next read starts
+        self._file: io.FileIO | None = None  # unbuffered: tell() is where reading goes on
         self._partial = b""  # the last line read, until its newline comes
         self._cut = False  # the partial line was already sent cut: skip to its newline
 
@@ -144,6 +145,7 @@ class Tail:
             yield from self._read(READ_PER_ROUND)
 
     def _read(self, limit: int) -> Iterator[str]:
+        assert self._file is not None
         done = 0
         self.caught_up = False
         while done < limit:
@@ -211,7 +213,7 @@ class Buffer:
     def take(self) -> list[Event]:
         """The next batch, out of the buffer: first a note if lines were dropped."""
         with self._lock:
-            notes = []
+            notes: list[Event] = []
             if self.dropped:
                 first = self._events[0].timestamp if self._events else self._last_ms
                 notes = [Event(first, drop_note(self.dropped))]

@@ -33,8 +33,9 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def completed(s3: Any, uri: str) -> dict[str, Any] | None:
-    """The run's completion marker, if the run has ended well."""
+def completed(s3: Any, uri: str, fingerprint: str = "") -> dict[str, Any] | None:
+    """The run's completion marker, if the run has ended well with what the nodes run now:
+    a run named again with more epochs or new code (another fingerprint) goes on training."""
     bucket, prefix = split_s3_uri(uri)
     try:
         body = s3.get_object(Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER))["Body"].read()
@@ -42,12 +43,16 @@ def completed(s3: Any, uri: str) -> dict[str, Any] | None:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
-    return json.loads(body)
+    marker: dict[str, Any] = json.loads(body)
+    if fingerprint and marker.get("fingerprint", fingerprint) != fingerprint:
+        return None
+    return marker
 
 
-def mark_complete(s3: Any, uri: str, run: str) -> None:
+def mark_complete(s3: Any, uri: str, run: str, fingerprint: str = "") -> None:
     bucket, prefix = split_s3_uri(uri)
     marker = {"run": run, "status": "complete", "finished": datetime.now(UTC).isoformat()}
+    marker["fingerprint"] = fingerprint
     s3.put_object(
         Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER), Body=json.dumps(marker).encode()
     )

@@ -1,0 +1,551 @@
+"""The console (`python -m console`) against a deployed stack emulated in moto: a stack whose
+outputs name real (emulated) instances, the nodes' phase parameters, a versioned artifacts
+bucket and a log group; plus its pure formatting and decisions."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import botocore.session
+import pytest
+from click.testing import CliRunner
+
+from console import format_duration, format_table
+from console.__main__ import cli
+from console.aws import connect, load_stack
+from console.logs import LogEvent, format_event, merge, parse_since, run_logs
+from console.results import is_temporary
+from console.status import (
+    NodeRow,
+    Progress,
+    Snapshot,
+    StepHistory,
+    eta_seconds,
+    format_status,
+    judge,
+    watch,
+)
+from tests.conftest import REGION, moto_client
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "ami-12c6146b"
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@dataclass
+class World:
+    """One deployed stack as the console sees it."""
+
+    url: str
+    stack: str
+    bucket: str
+    run: str
+    group: str
+    instance_ids: list[str]
+
+    def client(self, service: str):
+        return moto_client(self.url, service)
+
+    def put(self, name: str, body: bytes | str | dict, run: str | None = None) -> None:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        data = data.encode() if isinstance(data, str) else data
+        key = f"{self.stack}/{run or self.run}/{name}"
+        self.client("s3").put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def log(self, rank: int, events: list[tuple[int, str]]) -> None:
+        logs = self.client("logs")
+        stream = f"node-{rank}"
+        if not logs.describe_log_streams(logGroupName=self.group, logStreamNamePrefix=stream)[
+            "logStreams"
+        ]:
+            logs.create_log_stream(logGroupName=self.group, logStreamName=stream)
+        logs.put_log_events(
+            logGroupName=self.group,
+            logStreamName=stream,
+            logEvents=[{"timestamp": stamp, "message": text} for stamp, text in events],
+        )
+
+
+def deploy(url: str, phases: list[str | None], run: str = "run-a", log_group: bool = True) -> World:
+    """What `make deploy` leaves behind, with literal outputs (moto runs no real nodes)."""
+    suffix = uuid.uuid4().hex[:10]
+    stack, bucket = f"Fabric{suffix}", f"fabric-artifacts-{suffix}"
+    group = f"/fabric/{stack}/nodes"
+    reservation = moto_client(url, "ec2").run_instances(
+        ImageId=IMAGE, MinCount=len(phases), MaxCount=len(phases)
+    )
+    ids = [instance["InstanceId"] for instance in reservation["Instances"]]
+    s3 = moto_client(url, "s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    if log_group:
+        moto_client(url, "logs").create_log_group(logGroupName=group)
+    outputs = {"ArtifactsBucket": bucket, "RunName": run, "LogGroup": group}
+    outputs |= {f"Node{rank}InstanceId": instance_id for rank, instance_id in enumerate(ids)}
+    template = {
+        "Resources": {
+            "MainAddress": {
+                "Type": "AWS::SSM::Parameter",
+                "Properties": {
+                    "Name": f"/fabric/{stack}/main-address",
+                    "Type": "String",
+                    "Value": "10.0.0.10",
+                },
+            }
+        },
+        "Outputs": {key: {"Value": value} for key, value in outputs.items()},
+    }
+    moto_client(url, "cloudformation").create_stack(
+        StackName=stack, TemplateBody=json.dumps(template)
+    )
+    ssm = moto_client(url, "ssm")
+    for rank, phase in enumerate(phases):
+        if phase is not None:
+            ssm.put_parameter(Name=f"/fabric/{stack}/node-{rank}/phase", Value=phase, Type="String")
+    return World(url, stack, bucket, run, group, ids)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models_read_once() -> Iterator[None]:
+    """Every in-process command makes its own boto3 session, which would read the service
+    models from disk again (about 0.4 s a command); here they share one loader."""
+    original = botocore.session.create_loader
+    loaders: dict[str | None, tuple[object, int]] = {}
+
+    def shared(search_path_string: str | None = None):
+        if search_path_string not in loaders:
+            loader = original(search_path_string)
+            loaders[search_path_string] = (loader, len(loader.search_paths))
+        loader, paths = loaders[search_path_string]
+        del loader.search_paths[paths:]  # boto3 appends its own folder for each session
+        return loader
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", shared)
+        yield
+
+
+@pytest.fixture
+def endpoint(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """In-process commands reach moto through the same variable a user's shell would set."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    return moto_url
+
+
+def console(*args: str):
+    result = CliRunner().invoke(cli, list(args), prog_name="python -m console")
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def value_of(output: str, label: str) -> str:
+    """The value in the run section's `  label  value` line."""
+    match = re.search(rf"^  {re.escape(label)}\s+(.*)$", output, re.MULTILINE)
+    assert match, f"no {label!r} line in:\n{output}"
+    return match.group(1)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_status_of_a_finished_run(endpoint: str) -> None:
+    world = deploy(endpoint, ["done", "done: run run-a already complete (fabric-run.json)"])
+    world.put("summary.json", {"steps": 200, "final_loss": 1.2345, "train_time_s": 75.0})
+    world.put("progress.json", {"step": 200, "total_steps": 200, "loss": 1.25})
+    world.put("fabric-run.json", {"run": "run-a", "status": "complete"})
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    lines = out.splitlines()
+    for rank, instance_id in enumerate(world.instance_ids):
+        row = next(line for line in lines if instance_id in line)
+        assert row.split()[:3] == [str(rank), instance_id, "running"]
+        assert "done" in row
+    assert value_of(out, "step") == "200 / 200 (100%)"
+    assert value_of(out, "loss") == "1.2345"  # the summary's final loss wins
+    assert value_of(out, "elapsed") == "1m15s"
+    assert value_of(out, "ETA") == "-"
+    assert lines[-1].startswith("run run-a: complete — results in ")
+    assert f"s3://{world.bucket}/{world.stack}/run-a/" in lines[-1]
+    assert result.stderr == ""
+
+
+def test_status_of_a_failed_node(endpoint: str) -> None:
+    reason = "fabric run exited with 1: CUDA out of memory"
+    world = deploy(endpoint, ["training", f"failed: {reason}"])
+
+    result = console("status", "--stack", world.stack, "--region", REGION)
+
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1] == f"run run-a: FAILED — node 1: {reason}"
+    assert value_of(result.stdout, "progress") == (
+        "no progress.json (the script does not write one)"
+    )
+    assert value_of(result.stdout, "ETA") == "-"
+
+
+def test_status_in_progress_shows_progress_and_an_eta(endpoint: str) -> None:
+    """Two versions of progress.json in the versioned bucket give a step rate at one look."""
+    world = deploy(endpoint, ["training", "training (restart 1)"])
+    now = datetime.now(UTC)
+    world.put(
+        "progress.json",
+        {
+            "step": 100,
+            "total_steps": 1000,
+            "loss": 3.1,
+            "updated": iso(now - timedelta(seconds=65)),
+        },
+    )
+    world.put(
+        "progress.json",
+        {
+            "step": 200,
+            "total_steps": 1000,
+            "loss": 2.5,
+            "samples_per_s": 512.0,
+            "updated": iso(now - timedelta(seconds=5)),
+        },
+    )
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert value_of(out, "step") == "200 / 1000 (20%)"
+    assert value_of(out, "loss") == "2.5000"
+    assert value_of(out, "samples/s") == "512.0"
+    assert value_of(out, "ETA") == "8m00s"  # 800 steps left at 100 steps a minute
+    assert re.fullmatch(r"updated \d+s ago", value_of(out, "progress"))
+    assert re.fullmatch(r"\d+s", value_of(out, "elapsed"))  # since the nodes began training
+    assert "training (restart 1)" in out
+    assert out.splitlines()[-1] == "run run-a: in progress"
+
+
+def test_status_watch_ends_with_the_verdict(endpoint: str) -> None:
+    world = deploy(endpoint, ["done", "done"])
+    result = console("status", "--stack", world.stack, "--watch", "--interval", "1")
+    assert result.exit_code == 0
+    assert "\x1b[" not in result.stdout  # no screen clearing when stdout is not a terminal
+    assert result.stdout.splitlines()[-1].startswith("run run-a: complete")
+
+
+def snapshot(phases: list[str], step: int) -> Snapshot:
+    nodes = [NodeRow(rank, f"i-{rank}", "running", phase, NOW) for rank, phase in enumerate(phases)]
+    progress = Progress(step, 10, 1.0, 100.0, NOW)
+    return Snapshot("S", REGION, "b", "r", nodes, progress, None, False, None, NOW)
+
+
+def test_watch_redraws_until_decided_and_ctrl_c_is_130() -> None:
+    looks = iter([snapshot(["training"] * 2, 5), snapshot(["training"] * 2, 8)])
+    final = snapshot(["done", "failed: node lost"], 8)
+    shown: list[str] = []
+    sleeps: list[float] = []
+    code = watch(lambda: next(looks, final), 7, shown.append, sleeps.append, clear=True)
+    assert code == 1
+    assert sleeps == [7, 7]
+    assert all(text.startswith("\x1b[H\x1b[2J") for text in shown)
+    assert "(every 7s; Ctrl-C to stop)" in shown[0]
+    assert shown[-1].endswith("run r: FAILED — node 1: node lost")
+
+    def interrupted() -> Snapshot:
+        raise KeyboardInterrupt
+
+    assert watch(interrupted, 1, shown.append, sleeps.append) == 130
+
+
+def test_verdicts_and_eta() -> None:
+    def nodes(*phases: str | None, state: str = "running") -> list[NodeRow]:
+        return [NodeRow(rank, "i", state, phase, None) for rank, phase in enumerate(phases)]
+
+    assert judge(nodes("done", "done: run r already complete (x)"), False).state == "complete"
+    assert judge(nodes("training", "waiting-for-main"), True).state == "complete"  # marker
+    failed = judge(nodes("done", "failed: install: no torch"), True)
+    assert (failed.state, failed.rank, failed.reason, failed.exit_code) == (
+        "failed",
+        1,
+        "install: no torch",
+        1,
+    )
+    assert judge(nodes("booting", None), False).state == "in progress"
+    stopped = judge(nodes("interrupted: spot", "training", state="stopped"), False)
+    assert (stopped.state, stopped.exit_code) == ("stopped", 1)
+
+    # samples/s alone gives an ETA only when the script says how many samples make a step
+    assert eta_seconds(Progress(100, 300, None, 64.0, NOW), None) is None
+    assert eta_seconds(Progress(100, 300, None, 64.0, NOW, samples_per_step=32), None) == 100
+    history = StepHistory()
+    history.add(Progress(50, 300, None, None, NOW))
+    history.add(Progress(80, 300, None, None, NOW + timedelta(seconds=30)))
+    assert history.rate() == 1.0
+    history.add(Progress(10, 300, None, None, NOW + timedelta(seconds=60)))  # resumed earlier
+    assert history.rate() is None
+    text = format_status(snapshot(["training", "training"], 5))
+    assert "5 / 10 (50%)" in text and text.endswith("run r: in progress")
+
+
+def test_formatting() -> None:
+    assert [format_duration(s) for s in (None, -3, 0, 45, 192, 7500, 97200)] == [
+        "-",
+        "0s",
+        "0s",
+        "45s",
+        "3m12s",
+        "2h05m",
+        "1d03h",
+    ]
+    assert format_table(["a", "bb"], [["xyz", "1"], ["", "22"]]).splitlines() == [
+        "a    bb",
+        "xyz  1",
+        "     22",
+    ]
+    assert parse_since("1h30m") == timedelta(minutes=90)
+    assert parse_since("all") is None
+    assert [is_temporary(k) for k in ("a/x.ckpt.tmp", "b.partial", "c.unreadable", "d.ckpt")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    event = LogEvent(3, 1, "e", "two\nlines\n")
+    assert format_event(event) == "[node 3] two\n[node 3] lines"
+    stable = merge([LogEvent(1, 5, "a", "x"), LogEvent(0, 5, "b", "y"), LogEvent(0, 1, "c", "z")])
+    assert [e.event_id for e in stable] == ["c", "a", "b"]
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+def test_logs_merge_every_node_in_time_order(endpoint: str) -> None:
+    world = deploy(endpoint, ["training", "training", "booting"])
+    start = int(time.time() * 1000) - 60_000
+    world.log(0, [(start, "boot 0"), (start + 2000, "step 10: loss 2.1"), (start + 4000, "end 0")])
+    world.log(1, [(start + 1000, "boot 1"), (start + 3000, "step 10 on node 1")])
+    # node 2 has logged nothing yet: no stream, nothing printed for it
+
+    every = console("logs", "--stack", world.stack)
+    assert every.exit_code == 0, every.output
+    assert every.stdout.splitlines() == [
+        "[node 0] boot 0",
+        "[node 1] boot 1",
+        "[node 0] step 10: loss 2.1",
+        "[node 1] step 10 on node 1",
+        "[node 0] end 0",
+    ]
+
+    one = console("logs", "--stack", world.stack, "--node", "1", "--since", "10m")
+    assert one.stdout.splitlines() == ["[node 1] boot 1", "[node 1] step 10 on node 1"]
+
+    silent = console("logs", "--stack", world.stack, "--node", "2")
+    assert silent.exit_code == 2
+    assert silent.stderr.startswith("error: no log stream node-2 in ")
+    absent = console("logs", "--stack", world.stack, "--node", "7")
+    assert absent.stderr == f"error: no node 7 in stack {world.stack} (nodes 0..2)\n"
+    old = console("logs", "--stack", world.stack, "--since", "10s")
+    assert old.exit_code == 0 and old.stdout == ""
+
+
+def test_logs_follow_prints_new_lines_once(endpoint: str) -> None:
+    world = deploy(endpoint, ["training"])
+    start = int(time.time() * 1000) - 10_000
+    world.log(0, [(start, "first")])
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 1:
+            world.log(0, [(start + 5000, "second")])
+        elif len(polls) == 3:
+            raise KeyboardInterrupt
+
+    aws = connect(None)
+    lines: list[str] = []
+    code = run_logs(aws, load_stack(aws, world.stack), None, True, None, lines.append, sleep)
+    assert code == 0
+    assert lines == ["[node 0] first", "[node 0] second"]
+
+
+def test_logs_of_a_missing_log_group(endpoint: str) -> None:
+    world = deploy(endpoint, ["booting"], log_group=False)
+    result = console("logs", "--stack", world.stack)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: no log group {world.group} in region {REGION}")
+    assert result.stderr.count("\n") == 1
+
+
+# --- results and runs ----------------------------------------------------------------------
+
+
+def test_results_download_the_run(endpoint: str, tmp_path: Path) -> None:
+    world = deploy(endpoint, ["done", "done"])
+    summary = {"steps": 200, "final_loss": 1.2345, "plot": "/opt/fabric/runs/run-a/loss.png"}
+    world.put("summary.json", json.dumps(summary, indent=2))
+    world.put("loss.png", b"\x89PNG fake")
+    world.put("metrics.csv", "step,loss\n1,3.0\n")
+    world.put("checkpoints/step-00000100.ckpt", b"100")
+    world.put("checkpoints/step-00000200.ckpt", b"200")
+    world.put("checkpoints/step-00000300.ckpt.tmp", b"torn")
+    world.put("fabric-run.json", {"run": "run-a", "status": "complete"})
+
+    result = console("results", "--stack", world.stack, "--dest", str(tmp_path))
+
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / world.stack / "run-a"
+    body = world.client("s3").get_object(
+        Bucket=world.bucket, Key=f"{world.stack}/run-a/summary.json"
+    )["Body"]
+    assert (run_dir / "summary.json").read_bytes() == body.read()
+    assert not (run_dir / "checkpoints" / "step-00000300.ckpt.tmp").exists()
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()) == [
+        "checkpoints/step-00000100.ckpt",
+        "checkpoints/step-00000200.ckpt",
+        "fabric-run.json",
+        "loss.png",
+        "metrics.csv",
+        "summary.json",
+    ]
+    out = result.stdout
+    assert "6 file(s) downloaded, 0 already here, 1 temporary skipped" in out
+    assert '"final_loss": 1.2345' in out
+    assert f"summary     {run_dir / 'summary.json'}" in out
+    assert f"plot        {run_dir / 'loss.png'}" in out
+    assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000200.ckpt'}" in out
+
+    again = console("results", "--stack", world.stack, "--dest", str(tmp_path))
+    assert "0 file(s) downloaded, 6 already here" in again.stdout
+
+
+def test_results_of_an_unfinished_run_of_a_deleted_stack(endpoint: str, tmp_path: Path) -> None:
+    world = deploy(endpoint, ["training"])
+    world.put("progress.json", {"step": 3}, run="old-run")
+    world.client("cloudformation").delete_stack(StackName=world.stack)
+
+    gone = console("results", "--stack", world.stack, "--run", "old-run")
+    assert gone.exit_code == 2
+    assert gone.stderr.startswith(f"error: no stack {world.stack} in region {REGION}")
+    assert "--bucket" in gone.stderr
+
+    result = console(
+        "results", "--stack", world.stack, "--run", "old-run", "--bucket", world.bucket,
+        "--dest", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no summary.json: the run has not finished, or its script writes none" in result.stdout
+    assert (tmp_path / world.stack / "old-run" / "progress.json").exists()
+
+
+def test_runs_lists_every_run_and_marks_the_current_one(endpoint: str) -> None:
+    world = deploy(endpoint, ["training", "training"], run="run-b")
+    world.put("summary.json", {"steps": 300, "final_loss": 0.9}, run="run-a")
+    world.put("fabric-run.json", {"run": "run-a", "status": "complete"}, run="run-a")
+    world.put("progress.json", {"step": 50, "total_steps": 300, "loss": 2.1}, run="run-b")
+
+    result = console("runs", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["run", "status", "last", "step", "final", "loss", "date"]
+    rows = {line[3:].split()[0]: line for line in lines[:2]}  # after the mark column
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert rows["run-b"].startswith("*  run-b ")  # the stack's RunName
+    assert rows["run-b"].split()[2:6] == ["in", "progress/stopped", "50", "2.1000"]
+    assert rows["run-a"].startswith("   run-a ")
+    assert rows["run-a"].split()[1:5] == ["complete", "300", "0.9000", today]
+    assert lines[2] == f"(* the run stack {world.stack} trains now: run-b)"
+    by_bucket = console("runs", "--stack", world.stack, "--bucket", world.bucket)
+    assert by_bucket.stdout == result.stdout
+
+
+# --- one-line errors, from a real process ---------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_errors_are_one_line(aws_env: dict[str, str], moto_url: str, tmp_path: Path) -> None:
+    """From real processes: stderr is exactly one `error: ...` line, exit 2, nothing else."""
+    world = deploy(moto_url, ["done"])
+    (tmp_path / "empty").write_text("")
+    bare = {key: value for key, value in aws_env.items() if not key.startswith("AWS_")}
+    no_credentials = bare | {
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "empty"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "empty"),
+    }
+    unreachable = aws_env | {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}",
+        "AWS_MAX_ATTEMPTS": "1",  # the user's own setting is honoured: no retries to wait out
+    }
+    cases = {
+        "no stack": (
+            ["status", "--stack", "NoSuchStack"],
+            aws_env,
+            f"no stack NoSuchStack in region {REGION}: deploy it with make deploy, "
+            "or pass --stack/--region",
+        ),
+        "no credentials": (
+            ["status", "--stack", world.stack],
+            no_credentials,
+            "no AWS credentials: configure them (aws configure) or set AWS_PROFILE",
+        ),
+        "unreachable": (["runs", "--stack", world.stack], unreachable, "cannot reach http://"),
+    }
+    # In parallel: each is a Python start-up, and the unreachable one waits out its retries.
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "console", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, env, _) in cases.items()
+    }
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=60)
+        expected = cases[name][2]
+        assert process.returncode == 2, (name, stdout, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith(f"error: {expected}"), (name, stderr)
+        assert "Traceback" not in stderr and stdout == "", name
+
+
+def test_more_one_line_errors(endpoint: str, tmp_path: Path) -> None:
+    world = deploy(endpoint, ["done"])
+    world.put("summary.json", {"steps": 1})
+    world.put("summary.json", {"steps": 1}, run="run-0")
+    cases = {
+        ("results", "--stack", world.stack, "--run", "nope", "--dest", str(tmp_path)): (
+            f"no run nope in s3://{world.bucket}/{world.stack}/ (runs: run-0, run-a)"
+        ),
+        ("logs", "--since", "soon"): "--since 'soon': expected a duration like 30m",
+        ("status", "--interval", "0"): "Invalid value for '--interval'",
+        ("runs", "--stack", "Gone"): f"no stack Gone in region {REGION}",
+    }
+    for args, expected in cases.items():
+        result = console(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stdout == "", args
