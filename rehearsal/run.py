@@ -102,6 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the run resumed by a new cluster from S3, a complete run not trained again, a change "
         "of arguments a new run",
     )
+    parser.add_argument(
+        "--fail-node",
+        type=int,
+        help="with --project: this node's install fails (no package to be had); the others "
+        "must stop within the bound and record why",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
         "--manifest",
@@ -118,6 +124,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.script_args = args.script_args[1:]
     if (args.project is None) != (args.script is None):
         parser.error("--project and --script go together")
+    if args.fail_node is not None and (args.project is None or args.runs):
+        parser.error("--fail-node needs --project (a real install) and goes without --runs")
+    if args.fail_node is not None and not 0 <= args.fail_node < args.num_nodes:
+        parser.error(f"--fail-node must be from 0 to {args.num_nodes - 1}")
     if not args.script_args and args.project is None:
         args.script_args = ["--epochs", "2", "--samples", "4096"]
     return args
@@ -294,13 +304,13 @@ def work_folder(keep: bool) -> Iterator[Path]:
 
 def synth(folder: Path, args: argparse.Namespace, **overrides: str) -> tuple[Path, str, Any]:
     project = {"project": args.project, "script": args.script} if args.project else {}
-    context = cdk_json_context(
-        num_nodes=args.num_nodes,
-        devices_per_node=args.devices_per_node,
-        script_args=shlex.join(args.script_args),
+    settings = {
+        "num_nodes": args.num_nodes,
+        "devices_per_node": args.devices_per_node,
+        "script_args": shlex.join(args.script_args),
         **project,
-        **overrides,
-    )
+    }
+    context = cdk_json_context(**(settings | overrides))
     app, stack = build_app(context, outdir=str(folder / "cdk.out"))
     app.synth()
     return folder / "cdk.out", stack.artifact_id, stack.config
@@ -315,7 +325,11 @@ def boot_nodes(
     run_id: str,
     install_environment: dict[str, str],
     main_node_delay: float = 0.0,
+    fail_node: int | None = None,
 ) -> list[subprocess.Popen[bytes]]:
+    # A node whose install must fail: no torch wheel where its install step looks for one.
+    (folder / "no-wheels").mkdir(exist_ok=True)
+    broken_install = {"FABRIC_TORCH_INDEX": str(folder / "no-wheels")}
     base_env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
@@ -374,6 +388,7 @@ def boot_nodes(
             **base_env,
             "HOME": str(home),
             **install_environment,
+            **(broken_install if node.rank == fail_node else {}),
             "FABRIC_REHEARSAL_HOME": str(home / "fabric"),
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{aws.port}",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{IMDS_PORT}",
@@ -394,15 +409,25 @@ def boot_nodes(
     return list(reversed(boots))
 
 
-def wait_for_boots(boots: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for rank, boot in enumerate(boots):
-        try:
-            status = boot.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise RehearsalError(f"node {rank} did not finish within {timeout:g} s") from None
-        if status != 0:
-            raise RehearsalError(f"node {rank}'s user data exited with status {status}")
+def wait_for_boots(
+    boots: list[subprocess.Popen[bytes]], timeout: float, expect_failure: bool = False
+) -> list[float]:
+    """When each node's user data ended (time.monotonic()); any failure is an error unless
+    one is expected."""
+    deadline, ended = time.monotonic() + timeout, [0.0] * len(boots)
+    while not all(ended):
+        for rank, boot in enumerate(boots):
+            if not ended[rank] and boot.poll() is not None:
+                ended[rank] = time.monotonic()
+                if boot.returncode != 0 and not expect_failure:
+                    raise RehearsalError(
+                        f"node {rank}'s user data exited with status {boot.returncode}"
+                    )
+        if time.monotonic() > deadline:
+            late = [rank for rank, when in enumerate(ended) if not when]
+            raise RehearsalError(f"node(s) {late} did not finish within {timeout:g} s")
+        time.sleep(0.2)
+    return ended
 
 
 def check_training(
@@ -539,6 +564,7 @@ class Rehearsal:
         self.processes = NodeProcesses()
         self.installs: dict[str, str] = {}
         self.deploys = 0
+        self.ended: list[float] = []  # when each node's user data ended, last deploy
 
     def deploy(self, what: str, **overrides: str) -> Deployment:
         """Synth with these settings, deploy, boot every node and wait for them to end."""
@@ -584,9 +610,13 @@ class Rehearsal:
                 self.run_id,
                 self.installs,
                 self.args.main_node_delay if self.deploys == 1 else 0.0,
+                self.args.fail_node,
             ),
         )
-        phases.run("train (boot to done)", lambda: wait_for_boots(boots, self.args.timeout))
+        self.ended = phases.run(
+            "train (boot to done)",
+            lambda: wait_for_boots(boots, self.args.timeout, self.args.fail_node is not None),
+        )
         return Deployment(folder, config, outputs, nodes)
 
     def destroy(self, deployment: Deployment) -> None:
@@ -627,6 +657,10 @@ def rehearse(
     try:
         rehearsal.installs = phases.run("install the project here", lambda: install_here(args))
         first = rehearsal.deploy("the settings given")
+        if args.fail_node is not None:
+            phases.run("check the failure", lambda: check_failed_node(rehearsal, first))
+            rehearsal.destroy(first)
+            return
         summary = phases.run(
             "check phases and artifacts",
             lambda: check_training(
@@ -647,6 +681,42 @@ def rehearse(
         rehearsal.close()
 
 
+# A peer's failure is seen within the agent's poll (15 s); then fabric run stops.
+FAILED_PEER_BOUND = 45.0
+
+
+def check_failed_node(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    """One node's install fails: it records the installer's message; every other node stops
+    its fabric run within the bound, records why, and would power off."""
+    failed, ssm = rehearsal.args.fail_node, rehearsal.aws.client("ssm")
+    phases = {
+        node.rank: ssm.get_parameter(Name=deployment.config.phase_parameter(node.rank))[
+            "Parameter"
+        ]["Value"]
+        for node in deployment.nodes
+    }
+    if not phases[failed].startswith("failed: install: "):
+        raise RehearsalError(f"node {failed} recorded {phases[failed]!r}, not an install failure")
+    cause = f"failed: node {failed} failed ({phases[failed].removeprefix('failed: ')})"
+    for node in deployment.nodes:
+        if node.rank == failed:
+            continue
+        if phases[node.rank] != cause:
+            raise RehearsalError(f"node {node.rank} recorded {phases[node.rank]!r}")
+        after = rehearsal.ended[node.rank] - rehearsal.ended[failed]
+        if after > FAILED_PEER_BOUND:
+            raise RehearsalError(
+                f"node {node.rank} went on {after:.0f} s after node {failed} failed"
+            )
+        if "would stop now" not in agent_output(deployment, node.rank):
+            raise RehearsalError(f"node {node.rank} did not record its final stop")
+    slowest = max(rehearsal.ended) - rehearsal.ended[failed]
+    log(
+        f"node {failed}'s install failed ({phases[failed][:80]}...); every other node stopped "
+        f"within {slowest:.0f} s and recorded it"
+    )
+
+
 def console(rehearsal: Rehearsal, *command: str) -> subprocess.CompletedProcess[str]:
     """`make status` and friends, as a user runs them, against the emulated AWS."""
     env = {
@@ -658,7 +728,7 @@ def console(rehearsal: Rehearsal, *command: str) -> subprocess.CompletedProcess[
     }
     return subprocess.run(
         [sys.executable, "-m", "console", *command],
-        cwd=rehearsal.folder,
+        cwd=PROJECT_DIR,
         env=env,
         capture_output=True,
         text=True,
@@ -688,7 +758,9 @@ def check_console(rehearsal: Rehearsal, deployment: Deployment) -> None:
             raise RehearsalError(f"make logs: no boot or agent line of node {node.rank}")
     if not any("training: world size" in line for line in logs.stdout.splitlines()):
         raise RehearsalError("make logs: no training line")
-    results = console(rehearsal, "results", "--stack", stack, "--dest", "runs")
+    results = console(
+        rehearsal, "results", "--stack", stack, "--dest", str(rehearsal.folder / "runs")
+    )
     local = rehearsal.folder / "runs" / stack / run / "summary.json"
     s3 = rehearsal.aws.client("s3")
     key = f"{stack}/{run}/summary.json"

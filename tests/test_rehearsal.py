@@ -112,7 +112,9 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
         # The example project of examples/: the nodes' real install phases (offline, from the
         # uv cache that installing it here filled), its uv.lock less torch's CUDA wheels.
         (2, 2, 0, ["--project", "examples/charlm", "--script", "train.py"]),
-        (3, 1, 20, []),  # the default project (trainer/), in this venv; a late main node
+        # The default project (trainer/) in this venv, a late main node, then runs: watched
+        # with make status/logs/results, resumed by a new cluster, complete, and a new one.
+        (2, 1, 10, ["--runs"]),
     ],
 )
 def test_rehearsal_trains_across_namespaces_and_destroys(
@@ -128,7 +130,12 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
         "--main-node-delay",
         str(main_delay),
         *project,
-        *(["--", "--max-steps", "30"] if project else []),
+        "--",
+        *(
+            ["--max-steps", "30"]
+            if "--project" in project
+            else ["--epochs", "1", "--samples", "2048"]
+        ),
     )
     process = subprocess.Popen(
         command,
@@ -146,7 +153,15 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     for rank in range(nodes):
         assert f"[node {rank}] [fabric-agent] phase: done" in out
         assert f"[node {rank}] [fabric-agent] would stop now" in out
-    if project:
+    if "--runs" in project:
+        for check in (
+            "make status, logs and results: every node done",
+            "a new cluster resumed run",
+            "every node says it is complete, and nothing trained",
+            "(make runs lists both)",
+        ):
+            assert check in out
+    if "--project" in project:
         installed = re.findall(
             r"^\[node (\d)\] .*\[fabric-install\] done: .*, 0 nvidia-\*\)$", out, re.M
         )
@@ -239,3 +254,25 @@ def test_an_interrupted_rehearsal_removes_everything_it_made(tmp_path: Path) -> 
             left = live_processes().get(pid)
             if left and marker in left.environment:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_node_whose_install_fails_stops_the_others_at_once(tmp_path: Path) -> None:
+    """Node 1's install step finds no torch: it records the installer's message; node 0, which
+    would wait out the rendezvous for it on every restart, stops within the bound instead."""
+    assert REASON is None, REASON
+    command, env, manifest = rehearsal(
+        tmp_path,
+        *("--num-nodes", "2", "--devices-per-node", "1", "--fail-node", "1"),
+        *("--project", "examples/charlm", "--script", "train.py", "--", "--max-steps", "30"),
+    )
+    result = subprocess.run(
+        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    assert "node 1's install failed (failed: install: torch: " in out
+    assert "every other node stopped within" in out
+    assert "[node 0] [fabric-agent] phase: failed: node 1 failed (install: torch: " in out
+    assert "[node 0] [fabric-agent] would stop now" in out
+    assert "after destroy only the artifacts bucket remains" in out
+    assert leftovers(manifest) == {}
