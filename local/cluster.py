@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from local.process_groups import stop_groups
-from local.project_venv import InstallError, project_venv
 from stacks.errors import ConfigError
-from stacks.project import Project, load_project, pinned_version
 from userdata.fabric_command import (
     PRECISIONS,
     fabric_environment,
@@ -42,12 +40,16 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
-from userdata.run_state import COMPLETE_MARKER
+from userdata.run_layout import COMPLETE_MARKER
 
 MAIN_ADDRESS = "127.0.0.1"
 RUNS = Path("runs/local")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_SCRIPT = "trainer/train.py"
+
+
+class ProjectInstallFailed(RuntimeError):
+    """The project's dependencies could not be installed; the message is the installer's."""
 
 
 def fabric_run(python: str) -> tuple[str, ...]:
@@ -179,8 +181,15 @@ def prepare_project(args: argparse.Namespace) -> None:
     args.python, args.workdir = sys.executable, None
     if args.project is None:
         return
-    project: Project = load_project(args.project, args.script, Path.cwd(), pinned_version("torch"))
-    venv = project_venv(project, args.accelerator)
+    # Here only: a GPU machine's python (make gpu-check) has none of what projects need.
+    from local.project_venv import InstallError, project_venv
+    from stacks.project import load_project, pinned_version
+
+    project = load_project(args.project, args.script, Path.cwd(), pinned_version("torch"))
+    try:
+        venv = project_venv(project, args.accelerator)
+    except InstallError as error:
+        raise ProjectInstallFailed(str(error)) from None
     args.python = str(venv / "bin" / "python")
     args.workdir, args.script = project.path, project.script
 
@@ -356,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"[cluster] error: {error}", file=sys.stderr, flush=True)
         return 2
-    except InstallError as error:
+    except ProjectInstallFailed as error:
         print(f"[cluster] error: install: {error}", file=sys.stderr, flush=True)
         return 1
     if args.accelerator != "cpu":

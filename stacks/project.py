@@ -72,7 +72,7 @@ def project_folder(value: object, app_dir: Path) -> Path:
     except (OSError, ValueError):
         exists = False
     if not exists:
-        raise _invalid("project", value, f"no such folder ({app_dir / str(value).strip()})")
+        raise _invalid("project", value, f"no such folder ({str(app_dir / str(value).strip())!r})")
     try:
         has_code = any(f.suffix == ".py" for f in _walk(path))  # stops at the first one
     except OSError as error:  # an unreadable folder inside it

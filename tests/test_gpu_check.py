@@ -13,10 +13,12 @@ CASES = ("payload alone", "fabric run ddp", "local cluster", "resume")
 
 
 def gpu_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    # A GPU machine's python has no boto3: a boto3 that cannot be imported stands in for that.
+    # A GPU machine's python has torch, lightning, click, tqdm and matplotlib, but none of
+    # these: packages that cannot be imported stand in for that.
     no_boto3 = tmp_path / "no-boto3"
-    (no_boto3 / "boto3").mkdir(parents=True)
-    (no_boto3 / "boto3" / "__init__.py").write_text('raise ImportError("no boto3 here")\n')
+    for package in ("boto3", "botocore", "pathspec", "uv", "aws_cdk", "cdk_nag"):
+        (no_boto3 / package).mkdir(parents=True)
+        (no_boto3 / package / "__init__.py").write_text(f'raise ImportError("no {package}")\n')
     return subprocess.run(
         [sys.executable, "-m", "gpu.check", "--accelerator", "cpu", "--samples", "1024", *args],
         cwd=PROJECT_DIR,

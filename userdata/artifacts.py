@@ -9,7 +9,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-PROGRESS_FILE = "progress.json"  # written by the script, shown by `make status`
+from userdata.run_layout import PROGRESS_FILE
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -13,8 +13,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from userdata.artifacts import is_complete, split_s3_uri
+from userdata.run_layout import COMPLETE_MARKER
 
-COMPLETE_MARKER = "fabric-run.json"
 _STEP = re.compile(r"step-(\d+)\.ckpt$")
 
 
