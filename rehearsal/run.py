@@ -324,6 +324,7 @@ def boot_nodes(
     processes: NodeProcesses,
     run_id: str,
     install_environment: dict[str, str],
+    work: Path,
     main_node_delay: float = 0.0,
     fail_node: int | None = None,
 ) -> list[subprocess.Popen[bytes]]:
@@ -334,7 +335,7 @@ def boot_nodes(
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
         **CREDENTIAL_ENV,
-        **run_environment(folder, run_id),
+        **run_environment(work, run_id),
     }
     cpus = sorted(os.sched_getaffinity(0))
     boots = []
@@ -609,6 +610,7 @@ class Rehearsal:
                 self.processes,
                 self.run_id,
                 self.installs,
+                self.folder,
                 self.args.main_node_delay if self.deploys == 1 else 0.0,
                 self.args.fail_node,
             ),

@@ -27,6 +27,7 @@ from userdata.dependencies import (
     normalized,
     pyproject_dependencies,
     requirement_name,
+    requirements_file_lines,
 )
 
 NODE_REQUIREMENTS = Path(__file__).resolve().parent.parent / "userdata" / "requirements-node.txt"
@@ -110,7 +111,7 @@ def torch_specifiers(project: Path) -> list[str]:
     if source.name == "pyproject.toml":
         lines = pyproject_dependencies(source)
     else:
-        lines = _requirement_lines(source)
+        lines = requirements_file_lines(source)
     specifiers = []
     for line in lines:
         if requirement_name(line) != "torch":
@@ -128,24 +129,6 @@ def torch_specifiers(project: Path) -> list[str]:
             )
         specifiers.append(str(requirement.specifier))
     return specifiers
-
-
-def _requirement_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
-    """A requirements file's lines, with those of the files it includes (-r FILE)."""
-    lines: list[str] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DependencyError(f"{path.name} cannot be read: {error}") from None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("-r ", "--requirement ")):
-            included = (path.parent / stripped.split(None, 1)[1]).resolve()
-            if included not in seen:
-                lines += _requirement_lines(included, seen | {path.resolve()})
-        else:
-            lines.append(stripped)
-    return lines
 
 
 def node_torch_version(specifiers: list[str], pinned: str) -> str:

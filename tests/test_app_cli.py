@@ -69,7 +69,10 @@ def test_real_cdk_cli_synth_from_clean_cdk_out(tmp_path: Path) -> None:
     shutil.copytree(
         PROJECT_DIR,
         project,
-        ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "runs"),
+        # Only the app: no venvs, caches (uv's is a GB under .pytest_cache) or outputs.
+        ignore=shutil.ignore_patterns(
+            ".venv*", "node_modules", "cdk.out", ".git", "runs", ".*_cache", ".hypothesis"
+        ),
     )
     # As a user types it: `python3` is the system one, without the CDK; app.py hands over to
     # the project's venv (linked here, as `make venv` would have made it).

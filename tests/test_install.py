@@ -27,7 +27,6 @@ INSTALL_SCRIPT = PROJECT_DIR / "userdata" / "install.sh"
 EXAMPLE_PROJECT = PROJECT_DIR / "trainer"
 TORCH_VERSION = pinned_version("torch")
 LOCAL_WHEELS = Path("/opt/wheels")
-CUDA_LIBRARIES = ("libcudart*", "libcublas*")
 
 
 def rendered_boot_script() -> str:
@@ -162,66 +161,6 @@ def install_environment(cache_dir: Path) -> dict[str, str]:
     if wheels:
         env["FABRIC_TORCH_INDEX"] = str(wheels)
     return env
-
-
-def test_cpu_install_of_a_project_naming_torch_gives_the_cpu_build_and_no_cuda(
-    uv: Path, uv_cache: Path, tmp_path: Path
-) -> None:
-    """A project whose requirements say torch>=2 (which alone would pull the CUDA build from
-    PyPI) and a package no node requirement has."""
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text("torch>=2\ntabulate==0.9.0\n")
-    (project / "main.py").write_text("import tabulate\n")
-    env = install_environment(uv_cache)
-    wheels = env.get("FABRIC_TORCH_INDEX")
-    venv = tmp_path / "venv"
-    install = subprocess.run(
-        install_command(uv, venv, project),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
-    print(install.stdout, install.stderr, sep="\n")
-    assert install.returncode == 0
-    assert f"torch: torch=={TORCH_VERSION}+cpu from {wheels or 'https://download.pytorch.org'}" in (
-        install.stdout
-    )
-
-    # Bytecode written by the first import makes the second quick (this machine sets
-    # PYTHONDONTWRITEBYTECODE; a node does not).
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    python = venv / "bin" / "python"
-    probe = subprocess.run(
-        [
-            python,
-            "-c",
-            "import importlib.metadata as m, lightning, torch; "
-            "print(torch.__version__, torch.version.cuda, lightning.__version__); "
-            "print(*sorted(d.metadata['Name'].lower() for d in m.distributions()))",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    versions, names = probe.stdout.splitlines()
-    torch_version, cuda, lightning = versions.split()
-    assert torch_version == f"{TORCH_VERSION}+cpu" and cuda == "None"
-    assert lightning == pinned_version("lightning")
-    assert [name for name in names.split() if name.startswith("nvidia-")] == []
-    assert "tabulate" in names.split() and "boto3" in names.split()
-    site_packages = next((venv / "lib").glob("python3.*/site-packages"))
-    assert [path for pattern in CUDA_LIBRARIES for path in site_packages.rglob(pattern)] == []
-
-    fabric = subprocess.run(
-        [venv / "bin" / "fabric", "--help"], env=env, capture_output=True, text=True, check=False
-    )
-    assert fabric.returncode == 0, fabric.stderr
-    assert "Usage: fabric" in fabric.stdout and "run" in fabric.stdout
 
 
 def test_a_dependency_that_cannot_be_installed_fails_with_the_installers_own_message(

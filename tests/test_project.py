@@ -41,14 +41,24 @@ def names(lines: list[str]) -> list[str]:
 def test_requirements_txt_is_installed_as_it_is_with_the_agents_needs() -> None:
     project = PROJECTS / "with-requirements"
     lines = node_requirements(project, AGENT_REQUIREMENTS, UV)
-    assert lines[0] == f"-r {project / 'requirements.txt'}"
-    assert lines[1:] == ["lightning==2.6.6", "click==8.5.1", "boto3==1.44.8"]  # never torch
+    assert lines == ["tabulate==0.9.0", "lightning==2.6.6", "click==8.5.1", "boto3==1.44.8"]
 
 
-def test_a_project_naming_lightning_itself_gets_its_own() -> None:
+def test_a_project_naming_lightning_itself_gets_its_own_and_never_its_torch() -> None:
     lines = node_requirements(PROJECTS / "names-torch", AGENT_REQUIREMENTS, UV)
-    assert [line for line in lines if line.startswith("lightning")] == []  # only in its file
-    assert "click==8.5.1" in lines and "boto3==1.44.8" in lines
+    assert lines == ["lightning", "tabulate==0.9.0", "click==8.5.1", "boto3==1.44.8"]
+
+
+def test_includes_are_followed_once_and_a_tool_only_pyproject_is_not_a_dependency_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.ruff]\nline-length = 100\n")
+    (tmp_path / "requirements.txt").write_text("-r base.txt\n--requirement=extra.txt\n")
+    (tmp_path / "base.txt").write_text("torch==2.5.1+cu121\n-rrequirements.txt\nhumanize\n")
+    (tmp_path / "extra.txt").write_text("lightning==2.5.0  # pinned by the project\n")
+    lines = node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)
+    assert lines == ["humanize", "lightning==2.5.0  # pinned by the project", "click==8.5.1",
+                     "boto3==1.44.8"]  # fmt: skip
 
 
 def test_uv_lock_is_installed_as_locked_without_torch_or_its_cuda_wheels() -> None:

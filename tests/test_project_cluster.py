@@ -21,6 +21,7 @@ from stacks.project import pinned_version
 
 PROJECTS = Path(__file__).parent / "projects"
 TORCH = pinned_version("torch")
+CUDA_LIBRARIES = ("libcudart*", "libcublas*")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,9 @@ def local_cluster(
     )
 
 
-def venv_packages(output: str) -> list[str]:
-    """The distributions of the venv the run used (its python is in the node command line)."""
+def venv_packages(output: str) -> tuple[list[str], Path]:
+    """The distributions of the venv the run used (its python is in the node command line),
+    and its site-packages."""
     line = next(text for text in output.splitlines() if "starting node 0:" in text)
     python = line.split("starting node 0: ", 1)[1].split()[0]
     probe = subprocess.run(
@@ -77,7 +79,8 @@ def venv_packages(output: str) -> list[str]:
         text=True,
         check=True,
     )
-    return probe.stdout.split()
+    site_packages = next((Path(python).parent.parent / "lib").glob("python3.*/site-packages"))
+    return probe.stdout.split(), site_packages
 
 
 @pytest.mark.parametrize(
@@ -102,9 +105,11 @@ def test_a_project_installs_and_trains_on_two_nodes(
     assert summary["cwd"] == str(project)  # fabric run ran in the project folder
     assert summary["torch"] == f"{TORCH}+cpu"
     assert summary["final_loss"] < 1.0
-    packages = venv_packages(result.stdout)
+    packages, site_packages = venv_packages(result.stdout)
     assert dependency in packages and "boto3" in packages and "click" in packages
+    # The install step's promise: the CPU build, even for "torch>=2", and no CUDA at all.
     assert [p for p in packages if p.startswith(("nvidia-", "triton"))] == []
+    assert [p for pattern in CUDA_LIBRARIES for p in site_packages.rglob(pattern)] == []
 
     if name != "with-requirements":
         return  # the cached venv's reuse, once

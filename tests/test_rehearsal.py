@@ -111,7 +111,7 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
     [
         # The example project of examples/: the nodes' real install phases (offline, from the
         # uv cache that installing it here filled), its uv.lock less torch's CUDA wheels.
-        (2, 2, 0, ["--project", "examples/charlm", "--script", "train.py"]),
+        (2, 1, 0, ["--project", "examples/charlm", "--script", "train.py"]),
         # The default project (trainer/) in this venv, a late main node, then runs: watched
         # with make status/logs/results, resumed by a new cluster, complete, and a new one.
         (2, 1, 10, ["--runs"]),

@@ -89,13 +89,14 @@ def test_restore_takes_complete_files_and_the_newest_readable_checkpoint_wins(
     run_dir = tmp_path / "run"
     restored = restore(s3, f"s3://{bucket}/{prefix}", run_dir)
     files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    # Of the checkpoints only the newest two: S3 keeps every one a run ever saved.
     assert files == [
-        "checkpoints/step-00000008.ckpt",
         "checkpoints/step-00000016.ckpt",
         "checkpoints/step-00000024.ckpt",
         "metrics/version_0/metrics.csv",
     ]
-    assert restored.files == 4 and restored.describe() == "resumed from step 24"
+    assert restored.files == 3 and restored.describe() == "resumed from step 24"
+    assert sorted(restored.paths) == sorted(run_dir / name for name in files)
     # The payload then skips the torn one (set aside) and resumes from the newest that loads.
     found = newest_checkpoint(run_dir / "checkpoints")
     assert found is not None and found[1]["step"] == 16

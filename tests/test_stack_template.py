@@ -245,10 +245,18 @@ def test_role_is_least_privilege(synth: Synth) -> None:
             assert not any(a.startswith("ssm:GetParameter") for a in actions), statement
     session = [s for s in statements if "ssmmessages:OpenDataChannel" in s["Action"]]
     assert len(session) == 1 and set(session[0]["Action"]) == set(SESSION_MANAGER_ACTIONS)
-    get_parameter = [s for s in statements if "ssm:GetParameter" in s["Action"]]
-    assert len(get_parameter) == 1 and get_parameter[0]["Action"] == ["ssm:GetParameter"]
+    get_parameter = [s for s in statements if s["Action"] == ["ssm:GetParameter"]]
+    assert len(get_parameter) == 1
     assert json.dumps(get_parameter[0]["Resource"]).endswith(
         ':parameter/fabric/FabricCluster/main-address"]]}]'
+    )
+    # Every other read of a parameter is of the phases (each node watches the others').
+    reads = [
+        s for s in statements if s is not get_parameter[0] and "ssm:GetParameter" in s["Action"]
+    ]
+    assert len(reads) == 1
+    assert all(
+        '"Ref": "Node' in json.dumps(r) and "Phase" in json.dumps(r) for r in reads[0]["Resource"]
     )
     put_parameter = [s for s in statements if "ssm:PutParameter" in s["Action"]]
     assert len(put_parameter) == 1

@@ -16,13 +16,16 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import boto3
+from boto3.exceptions import RetriesExceededError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -46,6 +49,7 @@ from userdata.run_state import completed, mark_complete, restore
 from userdata.spot import SpotWatcher
 
 T = TypeVar("T")
+TERMINATED = threading.Event()  # SIGTERM or SIGINT reached the agent
 PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
 
@@ -235,6 +239,8 @@ def run_fabric(
         peers.attach(process)
 
     def forward(signum: int, _frame: object) -> None:
+        # Stopped from outside (systemctl stop, shutdown): no restart, no power-off of our own.
+        TERMINATED.set()
         process.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -249,7 +255,7 @@ def run_state(action: Callable[[], T], uri: str) -> T:
     """The run's state in S3, read once before training: unreadable is one clear line."""
     try:
         return action()
-    except (BotoCoreError, ClientError) as error:
+    except (BotoCoreError, ClientError, RetriesExceededError, OSError) as error:
         raise AgentError(f"cannot read the run's files in {uri}/: {error}") from None
 
 
@@ -313,6 +319,7 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         sync = ArtifactSync(
             s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval, PROGRESS_INTERVAL
         )
+        sync.mark_seen(restored.paths)  # in S3 already
         sync.start()
     log(f"running: {shlex.join(command)}")
     watcher = SpotWatcher(imds, args.spot_poll_interval, log)
@@ -334,7 +341,7 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         peers.stop()
     if sync:
         log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
-    if peers and peers.failed:
+    if status != 0 and peers and peers.failed:
         raise AgentError(peers.reason)
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
@@ -344,7 +351,10 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
         raise AgentError(f"fabric run exited with status {status}{restarts}")
     if sync:
-        mark_complete(s3, args.artifacts_uri, args.run_name, args.run_fingerprint)
+        try:
+            mark_complete(s3, args.artifacts_uri, args.run_name, args.run_fingerprint)
+        except (BotoCoreError, ClientError) as error:
+            log(f"could not mark run {args.run_name} complete in {args.artifacts_uri}/: {error}")
     reporter.record("done")
     return status
 
@@ -364,7 +374,7 @@ def supervise(
     for attempt in range(args.max_restarts + 1):
         reporter.record(started if attempt == 0 else f"training (restart {attempt})")
         status = run_fabric(command, environment, watcher, args.workdir, peers)
-        stopped = (watcher and watcher.notice) or (peers and peers.failed)
+        stopped = (watcher and watcher.notice) or (peers and peers.failed) or TERMINATED.is_set()
         if status == 0 or attempt == args.max_restarts or stopped:
             return status
         log(
@@ -378,6 +388,7 @@ def supervise(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     reporter = PhaseReporter(None, None)
+    status = 1
     try:
         status = train(args, reporter)
     except AgentError as error:
@@ -386,9 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = f" ({NO_PHASE_RECORDED})" if unrecorded else ""
         print(f"error: {error}{note}", file=sys.stderr, flush=True)
         reporter.record(f"failed: {error}")
-        status = 1
-    if args.stop_when_done:
-        power_off(args.dry_run)
+    except Exception as error:  # a bug or an AWS error nobody foresaw: still failed, still off
+        traceback.print_exc()
+        reporter.record(f"failed: {type(error).__name__}: {error}")
+    finally:
+        # Whatever happened, a node that is done does not bill (unless stopped from outside).
+        if args.stop_when_done and not TERMINATED.is_set():
+            power_off(args.dry_run)
     return status
 
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from userdata.run_layout import PROGRESS_FILE
@@ -73,12 +74,19 @@ class ArtifactSync:
                 self.s3.upload_file(str(path), self.bucket, key)
             except FileNotFoundError:
                 continue
-            except (BotoCoreError, ClientError) as error:
+            except (BotoCoreError, ClientError, S3UploadFailedError) as error:
+                # Next round tries again; the sync thread must never die of one upload.
                 print(f"[fabric-agent] artifact upload of {path} failed: {error}", file=sys.stderr)
                 continue
             self._seen[path] = signature
             uploaded += 1
         return uploaded
+
+    def mark_seen(self, paths: list[Path]) -> None:
+        """Files already in S3 as they are here (restored): not uploaded again."""
+        for path in paths:
+            stat = path.stat()
+            self._seen[path] = (stat.st_size, stat.st_mtime_ns)
 
     def _loop(self) -> None:
         since_full = 0.0

@@ -8,7 +8,8 @@
 # agent's) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
 # timestamp to $FABRIC_HOME/boot.log and stdout (cloud-init copies stdout to the console and
 # /var/log/cloud-init-output.log).
-set -euo pipefail
+# -E: a failure inside a function runs the ERR trap too (phase recorded, node powered off).
+set -Eeuo pipefail
 
 # Settings, rendered by stacks/user_data.py at synth time.
 # @@SETTINGS@@
@@ -66,15 +67,31 @@ report_phase() {
 
 # CloudWatch Logs, one stream per node (userdata/log_shipper.py): boot.log and agent.log, read
 # from their start, shipped by a process of its own, so that a slow CloudWatch never stalls
-# training. On EC2 a transient systemd unit (stopped, and flushed, at power-off).
+# training. On EC2 a systemd unit: it comes back after a reboot, and at power-off it stops (and
+# flushes) after the agent. Shipping logs never fails the boot.
 LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid
 start_log_shipper() {
   [[ -n $LOG_GROUP && -f $PAYLOAD_DIR/userdata/log_shipper.py ]] || return 0
   local shipper=("$VENV/bin/python" -m userdata.log_shipper --log-group "$LOG_GROUP"
     --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log")
   if [[ -z $REHEARSAL ]]; then
-    systemd-run --unit=fabric-logs --nice=10 --property=Restart=on-failure \
-      --working-directory="$PAYLOAD_DIR" "${shipper[@]}"
+    cat >/etc/systemd/system/fabric-logs.service <<EOF
+[Unit]
+Description=Fabric cluster log shipper (boot, agent and training output to CloudWatch Logs)
+Wants=network-online.target
+After=network-online.target fabric-agent.service
+
+[Service]
+WorkingDirectory=$PAYLOAD_DIR
+ExecStart=${shipper[*]}
+Nice=10
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    { systemctl daemon-reload && systemctl enable --now fabric-logs.service; } ||
+      log "logs: the shipper did not start; the logs stay on the node"
   else
     (cd "$PAYLOAD_DIR" && exec nice -n 10 "${shipper[@]}") >>"$FABRIC_HOME/log-shipper.log" 2>&1 &
     echo $! >"$LOG_SHIPPER_PID"
@@ -216,7 +233,8 @@ agent=("$VENV/bin/python" -m userdata.agent
   # shellcheck disable=SC2016  # written literally: run-agent.sh expands them
   printf 'cd %q || exit 1\n' "$PAYLOAD_DIR"
   printf '%q ' "${agent[@]}"
-  printf '2>&1 | tee -a %q\n' "$FABRIC_HOME/agent.log"
+  # tee ignores SIGTERM (systemd signals the whole unit): it keeps the agent's last lines.
+  printf "2>&1 | (trap '' TERM INT; exec tee -a %q)\n" "$FABRIC_HOME/agent.log"
   # shellcheck disable=SC2016
   echo 'status=${PIPESTATUS[0]}'
   if [[ -n $REHEARSAL ]]; then

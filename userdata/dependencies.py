@@ -41,10 +41,21 @@ def requirement_name(line: str) -> str | None:
     return normalized(match.group(1)) if match else None
 
 
+def declares_dependencies(pyproject: Path) -> bool:
+    """A pyproject.toml only for tools ([tool.ruff], Poetry's own table) or with dynamic
+    dependencies declares none here: the next file (requirements.txt) does."""
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True  # and reading it says what is wrong
+    return isinstance(project, dict) and "dependencies" not in project.get("dynamic", [])
+
+
 def dependency_file(project: Path) -> Path | None:
     for name in DEPENDENCY_FILES:
-        if (project / name).is_file():
-            return project / name
+        path = project / name
+        if path.is_file() and (name != "pyproject.toml" or declares_dependencies(path)):
+            return path
     return None
 
 
@@ -85,39 +96,56 @@ def locked_requirements(project: Path, uv: str) -> list[str]:
     if result.returncode != 0:
         message = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
         raise DependencyError(f"uv.lock cannot be exported: {message}")
-    return [line for line in result.stdout.splitlines() if requirement_name(line)]
+    # Workspace members and path dependencies come as "-e ./x" or "./x": they install too.
+    lines = result.stdout.splitlines()
+    return [line for line in lines if requirement_name(line) or line.startswith(("-e ", "./"))]
+
+
+_INCLUDE = re.compile(r"^(?:-r|--requirement)(?:\s*=\s*|\s+|(?=\S))(\S+)")
+
+
+def requirements_file_lines(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
+    """A requirements file's lines with the files it includes (-r) inlined, each once."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DependencyError(f"{path.name} cannot be read: {error}") from None
+    lines: list[str] = []
+    for line in text.splitlines():
+        include = _INCLUDE.match(line.strip())
+        if include:
+            included = (path.parent / include.group(1)).resolve()
+            if included not in seen:
+                lines += requirements_file_lines(included, seen | {path.resolve()})
+        elif line.split("#", 1)[0].strip():
+            lines.append(line.strip())
+    return lines
 
 
 def project_requirements(project: Path, uv: str) -> list[str]:
-    """Requirement lines for the project's own dependencies (none without a dependency file)."""
+    """Requirement lines for the project's own dependencies (none without a dependency file),
+    without torch: install.sh holds the node's torch, whatever build label a pin names."""
     source = dependency_file(project)
     if source is None:
         return []
     if source.name == "uv.lock":
-        return locked_requirements(project, uv)
-    if source.name == "pyproject.toml":
-        return pyproject_dependencies(source)
-    return [f"-r {source.resolve()}"]
+        lines = locked_requirements(project, uv)
+    elif source.name == "pyproject.toml":
+        lines = pyproject_dependencies(source)
+    else:
+        lines = requirements_file_lines(source)
+    return [line for line in lines if requirement_name(line) != "torch"]
 
 
-def named_in(lines: Iterable[str], project: Path) -> set[str]:
-    """The distributions requirement lines name, following `-r FILE` of the project."""
-    names: set[str] = set()
-    for line in lines:
-        if line.startswith("-r "):
-            path = Path(line[3:].strip())
-            path = path if path.is_absolute() else project / path
-            names |= named_in(path.read_text(encoding="utf-8").splitlines(), path.parent)
-        elif name := requirement_name(line):
-            names.add(name)
-    return names
+def named_in(lines: Iterable[str]) -> set[str]:
+    return {name for line in lines if (name := requirement_name(line))}
 
 
 def node_requirements(project: Path, agent_requirements: Path, uv: str) -> list[str]:
     """The project's requirements, then the agent's needs that the project does not name
     itself (a project that pins its own lightning gets it)."""
     wanted = project_requirements(project, uv)
-    named = named_in(wanted, project)
+    named = named_in(wanted)
     agent = [
         line.strip()
         for line in agent_requirements.read_text(encoding="utf-8").splitlines()

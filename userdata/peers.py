@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -16,6 +17,15 @@ FAILED = "failed: "
 # A peer that failed because another one did names the first one: report that one.
 _CASCADE = re.compile(r"^node (\d+) failed \((.*)\)$", re.DOTALL)
 MAX_NAMES_PER_CALL = 10  # SSM GetParameters
+
+
+def boot_time() -> float:
+    """When this machine booted (epoch seconds), from /proc/uptime; 0 where there is none."""
+    try:
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return datetime.now(UTC).timestamp() - uptime - 60  # a minute's slack for clock steps
 
 
 class PeerWatch:
@@ -41,9 +51,12 @@ class PeerWatch:
         self._thread: threading.Thread | None = None
         self._process: Any = None
         self._lock = threading.Lock()
+        self.booted = boot_time()
 
     def poll(self) -> tuple[int, str] | None:
-        """The first peer whose phase says failed, by rank; None if none (or SSM hiccups)."""
+        """The first peer whose phase says failed since this node booted, by rank; None if
+        none (or SSM hiccups). An older one is a previous cluster's: CloudFormation does not
+        reset a parameter whose template value did not change."""
         names = sorted(self.names, key=self.names.__getitem__)
         found: list[tuple[int, str]] = []
         for start in range(0, len(names), MAX_NAMES_PER_CALL):
@@ -53,6 +66,9 @@ class PeerWatch:
                 return None  # look again later: a hiccup is not a failed peer
             for parameter in answer.get("Parameters", []):
                 value = parameter.get("Value", "")
+                written = parameter.get("LastModifiedDate")
+                if written is not None and written.timestamp() < self.booted:
+                    continue
                 if value.startswith(FAILED):
                     found.append((self.names[parameter["Name"]], value[len(FAILED) :]))
         if not found:

@@ -18,10 +18,17 @@ from userdata.run_layout import COMPLETE_MARKER
 _STEP = re.compile(r"step-(\d+)\.ckpt$")
 
 
+KEEP_CHECKPOINTS = 2  # the newest, and the one before in case the newest is torn
+
+
 @dataclass(frozen=True)
 class Restored:
-    files: int
+    paths: list[Path]
     step: int | None  # of the newest checkpoint restored (step-N.ckpt), if any
+
+    @property
+    def files(self) -> int:
+        return len(self.paths)
 
     def describe(self) -> str:
         if self.step is not None:
@@ -43,7 +50,10 @@ def completed(s3: Any, uri: str, fingerprint: str = "") -> dict[str, Any] | None
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
-    marker: dict[str, Any] = json.loads(body)
+    try:
+        marker: dict[str, Any] = json.loads(body)
+    except ValueError:  # not ours, or torn: the run is not known to be complete
+        return None
     if fingerprint and marker.get("fingerprint", fingerprint) != fingerprint:
         return None
     return marker
@@ -59,22 +69,29 @@ def mark_complete(s3: Any, uri: str, run: str, fingerprint: str = "") -> None:
 
 
 def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
-    """Every complete file of the run (no temporary or set-aside name) into run_dir; each lands
-    under a temporary name first, so a restore cut short leaves nothing half-written."""
+    """The run's complete files (no temporary or set-aside name) into run_dir, of its
+    checkpoints only the newest two (S3 keeps every one ever saved); each file lands under a
+    temporary name first, so a restore cut short leaves nothing half-written."""
     bucket, prefix = split_s3_uri(uri)
-    files, steps = 0, []
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
-    for page in pages:
+    start = _key(prefix, "")
+    wanted: dict[str, str] = {}  # relative path -> key
+    checkpoints: list[tuple[int, str]] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
-            relative = item["Key"][len(_key(prefix, "")) :]
-            target = run_dir / relative
-            if not relative or relative == COMPLETE_MARKER or not is_complete(target):
+            relative = item["Key"][len(start) :]
+            if not relative or relative == COMPLETE_MARKER or not is_complete(run_dir / relative):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".partial")
-            s3.download_file(bucket, item["Key"], str(partial))
-            partial.replace(target)
-            files += 1
+            wanted[relative] = item["Key"]
             if match := _STEP.search(relative):
-                steps.append(int(match.group(1)))
-    return Restored(files, max(steps) if steps else None)
+                checkpoints.append((int(match.group(1)), relative))
+    for _, old in sorted(checkpoints)[:-KEEP_CHECKPOINTS]:
+        del wanted[old]
+    paths = []
+    for relative, key in sorted(wanted.items()):
+        target = run_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        s3.download_file(bucket, key, str(partial))
+        partial.replace(target)
+        paths.append(target)
+    return Restored(paths, max(checkpoints)[0] if checkpoints else None)
