@@ -311,6 +311,12 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
     summary = (
         read_json(aws, bucket, prefix + "summary.json") if "summary.json" in modified else None
     )
+    marker = "fabric-run.json" in modified
+    fingerprint = stack.outputs.get("RunFingerprint")
+    if marker and fingerprint:
+        # The run named again with other training (more epochs, new code) goes on.
+        found = read_json(aws, bucket, prefix + "fabric-run.json") or {}
+        marker = found.get("fingerprint", fingerprint) == fingerprint
     return Snapshot(
         stack=stack.name,
         region=stack.region,
@@ -319,7 +325,7 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
         nodes=nodes,
         progress=progress,
         summary=summary,
-        marker="fabric-run.json" in modified,
+        marker=marker,
         step_rate=history.rate(),
         now=utc_now(),
     )

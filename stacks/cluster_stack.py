@@ -501,5 +501,11 @@ class ClusterStack(cdk.Stack):
             value=self.run_name,
         )
         cdk.CfnOutput(self, "LogGroup", value=self.logs.log_group_name)
+        cdk.CfnOutput(
+            self,
+            "RunFingerprint",
+            description="What the nodes train; a complete run with another one trains on",
+            value=run_fingerprint(self.config),
+        )
         cdk.CfnOutput(self, "StillBilled", value=self._still_billed())
         cdk.CfnOutput(self, "MainAddressParameter", value=self.config.main_address_parameter)

@@ -76,7 +76,13 @@ class World:
         )
 
 
-def deploy(url: str, phases: list[str | None], run: str = "run-a", log_group: bool = True) -> World:
+def deploy(
+    url: str,
+    phases: list[str | None],
+    run: str = "run-a",
+    log_group: bool = True,
+    fingerprint: str = "",
+) -> World:
     """What `make deploy` leaves behind, with literal outputs (moto runs no real nodes)."""
     suffix = uuid.uuid4().hex[:10]
     stack, bucket = f"Fabric{suffix}", f"fabric-artifacts-{suffix}"
@@ -91,6 +97,8 @@ def deploy(url: str, phases: list[str | None], run: str = "run-a", log_group: bo
     if log_group:
         moto_client(url, "logs").create_log_group(logGroupName=group)
     outputs = {"ArtifactsBucket": bucket, "RunName": run, "LogGroup": group}
+    if fingerprint:
+        outputs["RunFingerprint"] = fingerprint
     outputs |= {f"Node{rank}InstanceId": instance_id for rank, instance_id in enumerate(ids)}
     template = {
         "Resources": {
@@ -185,6 +193,15 @@ def test_status_of_a_finished_run(endpoint: str) -> None:
     assert lines[-1].startswith("run run-a: complete — results in ")
     assert f"s3://{world.bucket}/{world.stack}/run-a/" in lines[-1]
     assert result.stderr == ""
+
+
+def test_a_complete_run_named_again_with_other_training_is_in_progress(endpoint: str) -> None:
+    """-c run=run-a with one more epoch: the marker of the first training is not this one's."""
+    world = deploy(endpoint, ["training", "training"], fingerprint="b" * 64)
+    world.put("fabric-run.json", {"run": "run-a", "status": "complete", "fingerprint": "a" * 64})
+    result = console("status", "--stack", world.stack)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1].startswith("run run-a: in progress")
 
 
 def test_status_of_a_failed_node(endpoint: str) -> None:
