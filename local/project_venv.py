@@ -91,7 +91,7 @@ def project_venv(project: Project, accelerator: str) -> Path:
         env = {**os.environ, "FABRIC_TORCH_INDEX": source} if source else dict(os.environ)
         # Compiled once here, not by every node process at every start (a venv made by uv has
         # no .pyc files, and PYTHONDONTWRITEBYTECODE may keep Python from writing them).
-        env["UV_COMPILE_BYTECODE"] = "1"
+        env["FABRIC_COMPILE_BYTECODE"] = "1"
         result = subprocess.run(command, env=env, check=False)
         if result.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)

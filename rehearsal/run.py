@@ -772,25 +772,39 @@ def check_console(rehearsal: Rehearsal, deployment: Deployment) -> None:
     log(f"make status, logs and results: every node done, its logs, the summary ({local})")
 
 
+def train_on(script_args: list[str], steps: int) -> tuple[list[str], int]:
+    """The script's arguments to train on from a run that ended at `steps`: one more epoch
+    (--epochs, the example) or 10 more steps (--max-steps); and the run's total steps then."""
+    more = list(script_args)
+    if "--max-steps" in more:
+        at = more.index("--max-steps") + 1
+        more[at] = str(int(more[at]) + 10)
+        return more, int(more[at])
+    if "--epochs" in more:
+        at = more.index("--epochs") + 1
+        epochs = int(more[at])
+        more[at] = str(epochs + 1)
+        return more, steps + steps // epochs
+    raise RehearsalError("--runs needs --epochs or --max-steps in the script's arguments")
+
+
 def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any]) -> None:
     """A cluster made again continues the run from S3; a complete run is not trained again; a
     change of arguments is a new run beside the old one."""
     run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
-    more = [*rehearsal.args.script_args]
-    epochs = more.index("--epochs") + 1 if "--epochs" in more else None
-    if epochs is None:
-        raise RehearsalError("--runs needs --epochs in the script's arguments")
-    more[epochs] = str(int(more[epochs]) + 1)
+    more, total = train_on(rehearsal.args.script_args, summary["steps"])
     again = {"run": run, "artifacts_bucket": bucket, "script_args": shlex.join(more)}
-    second = rehearsal.deploy(f"run {run} again with one more epoch, on a new cluster", **again)
+    second = rehearsal.deploy(f"run {run} again, to train on, on a new cluster", **again)
     s3 = rehearsal.aws.client("s3")
     key = f"{first.config.stack_name}/{run}/summary.json"
     resumed = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     if f"training (resumed from step {summary['steps']})" not in agent_output(second, 0):
         raise RehearsalError(f"node 0 did not resume from step {summary['steps']} in S3")
-    per_epoch = summary["steps"] // int(rehearsal.args.script_args[epochs])
-    if resumed["steps"] != summary["steps"] + per_epoch or resumed["steps_this_run"] != per_epoch:
-        raise RehearsalError(f"the resumed run trained {resumed['steps_this_run']} steps")
+    if resumed["steps"] != total or resumed["steps_this_run"] != total - summary["steps"]:
+        raise RehearsalError(
+            f"the resumed run ended at step {resumed['steps']} after "
+            f"{resumed['steps_this_run']} step(s); expected {total}"
+        )
     log(f"a new cluster resumed run {run} from step {summary['steps']} to {resumed['steps']}")
     rehearsal.destroy(second)
 

@@ -111,10 +111,10 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
     [
         # The example project of examples/: the nodes' real install phases (offline, from the
         # uv cache that installing it here filled), its uv.lock less torch's CUDA wheels.
-        (2, 1, 0, ["--project", "examples/charlm", "--script", "train.py"]),
-        # The default project (trainer/) in this venv, a late main node, then runs: watched
-        # with make status/logs/results, resumed by a new cluster, complete, and a new one.
-        (2, 1, 10, ["--runs"]),
+        # examples/charlm, a late main node, then runs: watched with make status, logs and
+        # results, resumed by a new cluster from S3, complete, and a new one beside it.
+        (2, 1, 5, ["--project", "examples/charlm", "--script", "train.py", "--runs"]),
+        # The default project (trainer/, in this venv) runs in the interrupted rehearsal below.
     ],
 )
 def test_rehearsal_trains_across_namespaces_and_destroys(
@@ -165,7 +165,7 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
         installed = re.findall(
             r"^\[node (\d)\] .*\[fabric-install\] done: .*, 0 nvidia-\*\)$", out, re.M
         )
-        assert sorted(installed) == [str(rank) for rank in range(nodes)]
+        assert set(installed) == {str(rank) for rank in range(nodes)}
     else:
         assert "REHEARSAL: using the venv" in out
     if main_delay:  # the other nodes waited for the main node, then trained with it

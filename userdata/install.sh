@@ -17,6 +17,8 @@
 # 4. a check that torch is still the build of step 2, and that a CPU venv has no nvidia-*.
 # A step that fails writes the installer's own message, on one line, to --error-file.
 #
+# FABRIC_COMPILE_BYTECODE=1 (the local cluster's cached venvs): the last step compiles the whole
+# venv's bytecode, once, so that no node process pays for it at every start.
 # FABRIC_TORCH_INDEX (unset on EC2): where torch comes from instead of the default, either an
 # index URL (PEP 503, e.g. https://download.pytorch.org/whl/cu130) or a local folder of
 # wheels (--find-links), e.g. /opt/wheels for a test on a machine without the PyTorch index.
@@ -122,8 +124,10 @@ sed 's/^/  /' "$work/requirements.txt"
 log "installing them, torch held at $torch_installed"
 echo "torch==$torch_installed" >"$work/constraints.txt"
 # From the project folder: a requirements.txt's relative paths (-r, -e) are the project's.
-(cd "$project" && step install "${pip_install[@]}" --constraints "$work/constraints.txt" \
-  -r "$work/requirements.txt")
+compile=()
+[[ ${FABRIC_COMPILE_BYTECODE:-} == 1 ]] && compile=(--compile-bytecode)
+(cd "$project" && step install "${pip_install[@]}" "${compile[@]}" \
+  --constraints "$work/constraints.txt" -r "$work/requirements.txt")
 
 summary=$(step check "$venv/bin/python" - "$accelerator" "$torch_installed" <<'PY'
 import importlib.metadata as metadata
