@@ -23,6 +23,8 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
+from stacks.config import phase_parameter_template
+
 DEFAULT_STACK = "FabricCluster"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
@@ -37,7 +39,6 @@ CLIENT_CONFIG = Config(
     user_agent_extra="fabric-console",
 )
 # The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
-PHASE_PARAMETER = "/fabric/{stack}/node-{rank}/phase"
 GET_PARAMETERS_MAX = 10
 NODE_OUTPUT = re.compile(r"^Node(\d+)InstanceId$")
 
@@ -202,7 +203,8 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def read_phases(aws: Aws, stack: str, num_nodes: int) -> list[NodePhase]:
-    names = [PHASE_PARAMETER.format(stack=stack, rank=rank) for rank in range(num_nodes)]
+    template = phase_parameter_template(stack)
+    names = [template.format(rank=rank) for rank in range(num_nodes)]
     found: dict[str, dict[str, Any]] = {}
     ssm = aws.client("ssm")
     for batch in chunks(names, GET_PARAMETERS_MAX):

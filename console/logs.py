@@ -14,10 +14,11 @@ from botocore.exceptions import ClientError
 
 from console import utc_now
 from console.aws import Aws, ConsoleError, Stack, error_code
+from userdata.run_layout import LOG_STREAM_PREFIX, log_stream
 
 DURATION_PART = re.compile(r"(\d+)([smhdw])")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-STREAM = re.compile(r"^node-(\d+)$")
+STREAM = re.compile(rf"^{re.escape(LOG_STREAM_PREFIX)}(\d+)$")
 POLL_S = 2.0
 # CloudWatch may make an event visible after later ones: each poll looks back this far and
 # drops the events it has already shown (by eventId).
@@ -46,7 +47,7 @@ def parse_since(text: str) -> timedelta | None:
 
 
 def stream_name(rank: int) -> str:
-    return f"node-{rank}"
+    return log_stream(rank)
 
 
 def stream_rank(name: str) -> int | None:
@@ -79,7 +80,7 @@ def existing_streams(aws: Aws, group: str) -> set[str]:
         for page in (
             aws.client("logs")
             .get_paginator("describe_log_streams")
-            .paginate(logGroupName=group, logStreamNamePrefix="node-")
+            .paginate(logGroupName=group, logStreamNamePrefix=LOG_STREAM_PREFIX)
         ):
             names.update(stream["logStreamName"] for stream in page.get("logStreams", []))
     except ClientError as error:

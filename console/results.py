@@ -13,8 +13,8 @@ from typing import Any
 
 from console import NO_VALUE, format_number, format_pairs, format_table, format_time
 from console.aws import Aws, ConsoleError, S3Object, list_objects, list_prefixes, read_json
+from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
 
-MARKER = "fabric-run.json"  # written by node 0's agent when the run finished
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 
@@ -205,15 +205,13 @@ def describe_run(aws: Aws, bucket: str, stack: str, name: str, current: str | No
     objects = list_objects(aws, bucket, prefix)
     names = {item.key[len(prefix) :] for item in objects}
     summary = read_json(aws, bucket, prefix + "summary.json") if "summary.json" in names else None
-    progress = (
-        read_json(aws, bucket, prefix + "progress.json") if "progress.json" in names else None
-    )
+    progress = read_json(aws, bucket, prefix + PROGRESS_FILE) if PROGRESS_FILE in names else None
     summary, progress = summary or {}, progress or {}
     step = summary.get("steps", progress.get("step"))
     loss = summary.get("final_loss", progress.get("loss"))
     return RunRow(
         name=name,
-        complete=MARKER in names,
+        complete=COMPLETE_MARKER in names,
         step=step,
         loss=loss,
         date=max((item.modified for item in objects), default=None),

@@ -31,6 +31,7 @@ from console.aws import (
     read_json,
     read_phases,
 )
+from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 # States in which an instance will do nothing more for the run (a missing id: terminated
@@ -297,25 +298,25 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
         item.key[len(prefix) :]: item.modified for item in list_objects(aws, bucket, prefix)
     }
     progress = None
-    if "progress.json" in modified:
-        data = read_json(aws, bucket, prefix + "progress.json")
+    if PROGRESS_FILE in modified:
+        data = read_json(aws, bucket, prefix + PROGRESS_FILE)
         if data is not None:
-            progress = Progress.from_json(data, modified["progress.json"])
+            progress = Progress.from_json(data, modified[PROGRESS_FILE])
             if not history.points and (
-                before := previous_version(aws, bucket, prefix + "progress.json")
+                before := previous_version(aws, bucket, prefix + PROGRESS_FILE)
             ):
-                earlier = read_json(aws, bucket, prefix + "progress.json", before[0])
+                earlier = read_json(aws, bucket, prefix + PROGRESS_FILE, before[0])
                 if earlier:
                     history.add(Progress.from_json(earlier, before[1]))
             history.add(progress)
     summary = (
         read_json(aws, bucket, prefix + "summary.json") if "summary.json" in modified else None
     )
-    marker = "fabric-run.json" in modified
+    marker = COMPLETE_MARKER in modified
     fingerprint = stack.outputs.get("RunFingerprint")
     if marker and fingerprint:
         # The run named again with other training (more epochs, new code) goes on.
-        found = read_json(aws, bucket, prefix + "fabric-run.json") or {}
+        found = read_json(aws, bucket, prefix + COMPLETE_MARKER) or {}
         marker = found.get("fingerprint", fingerprint) == fingerprint
     return Snapshot(
         stack=stack.name,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,11 +39,10 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
-from userdata.run_layout import COMPLETE_MARKER
+from userdata.run_layout import COMPLETE_MARKER, RUN_NAME
 
 MAIN_ADDRESS = "127.0.0.1"
 RUNS = Path("runs/local")
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_SCRIPT = "trainer/train.py"
 
 

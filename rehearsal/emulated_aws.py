@@ -66,7 +66,7 @@ class EmulatedAws:
         return boto3.client(service, endpoint_url=self.url, region_name=REGION, **CREDENTIALS)
 
 
-def _zip_directory(folder: Path) -> bytes:
+def zip_directory(folder: Path) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(folder.rglob("*")):
@@ -86,7 +86,7 @@ def bootstrap_and_upload(aws: EmulatedAws, assembly: Path, stack_artifact: str) 
     for asset in manifest["files"].values():
         source = assembly / asset["source"]["path"]
         body = (
-            _zip_directory(source)
+            zip_directory(source)
             if asset["source"].get("packaging") == "zip"
             else source.read_bytes()
         )

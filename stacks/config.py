@@ -31,6 +31,7 @@ from stacks.instance_types import (
 from stacks.project import load_project, pinned_version
 from userdata.fabric_command import PRECISIONS
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
+from userdata.run_layout import RUN_NAME
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # The tag contract, defined where nodes read it; ConfigError, where settings are read.
@@ -41,7 +42,6 @@ _INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$")
 _STACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,127}$")
 _AMI = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What CloudWatch Logs accepts as a retention period.
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
                       2192, 2557, 2922, 3288, 3653)  # fmt: skip
@@ -307,7 +307,7 @@ def _run(value: object) -> str | None:
     text = _string("run", value, allowed)
     if text == "":
         return None
-    if not _RUN.fullmatch(text):
+    if not RUN_NAME.fullmatch(text):
         raise _invalid("run", value, allowed)
     return text
 

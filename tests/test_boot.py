@@ -8,28 +8,18 @@ install itself reaches PyPI, as test_install does.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import uuid
-import zipfile
 from pathlib import Path
 
 from local.project_venv import torch_source, uv_binary
+from rehearsal.emulated_aws import zip_directory
 from rehearsal.imds_stub import ImdsStub, node_values
 from stacks.cluster_app import cdk_json_context
 from stacks.config import load_config
 from stacks.payload import stage_payload
 from stacks.user_data import render_boot_script
-
-
-def payload_zip(root: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(root).as_posix())
-    return buffer.getvalue()
 
 
 def test_a_dependency_that_cannot_be_installed_fails_the_boot_in_phase_install(
@@ -47,7 +37,7 @@ def test_a_dependency_that_cannot_be_installed_fails_the_boot_in_phase_install(
     stage_payload(config, staged)
     bucket = f"boot-test-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="payload.zip", Body=payload_zip(staged))
+    s3.put_object(Bucket=bucket, Key="payload.zip", Body=zip_directory(staged))
     ssm.put_parameter(Name=config.phase_parameter(0), Value="booting", Type="String")
     script = tmp_path / "user-data.sh"
     script.write_text(

@@ -34,6 +34,7 @@ from botocore.exceptions import ClientError, ParamValidationError
 
 from userdata.errors import AgentError
 from userdata.imds import Imds, read_identity
+from userdata.run_layout import log_stream
 
 # CloudWatch Logs limits (PutLogEvents).
 MAX_BATCH_EVENTS = 10_000
@@ -354,7 +355,7 @@ def stream_and_region(
                 region = imds.require("placement/region")
             else:
                 identity = read_identity(imds)
-                stream, region = f"node-{identity.node_rank}", region or identity.region
+                stream, region = log_stream(identity.node_rank), region or identity.region
         except AgentError as error:
             left = deadline - time.monotonic()
             if left > 0 and not stop.wait(min(left, 2.0)):
