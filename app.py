@@ -16,13 +16,12 @@ except ImportError:
     print("error: aws-cdk-lib is not installed: run `make venv` (it makes .venv)", file=sys.stderr)
     sys.exit(1)
 
-from stacks.cluster_app import build_app  # noqa: E402
+from stacks.cluster_app import build_app, synthesize  # noqa: E402
 from stacks.config import ConfigError  # noqa: E402
 
 try:
-    app, _ = build_app()
+    synthesize(*build_app())
 except ConfigError as error:
-    # One line, no traceback, and nothing synthesized.
+    # One line, no traceback, and no template to deploy.
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
-app.synth()

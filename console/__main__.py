@@ -1,4 +1,7 @@
-"""`python -m console <command>`: status, logs, results and runs of a deployed cluster."""
+"""`python -m console <command>`: status, logs, results and runs of a deployed cluster.
+
+Every failure a user can act on (AWS refusing, throttling, a failed download, a full disk) is
+one `error: ...` line with exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from console.aws import Aws, ConsoleError, Stack, connect, default_stack_name, explain, load_stack
@@ -34,7 +38,7 @@ class Console(click.Group):
             fail(f"{' '.join(error.format_message().split())} (see --help)", error.exit_code)
         except click.Abort:
             sys.exit(130)
-        except (ConsoleError, BotoCoreError, ClientError) as error:
+        except (ConsoleError, BotoCoreError, ClientError, Boto3Error) as error:
             fail(explain(error) or str(error))
         except BrokenPipeError:  # `... | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -44,7 +48,10 @@ class Console(click.Group):
 
 def stack_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
-        "--region", default=None, help="AWS region (default: boto3's, e.g. AWS_DEFAULT_REGION)."
+        "--region",
+        default=None,
+        help="AWS region (default: AWS_REGION, then AWS_DEFAULT_REGION or the profile's, "
+        "as the CDK CLI chooses).",
     )(command)
     return click.option(
         "--stack",
@@ -85,7 +92,12 @@ def status(
 @cli.command()
 @stack_options
 @click.option("--node", type=click.IntRange(min=0), default=None, help="Only this node (its rank).")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep printing new lines until Ctrl-C (a line shipped up to 2 min late still shows).",
+)
 @click.option(
     "--since",
     default="1h",
@@ -107,7 +119,20 @@ def logs(
     """
     window = parse_since(since)  # a typo fails before any AWS call
     aws = connect(region)
-    ctx.exit(run_logs(aws, load_stack(aws, stack_name), node, follow, window, click.echo))
+    stack = load_stack(aws, stack_name)
+    ctx.exit(run_logs(aws, stack, node, follow, window, click.echo, warn=warn))
+
+
+def warn(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def ask(question: str) -> bool:
+    return click.confirm(question, default=False, err=True)
 
 
 def _stack_or_hint(aws: Aws, stack_name: str, hint: str) -> Stack:
@@ -132,6 +157,13 @@ def _stack_or_hint(aws: Aws, stack_name: str, hint: str) -> Stack:
     show_default=True,
     help="Files go to DEST/<stack>/<run>/.",
 )
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Every checkpoint ever saved (default: only the newest; S3 bills each GB).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before downloading over 1 GiB.")
 @click.pass_context
 def results(
     ctx: click.Context,
@@ -140,18 +172,24 @@ def results(
     run_name: str | None,
     bucket: str | None,
     dest: Path,
+    everything: bool,
+    yes: bool,
 ) -> None:
     """Download a run's files, show its summary.
 
-    Prints the summary and the local paths of the summary, the plot and the newest
-    checkpoint. Temporary files (.tmp, .partial, .unreadable) are skipped.
+    Downloads the small files and the newest checkpoint (--all: every checkpoint), after
+    saying how much; over 1 GiB it asks first on a terminal (--yes does not ask; declined:
+    nothing is downloaded, exit status 1). Prints the
+    summary and the local paths of the summary, the plot and the newest checkpoint.
+    Temporary files (.tmp, .partial, .unreadable) are skipped.
     """
     aws = connect(region)
     if run_name is None or bucket is None:  # a deleted stack's run needs only the bucket
         stack = _stack_or_hint(aws, stack_name, "for a deleted stack's run: --run R --bucket B")
         run_name = run_name or stack.run
         bucket = bucket or stack.bucket
-    ctx.exit(run_results(aws, stack_name, bucket, run_name, dest, click.echo))
+    confirm = None if yes or not stdin_is_terminal() else ask
+    ctx.exit(run_results(aws, stack_name, bucket, run_name, dest, click.echo, everything, confirm))
 
 
 @cli.command()

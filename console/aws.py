@@ -1,9 +1,17 @@
 """AWS access for the console: the session and its clients, the stack's outputs, the nodes'
-phases and instance states, small S3 reads, and every AWS failure as one line."""
+phases and instance states, small S3 reads, and every AWS failure as one line.
+
+The region is the one the CDK CLI deployed to (`--region`, then `AWS_REGION`, then boto3's
+own: `AWS_DEFAULT_REGION` or the profile), since boto3 alone ignores `AWS_REGION`.
+Throttling is normal here (Parameter Store ~40 TPS per account, CloudWatch Logs
+FilterLogEvents 5 TPS per account, CloudFormation's describe calls too): every client retries
+with backoff and client-side rate limiting, and what still comes through is one line.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
+from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -24,19 +34,33 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
 from stacks.config import phase_parameter_template
+from userdata.phase import decode_phase
 
 DEFAULT_STACK = "FabricCluster"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
-NO_REGION = "no AWS region: set AWS_DEFAULT_REGION (or aws configure), or pass --region"
-# A console must answer or fail within seconds, not wait out botocore's 60 s connect timeout
-# and legacy retries when an endpoint cannot be reached. Standard retries: 3 attempts unless
-# AWS_MAX_ATTEMPTS says otherwise.
-CLIENT_CONFIG = Config(
-    connect_timeout=5,
-    read_timeout=30,
-    retries={"mode": "standard"},
-    user_agent_extra="fabric-console",
+NO_REGION = "no AWS region: set AWS_REGION (or aws configure), or pass --region"
+# Throttling is worth waiting out: 10 attempts in all (adaptive mode: exponential backoff,
+# and after a throttle a client-side rate limit that rises again as calls succeed), unless
+# AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise.
+MAX_ATTEMPTS = 10
+# An endpoint that cannot be reached is not: a console must answer or fail within seconds, not
+# wait out botocore's 60 s connect timeout and ten attempts with backoff.
+CONNECT_TIMEOUT_S = 5
+CONNECT_ATTEMPTS = 3
+# What AWS answers a throttled call with (botocore's list, and CloudWatch's message).
+THROTTLED_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "SlowDown",
+        "EC2ThrottledException",
+    }
 )
 # The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
 GET_PARAMETERS_MAX = 10
@@ -55,6 +79,16 @@ def default_stack_name(cdk_json: Path = CDK_JSON) -> str:
         return DEFAULT_STACK
     name = context.get("stack_name") if isinstance(context, dict) else None
     return name if isinstance(name, str) and name else DEFAULT_STACK
+
+
+def is_throttled(error: BaseException) -> bool:
+    if not isinstance(error, ClientError):
+        return False
+    details = error.response.get("Error", {})
+    return (
+        details.get("Code") in THROTTLED_CODES
+        or "rate exceeded" in str(details.get("Message", "")).lower()
+    )
 
 
 def explain(error: BaseException) -> str | None:
@@ -85,13 +119,42 @@ def explain(error: BaseException) -> str | None:
             "InvalidAccessKeyId",
         ):
             text = f"AWS rejected the credentials ({code}): check aws sts get-caller-identity"
+        elif is_throttled(error):
+            attempts = error.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+            text = (
+                f"AWS throttled {error.operation_name} ({code}: {message or 'Rate exceeded'}) "
+                f"after {attempts} attempt(s): too many calls in this account and region just "
+                "now; retry in a minute"
+            )
         else:
             text = f"AWS refused {error.operation_name}: {code}: {message}"
     elif isinstance(error, BotoCoreError):
         text = f"AWS: {error}"
+    elif isinstance(error, Boto3Error):  # an S3 transfer (download_file) that gave up
+        cause = getattr(error, "last_exception", None)
+        text = f"S3 transfer failed: {error}" + (f" ({cause})" if cause else "")
     else:
         return None
     return " ".join(text.split())  # one line, whatever the service put in its message
+
+
+def client_config(max_attempts: int) -> Config:
+    return Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=30,
+        retries={"mode": "adaptive", "total_max_attempts": max_attempts},
+        user_agent_extra="fabric-console",
+    )
+
+
+def give_up_on_unreachable(
+    attempts: int, caught_exception: Exception | None = None, **_: Any
+) -> None:
+    """A `needs-retry` handler that runs before botocore's: after CONNECT_ATTEMPTS attempts
+    that could not reach the endpoint, the error goes to the user instead of another retry."""
+    unreachable = AwsConnectionError | HTTPClientError
+    if isinstance(caught_exception, unreachable) and attempts >= CONNECT_ATTEMPTS:
+        raise caught_exception  # as botocore does when it gives up
 
 
 @dataclass
@@ -99,6 +162,7 @@ class Aws:
     """One session for a command: one region, one set of credentials, clients made once."""
 
     session: boto3.Session
+    max_attempts: int = MAX_ATTEMPTS  # for each call, throttled ones included
     _clients: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -107,22 +171,33 @@ class Aws:
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            self._clients[service] = self.session.client(service, config=CLIENT_CONFIG)
+            client = self.session.client(service, config=client_config(self.max_attempts))
+            event = f"needs-retry.{client.meta.service_model.service_id.hyphenize()}"
+            client.meta.events.register_first(event, give_up_on_unreachable)
+            self._clients[service] = client
         return self._clients[service]
+
+
+def choose_region(region: str | None) -> str | None:
+    """The region the CDK CLI deploys to: --region, then AWS_REGION (which boto3 ignores), then
+    None for boto3's own choice (AWS_DEFAULT_REGION, the profile's region)."""
+    return region or os.environ.get("AWS_REGION") or None
 
 
 def connect(region: str | None) -> Aws:
     """Fails before any request when there is no region or no credentials, so the user gets
     the one reason and not a signing error from the middle of a command."""
+    core = botocore.session.Session()
     try:
-        session = boto3.Session(region_name=region)
+        session = boto3.Session(botocore_session=core, region_name=choose_region(region))
         if not session.region_name:
             raise ConsoleError(NO_REGION)
         if session.get_credentials() is None:
             raise ConsoleError(NO_CREDENTIALS)
+        configured = core.get_config_variable("max_attempts")  # AWS_MAX_ATTEMPTS, the profile
     except ProfileNotFound as error:
         raise ConsoleError(explain(error)) from error
-    return Aws(session)
+    return Aws(session, int(configured or MAX_ATTEMPTS))
 
 
 def error_code(error: ClientError) -> str:
@@ -193,8 +268,9 @@ def load_stack(aws: Aws, name: str) -> Stack:
 @dataclass(frozen=True)
 class NodePhase:
     rank: int
-    phase: str | None  # None: the node has not reported a phase yet
+    phase: str | None  # None: the instance that holds the rank has not reported a phase yet
     since: datetime | None  # when the phase was recorded (the parameter's LastModifiedDate)
+    note: str = ""  # what another instance (an old node during a redeploy) wrote last
 
 
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -202,9 +278,18 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def read_phases(aws: Aws, stack: str, num_nodes: int) -> list[NodePhase]:
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.astimezone(UTC) if moment else None
+
+
+def read_phases(aws: Aws, stack: str, instance_ids: Sequence[str]) -> list[NodePhase]:
+    """Each rank's phase as written by the instance that holds the rank now (instance_ids, by
+    rank). During a redeploy the old and the new nodes run side by side and write the same
+    parameters: a value another instance wrote is set aside for the newest one the holder
+    wrote, from the parameter's history (read only then). A value without a writer (the
+    stack's initial `booting`) is shown as it is."""
     template = phase_parameter_template(stack)
-    names = [template.format(rank=rank) for rank in range(num_nodes)]
+    names = [template.format(rank=rank) for rank in range(len(instance_ids))]
     found: dict[str, dict[str, Any]] = {}
     ssm = aws.client("ssm")
     for batch in chunks(names, GET_PARAMETERS_MAX):
@@ -216,11 +301,36 @@ def read_phases(aws: Aws, stack: str, num_nodes: int) -> list[NodePhase]:
         if parameter is None:
             phases.append(NodePhase(rank, None, None))
             continue
-        since = parameter.get("LastModifiedDate")
-        phases.append(
-            NodePhase(rank, parameter.get("Value"), since.astimezone(UTC) if since else None)
-        )
+        latest = decode_phase(str(parameter.get("Value", "")))
+        since = _utc(parameter.get("LastModifiedDate"))
+        holder = instance_ids[rank]
+        if latest.instance is None or latest.instance == holder:
+            phases.append(NodePhase(rank, latest.text, since))
+            continue
+        note = f"old instance {latest.instance} wrote: {latest.text}"
+        own = holder_phase(aws, name, holder) if holder else None
+        if own is None:
+            phases.append(NodePhase(rank, None, None, note))
+        else:
+            phases.append(NodePhase(rank, own[0], own[1], note))
     return phases
+
+
+def holder_phase(aws: Aws, name: str, holder: str) -> tuple[str, datetime | None] | None:
+    """The newest value of the parameter that holder wrote (SSM lists history oldest first)."""
+    newest = None
+    pages = aws.client("ssm").get_paginator("get_parameter_history").paginate(Name=name)
+    try:
+        for page in pages:
+            for version in page.get("Parameters", []):
+                phase = decode_phase(str(version.get("Value", "")))
+                if phase.instance == holder:
+                    newest = (phase.text, _utc(version.get("LastModifiedDate")))
+    except ClientError as error:
+        if error_code(error) == "AccessDeniedException":  # a role without the history: a nicety
+            return None
+        raise
+    return newest
 
 
 def instance_states(aws: Aws, instance_ids: Sequence[str]) -> dict[str, str]:

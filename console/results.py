@@ -1,21 +1,43 @@
 """`results` (download one run's files and show its summary) and `runs` (the runs a stack
-has made), both reading `s3://<bucket>/<stack>/<run>/`."""
+has made), both reading `s3://<bucket>/<stack>/<run>/`.
+
+S3 egress is billed per GB and the run's folder keeps every checkpoint ever uploaded, so
+`results` downloads by default the small files (everything that is not a checkpoint) and only
+the newest checkpoint; `--all` downloads every one. It says how much it will download before
+it starts, and asks first (on a terminal, without `--yes`) above CONFIRM_ABOVE bytes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
+
 from console import NO_VALUE, format_number, format_pairs, format_table, format_time
-from console.aws import Aws, ConsoleError, S3Object, list_objects, list_prefixes, read_json
+from console.aws import (
+    Aws,
+    ConsoleError,
+    S3Object,
+    explain,
+    list_objects,
+    list_prefixes,
+    read_json,
+)
 from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
 
 EPOCH = datetime.fromtimestamp(0, UTC)
+CHECKPOINT_GLOB = "step-*.ckpt"  # the trainer's checkpoints (trainer/train.py)
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")  # any script's, under a checkpoints/ folder
+CHECKPOINT_FOLDER = "checkpoints"
+CONFIRM_ABOVE = 1 << 30  # bytes: ask before downloading more (1 GiB)
 
 
 def is_temporary(key: str) -> bool:
@@ -45,9 +67,64 @@ def relative_path(key: str, prefix: str) -> PurePosixPath | None:
     return relative
 
 
-def newest_checkpoint(objects: Sequence[S3Object]) -> S3Object | None:
-    checkpoints = [item for item in objects if item.key.endswith(".ckpt")]
-    return max(checkpoints, key=lambda item: (item.modified, item.key), default=None)
+def checkpoint_of(relative: PurePosixPath) -> str | None:
+    """The checkpoint a file of the run belongs to, as its path in the run, or None for a file
+    that is not part of one: the trainer's step-*.ckpt anywhere, any *.ckpt, *.pt or *.pth
+    under a checkpoints/ folder. A checkpoint may be a folder (torch.distributed.checkpoint
+    writes shards into one): every file under it belongs to it."""
+    parts = relative.parts
+    for index, part in enumerate(parts):
+        if fnmatchcase(part, CHECKPOINT_GLOB) or (
+            CHECKPOINT_FOLDER in parts[:index] and part.endswith(CHECKPOINT_SUFFIXES)
+        ):
+            return "/".join(parts[: index + 1])
+    return None
+
+
+@dataclass
+class Selection:
+    """What `results` downloads of a run's objects, and what it leaves out."""
+
+    wanted: list[S3Object] = field(default_factory=list)
+    temporary: list[str] = field(default_factory=list)  # keys never downloaded
+    older: list[S3Object] = field(default_factory=list)  # older checkpoints' files (no --all)
+    older_checkpoints: int = 0
+    newest: str | None = None  # the newest checkpoint's path in the run
+
+
+def newest_checkpoint(checkpoints: dict[str, list[S3Object]]) -> str | None:
+    """The most recently uploaded checkpoint (its newest file); the name decides a tie, and
+    the trainer's step-%08d names sort by step."""
+    return max(
+        checkpoints,
+        key=lambda name: (max(item.modified for item in checkpoints[name]), name),
+        default=None,
+    )
+
+
+def select(objects: Sequence[S3Object], prefix: str, everything: bool) -> Selection:
+    selection = Selection()
+    checkpoints: dict[str, list[S3Object]] = {}
+    for item in objects:
+        relative = relative_path(item.key, prefix)
+        if relative is None:
+            continue
+        if is_temporary(item.key):
+            selection.temporary.append(item.key)
+            continue
+        checkpoint = checkpoint_of(relative)
+        if checkpoint is None:
+            selection.wanted.append(item)
+        else:
+            checkpoints.setdefault(checkpoint, []).append(item)
+    selection.newest = newest_checkpoint(checkpoints)
+    for name, items in checkpoints.items():
+        if everything or name == selection.newest:
+            selection.wanted.extend(items)
+        else:
+            selection.older.extend(items)
+            selection.older_checkpoints += 1
+    return selection
 
 
 def plot_object(objects: Sequence[S3Object], summary: dict[str, Any] | None) -> S3Object | None:
@@ -78,6 +155,12 @@ def _unchanged(path: Path, item: S3Object) -> bool:
     return stat.st_size == item.size and int(stat.st_mtime) == int(item.modified.timestamp())
 
 
+def local_path(dest: Path, prefix: str, item: S3Object) -> Path:
+    relative = relative_path(item.key, prefix)
+    assert relative is not None  # select() keeps only keys inside the run
+    return dest.joinpath(*relative.parts)
+
+
 def download_run(
     aws: Aws,
     bucket: str,
@@ -85,23 +168,18 @@ def download_run(
     objects: Sequence[S3Object],
     dest: Path,
     fetching: Callable[[PurePosixPath, int], None] = lambda path, size: None,
-) -> tuple[list[Download], list[str]]:
+) -> list[Download]:
     """Downloads into a temporary name and renames, so an interrupted download never leaves
-    a file that looks complete; a file already here (same size and time) is not fetched."""
+    a file that looks complete; a file already here (same size and time) is not fetched.
+    A failed download is one line (ConsoleError): the files already here stay."""
     s3 = aws.client("s3")
-    downloads, skipped = [], []
+    downloads = []
     for item in objects:
-        relative = relative_path(item.key, prefix)
-        if relative is None:
-            continue
-        if is_temporary(item.key):
-            skipped.append(item.key)
-            continue
-        path = dest.joinpath(*relative.parts)
+        path = local_path(dest, prefix, item)
         if _unchanged(path, item):
             downloads.append(Download(item.key, path, item.size, fetched=False))
             continue
-        fetching(relative, item.size)  # before: a checkpoint can take a while
+        fetching(path.relative_to(dest), item.size)  # before: a checkpoint can take a while
         partial = path.with_name(path.name + ".download")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,14 +187,18 @@ def download_run(
             stamp = item.modified.timestamp()
             os.utime(partial, (stamp, stamp))
             partial.replace(path)
-        except OSError as error:
+        except BaseException as error:  # Ctrl-C, AWS, the disk: no half file left behind
             partial.unlink(missing_ok=True)
-            raise ConsoleError(f"cannot write {path}: {error.strerror or error}") from error
-        except BaseException:  # Ctrl-C, an AWS error: no half file left behind
-            partial.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise ConsoleError(f"cannot write {path}: {error.strerror or error}") from error
+            if isinstance(error, Boto3Error | BotoCoreError | ClientError):
+                raise ConsoleError(
+                    f"could not download s3://{bucket}/{item.key}: {explain(error)} (run it "
+                    "again: the files already downloaded are not fetched again)"
+                ) from error
             raise
         downloads.append(Download(item.key, path, item.size, fetched=True))
-    return downloads, skipped
+    return downloads
 
 
 def format_size(size: int) -> str:
@@ -128,17 +210,36 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
+def format_plan(to_fetch: Sequence[S3Object], selection: Selection) -> str:
+    """What a download will cost, said before it starts."""
+    size = sum(item.size for item in to_fetch)
+    text = f"{len(to_fetch)} file(s) to download, {format_size(size)}"
+    here = len(selection.wanted) - len(to_fetch)
+    if here:
+        text += f" ({here} already here)"
+    if selection.older_checkpoints:
+        left_out = format_size(sum(item.size for item in selection.older))
+        text += (
+            f"; {selection.older_checkpoints} older checkpoint(s), {left_out}, not downloaded "
+            "(--all downloads them)"
+        )
+    return text
+
+
 def format_results(
     downloads: Sequence[Download],
-    skipped: Sequence[str],
+    selection: Selection,
     summary: dict[str, Any] | None,
     paths: dict[str, Path | None],
 ) -> str:
     fetched = sum(download.fetched for download in downloads)
-    lines = [
+    counts = (
         f"{fetched} file(s) downloaded, {len(downloads) - fetched} already here, "
-        f"{len(skipped)} temporary skipped"
-    ]
+        f"{len(selection.temporary)} temporary skipped"
+    )
+    if selection.older_checkpoints:
+        counts += f", {selection.older_checkpoints} older checkpoint(s) not downloaded (--all)"
+    lines = [counts]
     if summary is None:
         lines += ["no summary.json: the run has not finished, or its script writes none", ""]
     else:
@@ -155,20 +256,34 @@ def run_results(
     run: str,
     dest_root: Path,
     echo: Callable[[str], None],
+    everything: bool = False,
+    confirm: Callable[[str], bool] | None = None,
 ) -> int:
+    """confirm: asks the user before a download over CONFIRM_ABOVE bytes (None: no one to
+    ask, or --yes); declined, nothing is downloaded and the exit status is 1."""
     prefix = run_prefix(stack, run)
     objects = list_objects(aws, bucket, prefix)
     if not objects:
         raise no_run_error(run, bucket, stack, list_prefixes(aws, bucket, f"{stack}/"))
     dest = dest_root / stack / run
+    selection = select(objects, prefix, everything)
+    to_fetch = [
+        item for item in selection.wanted if not _unchanged(local_path(dest, prefix, item), item)
+    ]
     echo(f"s3://{bucket}/{prefix} -> {dest}/")
-    downloads, skipped = download_run(
+    echo(format_plan(to_fetch, selection))
+    size = sum(item.size for item in to_fetch)
+    if size > CONFIRM_ABOVE and confirm is not None:
+        if not confirm(f"Download {format_size(size)}?"):
+            echo("nothing downloaded")
+            return 1
+    downloads = download_run(
         aws,
         bucket,
         prefix,
-        objects,
+        selection.wanted,
         dest,
-        lambda path, size: echo(f"  {path}  ({format_size(size)})"),
+        lambda path, size: echo(f"  {path.as_posix()}  ({format_size(size)})"),
     )
     local = {download.key: download.path for download in downloads}
     summary_path = local.get(prefix + "summary.json")
@@ -180,13 +295,14 @@ def run_results(
         except ValueError:
             summary = None
     complete = [item for item in objects if item.key in local]
-    plot, checkpoint = plot_object(complete, summary), newest_checkpoint(complete)
+    plot = plot_object(complete, summary)
+    newest = selection.newest
     paths = {
         "summary": summary_path,
         "plot": local[plot.key] if plot else None,
-        "checkpoint": local[checkpoint.key] if checkpoint else None,
+        "checkpoint": dest.joinpath(*newest.split("/")) if newest else None,
     }
-    echo(format_results(downloads, skipped, summary, paths))
+    echo(format_results(downloads, selection, summary, paths))
     return 0
 
 

@@ -1,5 +1,9 @@
 """`status`: the nodes (instance state, phase) and the run (progress, ETA), and a verdict:
-failed (exit 1), complete (exit 0), in progress (exit 0); `--watch` until it is decided."""
+failed (exit 1), stopped (exit 1: interrupted, or no node running), complete (exit 0), in
+progress (exit 0); `--watch` until it is decided.
+
+A rank's phase is the one written by the instance that holds the rank now (see
+`aws.read_phases`): during a redeploy an old node's `failed:` or `done` is not this run's."""
 
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class NodeRow:
     state: str  # EC2's, or "gone" when EC2 no longer knows the id
     phase: str | None
     since: datetime | None
+    note: str = ""  # another instance's phase (an old node during a redeploy)
 
 
 @dataclass(frozen=True)
@@ -135,11 +140,16 @@ def is_done(phase: str | None) -> bool:
 
 
 def judge(nodes: list[NodeRow], marker: bool) -> Verdict:
-    """A failed node decides first (the others may wait for it forever); then completion
-    (every node done, or node 0's completion marker); then whether any node can still work."""
+    """A failed node decides first (the others may wait for it forever); then an interrupted
+    one (a spot reclaim: the run stopped, resumable from its newest checkpoint, and never
+    complete); then completion (every node done, or node 0's completion marker); then whether
+    any node can still work."""
     for node in nodes:
         if node.phase and node.phase.startswith("failed:"):
             return Verdict("failed", node.rank, node.phase.removeprefix("failed:").strip())
+    for node in nodes:
+        if node.phase and node.phase.startswith("interrupted:"):
+            return Verdict("stopped", node.rank, node.phase)
     if marker or (nodes and all(is_done(node.phase) for node in nodes)):
         return Verdict("complete")
     if nodes and all(node.state in NOT_RUNNING for node in nodes):
@@ -178,7 +188,7 @@ def format_nodes(nodes: list[NodeRow], now: datetime) -> str:
             str(node.rank),
             node.instance_id or NO_VALUE,
             node.state,
-            node.phase or "(no phase yet)",
+            (node.phase or "(no phase yet)") + (f" ({node.note})" if node.note else ""),
             format_duration((now - node.since).total_seconds()) if node.since else NO_VALUE,
         ]
         for node in nodes
@@ -259,6 +269,11 @@ def format_verdict(snapshot: Snapshot) -> str:
             f"run {run}: complete — results in {snapshot.location}; download them with "
             f"python -m console results --stack {snapshot.stack}"
         )
+    if verdict.state == "stopped" and verdict.rank is not None:
+        return (
+            f"run {run}: stopped before completing — node {verdict.rank}: {verdict.reason} "
+            "(resumable: deploy again to continue from the newest checkpoint)"
+        )
     if verdict.state == "stopped":
         return f"run {run}: stopped before completing, no node is running ({verdict.reason})"
     return f"run {run}: in progress"
@@ -279,7 +294,7 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
     """One look at AWS: phases, instance states, the run's files; history gains the newest
     progress (and, on a first look, the one before it from S3's previous version)."""
     instance_ids = stack.instance_ids
-    phases: list[NodePhase] = read_phases(aws, stack.name, len(instance_ids))
+    phases: list[NodePhase] = read_phases(aws, stack.name, instance_ids)
     states = instance_states(aws, instance_ids)
     nodes = [
         NodeRow(
@@ -288,6 +303,7 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
             state=states.get(instance_ids[phase.rank], "gone"),
             phase=phase.phase,
             since=phase.since,
+            note=phase.note,
         )
         for phase in phases
     ]

@@ -52,7 +52,7 @@ from rehearsal.emulated_aws import (
 )
 from rehearsal.imds_stub import node_values
 from rehearsal.namespaces import EmulatedNetwork, namespaces_available
-from stacks.cluster_app import build_app, cdk_json_context
+from stacks.cluster_app import build_app, cdk_json_context, synthesize
 from stacks.cluster_stack import VPC_CIDR
 from stacks.config import PROJECT_DIR
 from stacks.project import load_project, pinned_version
@@ -312,7 +312,7 @@ def synth(folder: Path, args: argparse.Namespace, **overrides: str) -> tuple[Pat
     }
     context = cdk_json_context(**(settings | overrides))
     app, stack = build_app(context, outdir=str(folder / "cdk.out"))
-    app.synth()
+    synthesize(app, stack)
     return folder / "cdk.out", stack.artifact_id, stack.config
 
 

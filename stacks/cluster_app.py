@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
 from stacks.cluster_stack import ClusterStack
-from stacks.config import PROJECT_DIR, check_known_settings, load_config
+from stacks.config import PROJECT_DIR, ConfigError, check_known_settings, load_config
+
+# CloudFormation takes templates up to 1 MB (from S3, as cdk deploy uploads large ones). The
+# nodes' user data is inlined once per node: 64 nodes with long script_args can pass EC2's
+# 16 KB per node and still fail here, at deploy, after minutes.
+TEMPLATE_LIMIT_BYTES = 1_000_000
 
 
 def cdk_json_context(**overrides: Any) -> dict[str, Any]:
@@ -47,3 +53,21 @@ def build_app(
     stack = ClusterStack(app, "FabricCluster", config=config, env=deploy_environment())
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack
+
+
+def synthesize(app: cdk.App, stack: ClusterStack) -> Path:
+    """app.synth(), then CloudFormation's size limit: a template over it is removed (the CLI
+    never deploys it) and is one line; returns the template's path."""
+    assembly = app.synth()
+    template = Path(assembly.directory) / assembly.get_stack_by_name(stack.stack_name).template_file
+    size = template.stat().st_size
+    if size > TEMPLATE_LIMIT_BYTES:
+        template.unlink()
+        config = stack.config
+        raise ConfigError(
+            f"invalid settings num_nodes={config.num_nodes} with these script_args: the template "
+            f"would be {size} bytes, over CloudFormation's limit of {TEMPLATE_LIMIT_BYTES} (each "
+            "node carries the user data); use fewer nodes or put long arguments in a file of "
+            "the project"
+        )
+    return template

@@ -15,6 +15,7 @@ from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
 from stacks.payload import payload_asset
 from stacks.run_name import run_fingerprint, run_name
 from stacks.user_data import render_boot_script
+from userdata.cluster_control import NO_STOP
 
 UBUNTU_AMI_PARAMETER = (
     "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
@@ -116,6 +117,13 @@ class ClusterStack(cdk.Stack):
             )
             for rank in range(config.num_nodes)
         ]
+        self.stop = ssm.StringParameter(
+            self,
+            "Stop",
+            parameter_name=config.stop_parameter,
+            string_value=NO_STOP,
+            description="Why the cluster stopped (failed or interrupted), by the first node",
+        )
         self.role = self._node_role()
         self.nodes = self._nodes()
         self.main_address = ssm.StringParameter(
@@ -125,6 +133,16 @@ class ClusterStack(cdk.Stack):
             string_value=self.nodes[0].instance_private_ip,
             description="Private IP of node 0, the main node of fabric run",
         )
+        # After the main address: a node that finds itself among the members (a redeploy's new
+        # node) reads the new node 0's address, never the old one's.
+        self.members = ssm.StringParameter(
+            self,
+            "Members",
+            parameter_name=config.members_parameter,
+            string_value=cdk.Fn.join(",", [node.instance_id for node in self.nodes]),
+            description="The cluster's instance ids by rank: phases and stops of others are old",
+        )
+        self.members.node.add_dependency(self.main_address)
         self._outputs()
 
     def _network(self) -> ec2.Vpc:
@@ -248,19 +266,22 @@ class ClusterStack(cdk.Stack):
         self.bucket.grant_read(role)
         self.bucket.grant_put(role)
         for parameter in self.phase_parameters:
-            parameter.grant_write(role)
-            # Every node watches the others': one failed node stops them all.
-            parameter.grant_read(role)
+            parameter.grant_write(role)  # its own; nodes read only the cluster's stop
+        # One failed or stopped node stops them all: every node may write and read the stop.
+        self.stop.grant_write(role)
         self.logs.grant_write(role)
-        # By ARN, not through the parameter: it refers to node 0, which depends on this role.
+        # By ARN, not through the parameters: they refer to the nodes, which depend on this role.
         role.add_to_policy(
             iam.PolicyStatement(
-                actions=["ssm:GetParameter"],
+                actions=["ssm:GetParameter", "ssm:GetParameters"],
                 resources=[
                     self.format_arn(
-                        service="ssm",
-                        resource="parameter",
-                        resource_name=self.config.main_address_parameter.lstrip("/"),
+                        service="ssm", resource="parameter", resource_name=name.lstrip("/")
+                    )
+                    for name in (
+                        self.config.main_address_parameter,
+                        self.config.members_parameter,
+                        self.config.stop_parameter,
                     )
                 ],
             )

@@ -25,6 +25,7 @@ from stacks.instance_types import (
     GPU_MODEL,
     GPUS_PER_TYPE,
     UNSUPPORTED_GPU_FAMILIES,
+    efa_has_rdma,
     supports_bf16,
     supports_cluster_placement_group,
 )
@@ -90,6 +91,10 @@ class ClusterConfig:
         return supports_cluster_placement_group(self.instance_type)
 
     @property
+    def efa_rdma(self) -> bool:
+        return self.efa and efa_has_rdma(self.instance_type)
+
+    @property
     def parameter_prefix(self) -> str:
         return parameter_prefix(self.stack_name)
 
@@ -104,6 +109,14 @@ class ClusterConfig:
     def phase_parameter(self, rank: int) -> str:
         return self.phase_parameter_template.format(rank=rank)
 
+    @property
+    def members_parameter(self) -> str:
+        return members_parameter(self.stack_name)
+
+    @property
+    def stop_parameter(self) -> str:
+        return stop_parameter(self.stack_name)
+
 
 def parameter_prefix(stack_name: str) -> str:
     return f"/fabric/{stack_name}"
@@ -116,6 +129,18 @@ def main_address_parameter(stack_name: str) -> str:
 def phase_parameter_template(stack_name: str) -> str:
     """Where node {rank} records its phase; the node agent fills in the rank."""
     return f"{parameter_prefix(stack_name)}/node-{{rank}}/phase"
+
+
+def members_parameter(stack_name: str) -> str:
+    """The cluster's instance ids in rank order, comma-separated, written by CloudFormation
+    once every node exists: a node whose id is not there belongs to another deploy."""
+    return f"{parameter_prefix(stack_name)}/members"
+
+
+def stop_parameter(stack_name: str) -> str:
+    """The cluster-wide stop (failed or interrupted), written once by the first node that
+    stops the cluster; every node reads this one parameter instead of every peer's phase."""
+    return f"{parameter_prefix(stack_name)}/stop"
 
 
 def _invalid(key: str, value: object, allowed: str) -> ConfigError:

@@ -73,6 +73,9 @@ EFA_TYPES = frozenset(
         "p5en.48xlarge",
     }
 )
+# fi_efa(7): FI_EFA_USE_DEVICE_RDMA=1 on a device without RDMA aborts the application. EC2
+# documents RDMA read (GPUDirect RDMA) for these EFA families only (Nitro v4 and newer).
+EFA_RDMA_FAMILIES = frozenset({"p4d", "p4de", "p5", "p5e", "p5en"})
 
 # Cluster placement groups take current-generation types except burstable (t*), Mac and the
 # flex types, plus these previous generations (AWS: "Placement group rules and limitations").
@@ -100,6 +103,10 @@ def supports_cluster_placement_group(instance_type: str) -> bool:
     if _PREVIOUS_GENERATION.match(name):
         return name in _PREVIOUS_GENERATION_IN_PLACEMENT
     return True
+
+
+def efa_has_rdma(instance_type: str) -> bool:
+    return instance_type in EFA_TYPES and family(instance_type) in EFA_RDMA_FAMILIES
 
 
 def supports_bf16(instance_type: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from aws_cdk.assertions import Template
 
-from stacks.cluster_app import build_app, cdk_json_context
+from stacks.cluster_app import build_app, cdk_json_context, synthesize
 from stacks.config import PROJECT_DIR
 
 CHECKOV = PROJECT_DIR / ".venv-checkov" / "bin" / "checkov"
@@ -22,7 +22,7 @@ class Synth:
 
     def __init__(self, outdir: Path, **overrides: Any) -> None:
         app, self.stack = build_app(cdk_json_context(**overrides), outdir=str(outdir))
-        app.synth()  # raises when a validation plugin (cdk-nag) reports an error
+        synthesize(app, self.stack)  # raises when a validation plugin (cdk-nag) reports an error
         self.outdir = outdir
         self.template_path = outdir / f"{self.stack.artifact_id}.template.json"
         self.template_dict: dict[str, Any] = json.loads(self.template_path.read_text())

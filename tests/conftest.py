@@ -10,6 +10,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from rehearsal.throttling import ThrottledMotoServer
+
 REGION = "us-east-1"
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -38,13 +40,37 @@ def moto_url() -> Iterator[str]:
     server.stop()
 
 
+# A share of SSM and CloudWatch Logs calls refused with ThrottlingException, as a busy account
+# does; the same emulated account as moto_url (moto's backends belong to the process).
+THROTTLED_SHARE = 0.25
+
+
+@pytest.fixture(scope="session")
+def throttled_moto() -> Iterator[ThrottledMotoServer]:
+    server = ThrottledMotoServer("127.0.0.1", 0, THROTTLED_SHARE, seed=19)
+    server.start()
+    yield server
+    server.stop()
+
+
+def endpoint_env(url: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(FAKE_CREDENTIALS)
+    env["AWS_ENDPOINT_URL"] = url
+    return env
+
+
 @pytest.fixture
 def aws_env(moto_url: str) -> dict[str, str]:
     """The environment of a process whose AWS is the moto server."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
-    env.update(FAKE_CREDENTIALS)
-    env["AWS_ENDPOINT_URL"] = moto_url
-    return env
+    return endpoint_env(moto_url)
+
+
+@pytest.fixture
+def throttled_aws_env(throttled_moto: ThrottledMotoServer) -> dict[str, str]:
+    """The environment of a process whose AWS throttles (THROTTLED_SHARE of SSM calls)."""
+    host, port = throttled_moto.get_host_and_port()
+    return endpoint_env(f"http://{host}:{port}")
 
 
 def moto_client(moto_url: str, service: str):

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,8 +23,16 @@ from typing import Any
 import pytest
 
 from rehearsal.imds_stub import ImdsStub, node_values
-from stacks.config import PROJECT_DIR, main_address_parameter, phase_parameter_template
+from stacks.config import (
+    PROJECT_DIR,
+    main_address_parameter,
+    members_parameter,
+    phase_parameter_template,
+    stop_parameter,
+)
+from userdata.cluster_control import NO_STOP, Stop
 from userdata.fabric_command import fabric_environment, fabric_run_command
+from userdata.phase import decode_phase
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
 INITIAL_PHASE = "booting"  # what the stack writes in every phase parameter (cluster_stack.py)
@@ -43,13 +52,31 @@ class StackParameters:
     @classmethod
     def put(cls, ssm: Any, main_address: str | None, num_nodes: int = 0) -> StackParameters:
         """The main address (None: not published yet) and, as the stack makes them, the
-        phase parameters of `num_nodes` nodes."""
+        phase parameters of `num_nodes` nodes, the members (instances i-<rank>, at least i-0)
+        and the stop."""
         parameters = cls(f"Test{uuid.uuid4().hex[:8]}")
         if main_address is not None:
             ssm.put_parameter(Name=parameters.main_address, Value=main_address, Type="String")
         for rank in range(num_nodes):
             ssm.put_parameter(Name=parameters.phase(rank), Value=INITIAL_PHASE, Type="String")
+        members = ",".join(f"i-{rank}" for rank in range(max(num_nodes, 1)))
+        ssm.put_parameter(Name=parameters.members, Value=members, Type="String")
+        ssm.put_parameter(Name=parameters.stop, Value=NO_STOP, Type="String")
         return parameters
+
+    @property
+    def members(self) -> str:
+        return members_parameter(self.stack)
+
+    @property
+    def stop(self) -> str:
+        return stop_parameter(self.stack)
+
+    def stop_value(self, ssm: Any) -> Stop | None:
+        return Stop.decode(ssm.get_parameter(Name=self.stop)["Parameter"]["Value"])
+
+    def phase_of(self, ssm: Any, rank: int) -> str:
+        return decode_phase(ssm.get_parameter(Name=self.phase(rank))["Parameter"]["Value"]).text
 
     @property
     def main_address(self) -> str:
@@ -63,7 +90,7 @@ class StackParameters:
         means someone wrote it after the stack did."""
         found = ssm.get_parameters_by_path(Path=f"/fabric/{self.stack}/", Recursive=True)
         return {
-            p["Name"]: (p["Value"], p["Version"])
+            p["Name"]: (decode_phase(p["Value"]).text, p["Version"])
             for p in found["Parameters"]
             if p["Name"].endswith("/phase")
         }
@@ -75,6 +102,10 @@ class StackParameters:
             self.main_address,
             "--phase-parameter",
             phase_parameter_template(self.stack),
+            "--members-parameter",
+            self.members,
+            "--stop-parameter",
+            self.stop,
         ]
 
 
@@ -310,6 +341,7 @@ def test_gpu_with_efa_and_bf16(aws_env, ssm, tmp_path: Path) -> None:
             "--precision",
             "bf16-mixed",
             "--efa",
+            "--efa-rdma",
             "--main-address-parameter",
             name,
             "train.py",
@@ -348,15 +380,43 @@ def test_precision_comes_before_the_script_and_only_when_given() -> None:
 
 
 def efa_environment(
-    monkeypatch: pytest.MonkeyPatch, efa: bool, inherited: str | None
+    monkeypatch: pytest.MonkeyPatch, efa: bool, inherited: str | None, rdma: bool = True
 ) -> dict[str, str]:
     if inherited is None:
         monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
     else:
         monkeypatch.setenv("LD_LIBRARY_PATH", inherited)
     return fabric_environment(
-        interface="ens5", accelerator="gpu", threads=4, rendezvous_timeout=600, efa=efa
+        interface="ens5",
+        accelerator="gpu",
+        threads=4,
+        rendezvous_timeout=600,
+        efa=efa,
+        efa_rdma=efa and rdma,
     )
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "rdma"),
+    [
+        ("p4d.24xlarge", True),
+        ("p5.48xlarge", True),
+        ("p5en.48xlarge", True),
+        ("g5.48xlarge", False),  # EFA without RDMA: FI_EFA_USE_DEVICE_RDMA=1 would abort
+        ("g6e.12xlarge", False),
+        ("g4dn.metal", False),
+    ],
+)
+def test_device_rdma_only_where_the_efa_device_has_it(
+    monkeypatch: pytest.MonkeyPatch, instance_type: str, rdma: bool
+) -> None:
+    from stacks.instance_types import EFA_TYPES, efa_has_rdma
+
+    assert instance_type in EFA_TYPES
+    assert efa_has_rdma(instance_type) is rdma
+    environment = efa_environment(monkeypatch, True, None, rdma=efa_has_rdma(instance_type))
+    assert environment["FI_PROVIDER"] == "efa"
+    assert ("FI_EFA_USE_DEVICE_RDMA" in environment) is rdma
 
 
 def test_efa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,6 +426,7 @@ def test_efa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (alone["FI_PROVIDER"], alone["FI_EFA_USE_DEVICE_RDMA"]) == ("efa", "1")
     inherited = efa_environment(monkeypatch, True, "/a:/b")
     assert inherited["LD_LIBRARY_PATH"] == f"{efa_libraries}:/a:/b"
+    assert "FI_EFA_USE_DEVICE_RDMA" not in efa_environment(monkeypatch, True, None, rdma=False)
     without = efa_environment(monkeypatch, False, "/a")
     assert not {"LD_LIBRARY_PATH", "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA"} & without.keys()
     assert without["NCCL_SOCKET_IFNAME"] == "ens5"
@@ -522,7 +583,7 @@ def test_real_run_records_phases_and_uploads_artifacts(
             str(exit_status),
             timeout=120,
         )
-    recorded = ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"]
+    recorded = parameters.phase_of(ssm, 0)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.lower()).get("Contents", [])]
     assert (tmp_path / "run" / "checkpoints" / "step-00000007.ckpt").read_bytes() == b"7"
     assert not (tmp_path / "run" / "checkpoints" / "step-8.ckpt.tmp").exists()
@@ -578,7 +639,7 @@ def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Pat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fabric run exited with status 1: restart 1 of 2" in result.stdout
     assert "phase: training (restart 1)" in result.stdout
-    assert ssm.get_parameter(Name=parameters.phase(0))["Parameter"]["Value"] == "done"
+    assert parameters.phase_of(ssm, 0) == "done"
 
 
 # What one fabric run takes besides waiting for the rendezvous: starting Python and importing
@@ -790,7 +851,6 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     not from an end-of-epoch checkpoint (the notice comes after the first step of a long first
     epoch, so the stop's own checkpoint is the only one)."""
     parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=1)
-    phase = parameters.phase(0)
     run_dir = tmp_path / "run"
     args = [
         *parameters.agent_options,
@@ -833,7 +893,7 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     assert 0 < step < steps_per_epoch, f"stopped at step {step} of {steps_per_epoch} per epoch"
     assert Path(checkpoint) == run_dir / "checkpoints" / f"step-{step:08d}.ckpt"
     assert not (run_dir / "summary.json").exists()
-    assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == (
+    assert parameters.phase_of(ssm, 0) == (
         f"interrupted: spot instance-action {notice}"
     )
 
@@ -844,7 +904,77 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps_per_epoch
     assert summary["steps_this_run"] == steps_per_epoch - step
-    assert ssm.get_parameter(Name=phase)["Parameter"]["Value"] == "done"
+    assert parameters.phase_of(ssm, 0) == "done"
+
+
+def test_a_notice_on_node_1_interrupts_the_run_and_never_completes_it(
+    throttled_aws_env, throttled_moto, ssm, s3, tmp_path: Path
+) -> None:
+    """EC2 sends the notice to the reclaimed instance only. Node 1's payload asks for the stop,
+    every rank checkpoints and exits 0: node 0, which saw no notice, must not call the run
+    complete. Against an AWS that throttles a quarter of the SSM calls."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=2)
+    bucket = parameters.stack.lower()
+    s3.create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/{parameters.stack}/run-1"
+    common = [
+        *parameters.agent_options,
+        "--devices-per-node",
+        "1",
+        "--main-port",
+        "29589",
+        "--spot-poll-interval",
+        "0.2",
+        "--peer-poll-interval",
+        "1",
+        "--run-name",
+        "run-1",
+        "--artifacts-uri",
+        uri,
+    ]
+    script = [
+        "trainer/train.py",
+        "--",
+        "--epochs",
+        "1",
+        "--samples",
+        str(SPOT_SAMPLES),
+        "--batch-size",
+        "16",
+        "--hidden",
+        "32",
+        "--log-every",
+        "1",
+    ]
+    notice = '{"action": "terminate", "time": "2026-11-29T21:00:00Z"}'
+    calls_before, _ = throttled_moto.throttle.snapshot()
+    with (
+        ImdsStub(node_values("i-0", "127.0.0.1", 0, 2)) as imds0,
+        ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds1,
+        BackgroundAgent(
+            throttled_aws_env, imds0, *common, "--run-dir", str(tmp_path / "run"), *script
+        ) as node0,
+        BackgroundAgent(throttled_aws_env, imds1, *common, *script) as node1,
+    ):
+        node0.wait_for("first step done", timeout=180)
+        imds1.values["spot/instance-action"] = notice
+        assert node1.finish(timeout=180) == 0, node1.output[-3000:]
+        assert node0.finish(timeout=180) == 0, node0.output[-3000:]
+    calls, throttled = throttled_moto.throttle.snapshot()
+    assert sum((throttled - Counter()).values()) > 0  # the run did meet throttling
+    assert sum((calls - calls_before).values()) > 0
+    stop = parameters.stop_value(ssm)
+    assert stop == Stop("interrupted", 1, "i-1", f"spot instance-action {notice}")
+    assert parameters.phase_of(ssm, 1) == f"interrupted: spot instance-action {notice}"
+    phase0 = parameters.phase_of(ssm, 0)
+    assert phase0.startswith(f"interrupted: {stop.describe()}; newest checkpoint "), phase0
+    assert " in S3 (" in phase0, phase0
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    prefix = f"{parameters.stack}/run-1/"
+    assert not any(key.endswith("fabric-run.json") for key in keys), keys  # not complete
+    assert not any(key.endswith("summary.json") for key in keys), keys
+    assert any(key.startswith(prefix + "checkpoints/step-") for key in keys), keys  # resumable
+    assert "done" not in {parameters.phase_of(ssm, 0), parameters.phase_of(ssm, 1)}
 
 
 @pytest.mark.parametrize(
@@ -914,14 +1044,68 @@ def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:
         ) as agent,
     ):
         agent.wait_for("phase: training", timeout=60)
-        reason = "failed: install: Because nope was not found in the package registry"
-        ssm.put_parameter(Name=parameters.phase(0), Value=reason, Type="String", Overwrite=True)
+        reason = "install: Because nope was not found in the package registry"
+        # Node 0's boot fails as boot.sh records it: its phase, and the cluster's stop.
+        with ImdsStub(node_values("i-0", "127.0.0.1", 0, 2)) as imds0:
+            report = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "userdata.report",
+                    "--phase-parameter",
+                    phase_parameter_template(parameters.stack),
+                    "--members-parameter",
+                    parameters.members,
+                    "--stop-parameter",
+                    parameters.stop,
+                    f"failed: {reason}",
+                ],
+                cwd=PROJECT_DIR,
+                env={**aws_env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds0.url},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         failed_at = time.monotonic()
         status = agent.finish(timeout=60)
         elapsed = time.monotonic() - failed_at
-    assert status == 1, agent.output[-3000:]
+    assert status == 1, agent.output[-3000:] + report.stderr
     assert elapsed < 20  # the poll interval, then stopping fabric run
-    verdict = f"node 0 failed ({reason.removeprefix('failed: ')})"
-    assert parameters.phases(ssm)[parameters.phase(1)][0] == f"failed: {verdict}"
+    assert parameters.stop_value(ssm) == Stop("failed", 0, "i-0", reason)
+    assert parameters.phase_of(ssm, 0) == f"failed: {reason}"
+    assert parameters.phases(ssm)[parameters.phase(1)][0] == f"failed: node 0 failed ({reason})"
     assert "restart 1 of 3" not in agent.output  # not started again for a dead peer
     assert "would stop now" in agent.output
+
+
+def test_a_stop_from_another_deploy_is_ignored(aws_env, ssm) -> None:
+    """CloudFormation runs a redeploy's old and new nodes side by side: an old node's stop (its
+    instance is not among the members) does not stop the new cluster."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=2)
+    old = Stop("failed", 0, "i-old", "fabric run exited with status 1")
+    ssm.put_parameter(Name=parameters.stop, Value=old.encode(), Type="String", Overwrite=True)
+    # An old agent's last phase, written after this node booted, in the rank's parameter.
+    ssm.put_parameter(
+        Name=parameters.phase(0), Value=f"failed: {old.reason}", Type="String", Overwrite=True
+    )
+    with ImdsStub(node_values("i-1", "127.0.0.9", 1, 2)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            "--main-port",
+            "29588",
+            "--peer-poll-interval",
+            "1",
+            "--rendezvous-timeout",
+            "3",
+            "--max-restarts",
+            "1",
+            "--restart-delay",
+            "0",
+            "trainer/train.py",
+            timeout=120,
+        )
+    # It trained as far as it could (nobody listens at node 0) and was restarted: not stopped.
+    assert "restart 1 of 1" in result.stdout, result.stdout[-3000:]
+    assert "the cluster stops" not in result.stdout

@@ -20,6 +20,7 @@ from stacks.cluster_app import cdk_json_context
 from stacks.config import load_config
 from stacks.payload import stage_payload
 from stacks.user_data import render_boot_script
+from userdata.phase import decode_phase
 
 
 def test_a_dependency_that_cannot_be_installed_fails_the_boot_in_phase_install(
@@ -64,7 +65,9 @@ def test_a_dependency_that_cannot_be_installed_fails_the_boot_in_phase_install(
         )
     print(boot.stdout[-4000:], boot.stderr[-2000:], sep="\n")
     assert boot.returncode != 0
-    phase = ssm.get_parameter(Name=config.phase_parameter(0))["Parameter"]["Value"]
+    recorded = ssm.get_parameter(Name=config.phase_parameter(0))["Parameter"]["Value"]
+    assert decode_phase(recorded).instance == "i-0123456789abcdef0"
+    phase = decode_phase(recorded).text
     assert phase.startswith("failed: install: ")
     assert "fabric-cluster-no-such-package was not found in the package registry" in phase
     assert "\n" not in phase

@@ -4,25 +4,43 @@ bucket and a log group; plus its pure formatting and decisions."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import boto3
 import botocore.session
 import pytest
+from boto3.exceptions import RetriesExceededError, S3TransferFailedError
+from boto3.s3.transfer import S3Transfer
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.retries.bucket import TokenBucket
+from botocore.retries.standard import ExponentialBackoff
 from click.testing import CliRunner
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
 
+import console.__main__ as console_main
+import console.results as console_results
 from console import format_duration, format_table
 from console.__main__ import cli
-from console.aws import connect, load_stack
+from console.aws import Aws, S3Object, Stack, connect, load_stack
 from console.logs import LogEvent, format_event, merge, parse_since, run_logs
 from console.results import is_temporary
 from console.status import (
@@ -430,23 +448,35 @@ def test_results_download_the_run(endpoint: str, tmp_path: Path) -> None:
     )["Body"]
     assert (run_dir / "summary.json").read_bytes() == body.read()
     assert not (run_dir / "checkpoints" / "step-00000300.ckpt.tmp").exists()
-    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()) == [
-        "checkpoints/step-00000100.ckpt",
-        "checkpoints/step-00000200.ckpt",
-        "fabric-run.json",
-        "loss.png",
-        "metrics.csv",
-        "summary.json",
-    ]
+    small = ["fabric-run.json", "loss.png", "metrics.csv", "summary.json"]
+    assert files_in(run_dir) == ["checkpoints/step-00000200.ckpt", *small]  # the newest only
     out = result.stdout
-    assert "6 file(s) downloaded, 0 already here, 1 temporary skipped" in out
+    assert out.splitlines()[1] == (  # before downloading: S3 bills each GB
+        "5 file(s) to download, 153 B; 1 older checkpoint(s), 3 B, not downloaded "
+        "(--all downloads them)"
+    )
+    assert (
+        "5 file(s) downloaded, 0 already here, 1 temporary skipped, "
+        "1 older checkpoint(s) not downloaded (--all)"
+    ) in out
     assert '"final_loss": 1.2345' in out
     assert f"summary     {run_dir / 'summary.json'}" in out
     assert f"plot        {run_dir / 'loss.png'}" in out
     assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000200.ckpt'}" in out
 
-    again = console("results", "--stack", world.stack, "--dest", str(tmp_path))
-    assert "0 file(s) downloaded, 6 already here" in again.stdout
+    every = console("results", "--stack", world.stack, "--dest", str(tmp_path), "--all")
+    assert every.stdout.splitlines()[1] == "1 file(s) to download, 3 B (5 already here)"
+    assert "1 file(s) downloaded, 5 already here, 1 temporary skipped\n" in every.stdout
+    assert files_in(run_dir) == [
+        "checkpoints/step-00000100.ckpt",
+        "checkpoints/step-00000200.ckpt",
+        *small,
+    ]
+    assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000200.ckpt'}" in every.stdout
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def test_results_of_an_unfinished_run_of_a_deleted_stack(endpoint: str, tmp_path: Path) -> None:
@@ -566,3 +596,400 @@ def test_more_one_line_errors(endpoint: str, tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stdout == "", args
+
+
+# --- throttling -----------------------------------------------------------------------------
+
+
+def throttle_answer(service: str, json_protocol: bool) -> tuple[str, list[tuple[str, str]], bytes]:
+    """What AWS answers a throttled call, in each protocol the console's services speak."""
+    if json_protocol:  # SSM, CloudWatch Logs
+        body = b'{"__type":"ThrottlingException","message":"Rate exceeded"}'
+        return "400 Bad Request", [("Content-Type", "application/x-amz-json-1.1")], body
+    if service == "s3":
+        body = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+        return "503 Slow Down", [("Content-Type", "application/xml")], body
+    if service == "ec2":
+        body = (
+            b"<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit "
+            b"exceeded.</Message></Error></Errors><RequestID>r</RequestID></Response>"
+        )
+        return "503 Service Unavailable", [("Content-Type", "text/xml")], body
+    body = (  # CloudFormation (query protocol)
+        b"<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded"
+        b"</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+    )
+    return "400 Bad Request", [("Content-Type", "text/xml")], body
+
+
+class Throttling:
+    """A WSGI front for moto (same process, same emulated account): of every `period` calls to
+    a service in `rules`, the first `throttled` get AWS's throttling answer."""
+
+    CREDENTIAL = re.compile(r"Credential=[^/]+/\d+/[^/]+/([^/]+)/")
+
+    def __init__(self, app, rules: dict[str, tuple[int, int]]) -> None:
+        self.app, self.rules = app, rules
+        self.calls: dict[str, int] = {}
+        self.throttled: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        match = self.CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        service = match.group(1) if match else "?"
+        throttled, period = self.rules.get(service, (0, 1))
+        with self.lock:
+            count = self.calls.get(service, 0)
+            self.calls[service] = count + 1
+            if count % period < throttled:
+                self.throttled[service] = self.throttled.get(service, 0) + 1
+            else:
+                return self.app(environ, start_response)
+        status, headers, body = throttle_answer(service, "HTTP_X_AMZ_TARGET" in environ)
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+
+
+@pytest.fixture
+def throttling(endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """Starts a throttling front and points the console at it. botocore's own waits (the
+    backoff between attempts, the adaptive rate limiter's) are cut out: what is tested is
+    how many attempts are made, and what the user sees."""
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    monkeypatch.setattr(TokenBucket, "acquire", lambda self, amount=1, block=True: True)
+    servers = []
+
+    def start(rules: dict[str, tuple[int, int]]) -> Throttling:
+        front = Throttling(DomainDispatcherApplication(create_backend_app), rules)
+        server = make_server(
+            "127.0.0.1", 0, front, threaded=True, request_handler=MotoRequestHandler
+        )
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        return front
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_status_survives_throttling(throttling) -> None:
+    """Three calls of every four throttled, on every service status calls."""
+    world = deploy(os.environ["AWS_ENDPOINT_URL"], ["training", "training"])
+    world.put("progress.json", {"step": 5, "total_steps": 10})
+    services = ("cloudformation", "ssm", "ec2", "s3")
+    front = throttling({service: (3, 4) for service in services})
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    assert value_of(result.stdout, "step") == "5 / 10 (50%)"
+    assert result.stdout.splitlines()[-1] == "run run-a: in progress"
+    assert all(front.throttled.get(service, 0) >= 3 for service in services), front.throttled
+
+
+def test_throttling_that_outlasts_the_retries_is_one_line(throttling) -> None:
+    world = deploy(os.environ["AWS_ENDPOINT_URL"], ["training"])
+    front = throttling({"ssm": (1, 1)})  # every call
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 2, result.output
+    assert front.throttled == {"ssm": 10}
+    assert result.stderr == (
+        "error: AWS throttled GetParameters (ThrottlingException: Rate exceeded) after 10 "
+        "attempt(s): too many calls in this account and region just now; retry in a minute\n"
+    )
+
+
+def test_an_unreachable_endpoint_is_given_up_after_three_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten attempts are for throttling; a network that cannot reach AWS fails in seconds."""
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    aws = connect(None)
+    client = aws.client("cloudformation")
+    attempts: list[str] = []
+    client.meta.events.register("before-send", lambda **kwargs: attempts.append("sent"))
+    result = console("status", "--stack", "Any")  # its own clients
+    with pytest.raises(EndpointConnectionError):
+        client.describe_stacks(StackName="Any")
+    assert len(attempts) == 3
+    assert result.exit_code == 2 and result.stderr.startswith("error: cannot reach http://")
+
+
+# --- phases: whose they are ----------------------------------------------------------------
+
+
+def phase_value(text: str, instance: str) -> str:
+    return json.dumps({"phase": text, "instance": instance})  # userdata/phase.py's contract
+
+
+def test_status_shows_only_the_phases_of_the_instances_holding_the_ranks(endpoint: str) -> None:
+    """A redeploy: old nodes still write the ranks' parameters beside the new ones."""
+    world = deploy(endpoint, [None, None, "booting"])
+    ssm = world.client("ssm")
+
+    def put(rank: int, value: str) -> None:
+        name = f"/fabric/{world.stack}/node-{rank}/phase"
+        ssm.put_parameter(Name=name, Value=value, Type="String", Overwrite=True)
+
+    put(0, phase_value("waiting-for-main", world.instance_ids[0]))
+    put(0, phase_value("training", world.instance_ids[0]))
+    put(0, phase_value("failed: terminated by the redeploy", "i-0old00000000000000"))
+    put(1, phase_value("done", "i-0old11111111111111"))
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if " i-" in line}
+    assert rows["0"].split()[1:4] == [world.instance_ids[0], "running", "training"]
+    assert "(old instance i-0old00000000000000 wrote: failed: terminated" in rows["0"]
+    assert "(no phase yet) (old instance i-0old11111111111111 wrote: done)" in rows["1"]
+    assert rows["2"].split()[3] == "booting"  # the stack's initial value has no writer
+    assert '"phase"' not in result.stdout
+    assert result.stdout.splitlines()[-1] == "run run-a: in progress"  # not FAILED, not done
+
+
+def test_an_interrupted_node_stops_the_run_and_it_is_never_complete() -> None:
+    def nodes(*phases: str) -> list[NodeRow]:
+        return [NodeRow(rank, "i", "running", phase, None) for rank, phase in enumerate(phases)]
+
+    notice = "interrupted: spot instance-action {'action': 'terminate'}"
+    for marker in (False, True):
+        verdict = judge(nodes("training", notice), marker)
+        assert (verdict.state, verdict.rank, verdict.exit_code) == ("stopped", 1, 1)
+    assert judge(nodes("failed: lost node 0", notice), False).state == "failed"
+    text = format_status(snapshot(["done", notice], 10))
+    assert text.splitlines()[-1] == (
+        f"run r: stopped before completing — node 1: {notice} "
+        "(resumable: deploy again to continue from the newest checkpoint)"
+    )
+
+
+# --- results: what to download ---------------------------------------------------------------
+
+
+def test_results_ask_before_a_large_download(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = deploy(endpoint, ["done"])
+    world.put("summary.json", {"steps": 2})
+    world.put("checkpoints/step-00000002.ckpt", b"x" * 2000)
+    monkeypatch.setattr(console_results, "CONFIRM_ABOVE", 1000)
+    args = ["results", "--stack", world.stack, "--dest", str(tmp_path)]
+    run_dir = tmp_path / world.stack / "run-a"
+    plan = "2 file(s) to download, 2.0 KB"
+
+    piped = CliRunner().invoke(cli, args, input="")  # not a terminal: says the size, goes on
+    assert piped.exit_code == 0, piped.output
+    assert piped.stdout.splitlines()[1].startswith(plan)
+    assert "Download" not in piped.stderr
+    shutil.rmtree(run_dir)
+
+    monkeypatch.setattr(console_main, "stdin_is_terminal", lambda: True)
+    declined = CliRunner().invoke(cli, args, input="n\n")
+    assert declined.exit_code == 1, declined.output
+    assert "Download 2.0 KB? [y/N]" in declined.stderr
+    assert declined.stdout.splitlines()[1:] == [plan, "nothing downloaded"]
+    assert not run_dir.exists()
+
+    accepted = CliRunner().invoke(cli, [*args, "--yes"], input="")
+    assert accepted.exit_code == 0, accepted.output
+    assert "Download" not in accepted.stderr
+    assert (run_dir / "checkpoints" / "step-00000002.ckpt").stat().st_size == 2000
+
+
+def test_checkpoints_are_files_or_folders_of_shards() -> None:
+    from console.results import checkpoint_of, select  # new: the old code fails here
+
+    paths = {
+        "checkpoints/step-00000100.ckpt": "checkpoints/step-00000100.ckpt",
+        "step-00000100.ckpt": "step-00000100.ckpt",
+        "checkpoints/step-00000200.ckpt/__0_0.distcp": "checkpoints/step-00000200.ckpt",
+        "out/checkpoints/last.pt": "out/checkpoints/last.pt",
+        "checkpoints/best.pth": "checkpoints/best.pth",
+        "model.pt": None,  # a result, not under checkpoints/
+        "metrics.csv": None,
+        "checkpoints/notes.txt": None,
+    }
+    for path, expected in paths.items():
+        assert checkpoint_of(PurePosixPath(path)) == expected, path
+
+    def item(key: str, minute: int) -> S3Object:
+        return S3Object(f"S/r/{key}", 10, NOW + timedelta(minutes=minute))
+
+    objects = [
+        item("checkpoints/step-00000100.ckpt", 1),
+        item("checkpoints/step-00000200.ckpt/__0_0.distcp", 2),
+        item("checkpoints/step-00000200.ckpt/.metadata", 3),
+        item("checkpoints/step-00000300.ckpt.tmp", 4),
+        item("summary.json", 3),
+    ]
+    chosen = select(objects, "S/r/", everything=False)
+    assert chosen.newest == "checkpoints/step-00000200.ckpt"
+    assert [o.key.removeprefix("S/r/") for o in chosen.wanted] == [
+        "summary.json",
+        "checkpoints/step-00000200.ckpt/__0_0.distcp",
+        "checkpoints/step-00000200.ckpt/.metadata",
+    ]
+    assert (chosen.older_checkpoints, chosen.temporary) == (
+        1,
+        ["S/r/checkpoints/step-00000300.ckpt.tmp"],
+    )
+    assert len(select(objects, "S/r/", everything=True).wanted) == 4
+
+
+def test_a_failed_download_is_one_line(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = deploy(endpoint, ["done"])
+    world.put("summary.json", {"steps": 1})
+    failures = {
+        "Max Retries Exceeded (Read timeout on endpoint URL": RetriesExceededError(
+            ReadTimeoutError(endpoint_url="https://s3.amazonaws.com/x")
+        ),
+        "S3 transfer failed: gone": S3TransferFailedError("gone"),
+        "No space left on device": OSError(errno.ENOSPC, "No space left on device"),
+    }
+    for expected, failure in failures.items():
+
+        def broken(*args: object, failure: Exception = failure, **kwargs: object) -> None:
+            Path(args[3] if len(args) > 3 else kwargs["filename"]).write_bytes(b"half")
+            raise failure
+
+        monkeypatch.setattr(S3Transfer, "download_file", broken)
+        result = console("results", "--stack", world.stack, "--dest", str(tmp_path))
+        assert result.exit_code == 2, (expected, result.output)
+        assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # no half file
+
+
+# --- logs: streaming, late events, throttling ------------------------------------------------
+
+
+class FakeLogs:
+    """FilterLogEvents page by page (nextToken is the page's index), and a record of what had
+    been printed when each page was asked for."""
+
+    def __init__(self, pages: list[list[tuple[int, str]]], printed: list[str]) -> None:
+        self.pages, self.printed = pages, printed
+        self.asked: list[list[str]] = []
+        self.failures: list[Exception] = []
+
+    def filter_log_events(self, **arguments: object) -> dict:
+        if self.failures:
+            raise self.failures.pop(0)
+        index = int(str(arguments.get("nextToken", 0)))
+        self.asked.append(list(self.printed))
+        events = [
+            {"logStreamName": "node-0", "timestamp": stamp, "eventId": f"{stamp}", "message": text}
+            for stamp, text in self.pages[index]
+        ]
+        answer: dict = {"events": events}
+        if index + 1 < len(self.pages):
+            answer["nextToken"] = str(index + 1)
+        return answer
+
+    def get_paginator(self, name: str):
+        fake = self
+
+        class Paginator:
+            def paginate(self, **arguments: object):
+                if name == "describe_log_streams":
+                    yield {"logStreams": [{"logStreamName": "node-0"}]}
+                    return
+                token = None
+                while True:
+                    page = fake.filter_log_events(
+                        **arguments, **({"nextToken": token} if token else {})
+                    )
+                    yield page
+                    token = page.get("nextToken")
+                    if not token:
+                        return
+
+        return Paginator()
+
+
+def fake_stack() -> tuple[Aws, Stack]:
+    aws = Aws(boto3.Session(region_name=REGION))
+    outputs = {"LogGroup": "/fabric/S/nodes", "Node0InstanceId": "i-0"}
+    return aws, Stack("S", REGION, "CREATE_COMPLETE", outputs)
+
+
+def test_logs_print_each_page_as_it_arrives() -> None:
+    aws, stack = fake_stack()
+    printed: list[str] = []
+    logs = FakeLogs([[(2, "b"), (1, "a")], [(3, "c")]], printed)
+    aws._clients["logs"] = logs
+    assert run_logs(aws, stack, None, False, None, printed.append) == 0
+    assert printed == ["[node 0] a", "[node 0] b", "[node 0] c"]  # time order within a page
+    assert logs.asked == [[], ["[node 0] a", "[node 0] b"]]  # page 1 shown before page 2 asked
+
+
+def test_logs_follow_waits_out_throttling() -> None:
+    aws, stack = fake_stack()
+    printed: list[str] = []
+    warnings: list[str] = []
+    logs = FakeLogs([[(1, "a")]], printed)
+    aws._clients["logs"] = logs
+    throttled = ClientError(
+        {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "FilterLogEvents"
+    )
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            logs.failures = [throttled, throttled]
+        if len(sleeps) == 5:
+            raise KeyboardInterrupt
+
+    code = run_logs(aws, stack, None, True, None, printed.append, sleep, warnings.append)
+    assert code == 0
+    assert printed == ["[node 0] a"]
+    assert sleeps == [2.0, 4.0, 8.0, 2.0, 2.0]  # doubled while throttled, then back
+    assert warnings[0] == "(CloudWatch Logs throttled the poll; trying again in 4s)"
+
+
+def test_logs_follow_shows_an_event_shipped_late_once(endpoint: str) -> None:
+    """The shipper's backoff: an event stamped 100 s before the newest one shown is ingested
+    after it; the next polls look back far enough for it, and print it once."""
+    world = deploy(endpoint, ["training"])
+    newest = int(time.time() * 1000) - 5_000
+    world.log(0, [(newest, "printed first")])
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 1:
+            world.log(0, [(newest - 100_000, "shipped late")])
+        elif len(polls) == 4:
+            raise KeyboardInterrupt
+
+    aws = connect(None)
+    lines: list[str] = []
+    assert run_logs(aws, load_stack(aws, world.stack), None, True, None, lines.append, sleep) == 0
+    assert lines == ["[node 0] printed first", "[node 0] shipped late"]
+
+
+# --- region ----------------------------------------------------------------------------------
+
+
+def test_the_region_is_the_one_the_cdk_cli_deploys_to(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CDK CLI reads AWS_REGION first; boto3 alone would take AWS_DEFAULT_REGION."""
+    world = deploy(endpoint, ["done"])  # in us-east-1, AWS_DEFAULT_REGION here
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert connect(None).region == "eu-west-1"
+    assert connect("ap-south-1").region == "ap-south-1"  # --region first
+    elsewhere = console("status", "--stack", world.stack)
+    assert elsewhere.stderr.startswith(f"error: no stack {world.stack} in region eu-west-1")
+    assert console("status", "--stack", world.stack, "--region", REGION).exit_code == 0
+    monkeypatch.delenv("AWS_REGION")
+    assert connect(None).region == REGION

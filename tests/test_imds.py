@@ -3,8 +3,8 @@ still sees a notice afterwards. Stub tokens here live about a second."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,6 +15,12 @@ from userdata.imds import TOKEN_TTL_SECONDS, Imds
 from userdata.spot import NOTICE_PATH, SpotWatcher
 
 NOTICE = '{"action": "terminate", "time": "2030-01-01T00:00:00Z"}'
+# A worker that checkpoints on SIGUSR1 (here: exits 42), as the spot contract asks.
+HANDLER = (
+    "import signal, sys, time; "
+    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(42)); "
+    "time.sleep(30)"
+)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:
@@ -64,8 +70,8 @@ def test_token_revoked_behind_the_clients_back_is_replaced_once() -> None:
 def test_spot_notice_after_the_first_token_expired_is_seen() -> None:
     logs: list[str] = []
     stub = ImdsStub(node_values("i-1", "10.0.0.1", 0, 1), max_token_ttl=1.0).start()
-    # A stand-in for fabric run: its child (the "worker") gets the SIGUSR1, sh reports it.
-    fabric = subprocess.Popen(["sh", "-c", "sleep 30 & wait $!"])
+    # A stand-in for fabric run: its child (the "worker", which handles SIGUSR1) gets it.
+    fabric = subprocess.Popen(["sh", "-c", f"{sys.executable} -c {HANDLER!r} & wait $!"])
     watcher = SpotWatcher(Imds(stub.url), 0.05, logs.append)
     try:
         watcher.attach(fabric.pid)
@@ -73,7 +79,7 @@ def test_spot_notice_after_the_first_token_expired_is_seen() -> None:
         time.sleep(1.5)  # the first token has expired by now
         assert watcher.notice is None
         stub.values[NOTICE_PATH] = NOTICE
-        assert fabric.wait(timeout=5) == 128 + signal.SIGUSR1
+        assert fabric.wait(timeout=5) == 42
         assert watcher.notice == NOTICE
         assert logs == [f"spot interruption notice: {NOTICE}; asking the payload to checkpoint"]
         assert puts(stub) >= 2
@@ -99,3 +105,26 @@ def test_spot_watcher_says_once_that_imds_refuses_tokens_and_keeps_looking() -> 
         finally:
             watcher.stop()
     assert len(logs) == 2 and NOTICE in logs[1]
+
+
+def test_a_worker_without_a_sigusr1_handler_is_not_killed_by_the_notice() -> None:
+    """SIGUSR1's default action ends the process: a script that does not handle it would lose
+    everything since its last checkpoint, and the rest of its two minutes."""
+    logs: list[str] = []
+    stub = ImdsStub(node_values("i-1", "10.0.0.1", 0, 1)).start()
+    fabric = subprocess.Popen(["sh", "-c", "sleep 30 & wait $!"])  # sleep handles nothing
+    watcher = SpotWatcher(Imds(stub.url), 0.05, logs.append)
+    try:
+        watcher.attach(fabric.pid)
+        watcher.start()
+        assert wait_for(lambda: puts(stub) >= 1)
+        stub.values[NOTICE_PATH] = NOTICE
+        assert wait_for(lambda: len(logs) >= 2)
+        time.sleep(0.3)  # the watcher looks again for handlers: still none
+        assert fabric.poll() is None  # still training
+        assert len(logs) == 2 and "does not handle SIGUSR1: not signalled" in logs[1]
+    finally:
+        watcher.stop()
+        fabric.kill()
+        fabric.wait()
+        stub.stop()

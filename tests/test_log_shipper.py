@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,22 +27,26 @@ from userdata.imds import Imds
 from userdata.log_shipper import (
     CUT_MARKER,
     EVENT_OVERHEAD,
+    FLUSH_SECONDS,
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
     MAX_BATCH_SPAN_MS,
     MAX_EVENT_BYTES,
     Buffer,
     Event,
+    Offsets,
     Shipper,
     Tail,
     drop_note,
     event_size,
     next_batch,
+    parse_args,
     stream_and_region,
     to_message,
 )
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
 HOUR_MS = 3600 * 1000
 
 
@@ -233,6 +239,152 @@ def test_unreachable_cloudwatch_never_slows_the_writer_and_memory_stays_bounded(
     assert "lines not sent" in stderr
 
 
+# --- its systemd unit, and a shipper started again ----------------------------------------------
+
+
+def shipper_unit(fabric_home: Path, log_group: str) -> dict[str, list[str]]:
+    """The unit that boot.sh's own start_log_shipper writes (run by bash, systemctl stubbed,
+    the unit written under fabric_home): `Section.Key` -> its values, in order."""
+    script = BOOT_SCRIPT.read_text()
+    found = re.search(r"^start_log_shipper\(\) \{\n.*?^\}$", script, re.MULTILINE | re.DOTALL)
+    assert found, "boot.sh has no start_log_shipper function"
+    units = fabric_home / "units"
+    units.mkdir()
+    function = found.group(0).replace("/etc/systemd/system/", f"{units}/")
+    assert function != found.group(0), "the unit is no longer written to /etc/systemd/system"
+    harness = [
+        "set -euo pipefail",
+        f"FABRIC_HOME={shlex.quote(str(fabric_home))}",
+        f"PAYLOAD_DIR={shlex.quote(str(PROJECT_DIR))}",  # has userdata/log_shipper.py: this one
+        "VENV=/opt/fabric/venv",
+        f"LOG_GROUP={shlex.quote(log_group)}",
+        f"REGION={REGION}",
+        "REHEARSAL=",
+        "LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid",
+        'log() { echo "log: $*"; }',
+        'systemctl() { echo "systemctl $*"; }',
+        function,
+        "start_log_shipper",
+    ]
+    result = subprocess.run(
+        ["bash", "-c", "\n".join(harness)], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert "systemctl enable --now fabric-logs.service" in result.stdout, result.stdout
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in (units / "fabric-logs.service").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+def unit_list(unit: dict[str, list[str]], key: str) -> list[str]:
+    """A list setting (After=, Before=...): every value of every line of it."""
+    return " ".join(unit.get(key, [])).split()
+
+
+def test_the_unit_starts_before_the_agent_so_that_it_stops_after_it(tmp_path: Path) -> None:
+    unit = shipper_unit(tmp_path, "/fabric/test")
+    # systemd stops units in the reverse of their start order: at power-off the agent has
+    # written its last lines before the shipper is told to stop.
+    assert "fabric-agent.service" in unit_list(unit, "Unit.Before")
+    assert "fabric-agent.service" not in unit_list(unit, "Unit.After")
+    assert "network-online.target" in unit_list(unit, "Unit.After")  # stops before the network
+    # The flush at SIGTERM (at most FLUSH_SECONDS) ends well before systemd's SIGKILL.
+    (timeout,) = unit["Service.TimeoutStopSec"]
+    seconds = re.fullmatch(r"(\d+)s?", timeout)
+    assert seconds and int(seconds.group(1)) >= FLUSH_SECONDS + 5, timeout
+    (exec_start,) = unit["Service.ExecStart"]
+    command = shlex.split(exec_start)
+    assert command[:3] == ["/opt/fabric/venv/bin/python", "-m", "userdata.log_shipper"]
+    args = parse_args(command[3:])
+    assert args.file == [str(tmp_path / "boot.log"), str(tmp_path / "agent.log")]
+    assert args.state_file == tmp_path / "log-shipper.state"
+
+
+def test_the_agents_last_lines_written_just_before_sigterm_arrive(
+    tmp_path: Path, aws_env: dict[str, str], moto_url: str
+) -> None:
+    """The unit's own command, stopped as systemd stops it at power-off: after the agent."""
+    logs = moto_client(moto_url, "logs")
+    group = new_group(logs)
+    unit = shipper_unit(tmp_path, group)
+    command = [sys.executable, *shlex.split(unit["Service.ExecStart"][0])[1:]]
+    boot, agent = tmp_path / "boot.log", tmp_path / "agent.log"
+    boot.write_text("boot: phase agent\n")
+    last_lines = ["agent: training failed (exit status 1)", "agent: uploaded the run to S3"]
+    with ImdsStub(node_values("i-0abc", "127.0.0.1", 1, 2)) as imds:
+        env = {**aws_env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
+        shipper = subprocess.Popen(
+            command,
+            cwd=unit["Service.WorkingDirectory"][0],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(lambda: messages(logs, group, "node-1") != [], 20, "the boot log")
+            append(agent, "".join(f"{line}\n" for line in last_lines))
+            append(agent, "agent: stop_when_done: powering off")  # its newline never came
+        finally:
+            status, took, stderr = stop_shipper(shipper, timeout=30)
+    assert status == 0, stderr
+    assert took < int(unit["Service.TimeoutStopSec"][0].removesuffix("s"))
+    assert messages(logs, group, "node-1") == [
+        *("boot: phase agent", *last_lines, "agent: stop_when_done: powering off")
+    ]
+    saved = Offsets(tmp_path / "log-shipper.state").load()
+    assert saved[str(agent)].offset == agent.stat().st_size
+
+
+def test_a_shipper_started_again_sends_only_the_new_lines(
+    tmp_path: Path, aws_env: dict[str, str], moto_url: str
+) -> None:
+    """A stop/start of the instance: same disk, the unit comes back, user data does not run."""
+    logs = moto_client(moto_url, "logs")
+    group = new_group(logs)
+    boot, agent, state = tmp_path / "boot.log", tmp_path / "agent.log", tmp_path / "state"
+
+    def run_until(expected: list[str]) -> None:
+        shipper = start_shipper(
+            aws_env,
+            *("--log-group", group, "--stream", "node-0", "--region", REGION),
+            *("--file", boot, "--file", agent, "--interval", "0.2", "--state-file", state),
+        )
+
+        def arrived() -> bool:
+            assert shipper.poll() is None, shipper.communicate()[1]
+            return messages(logs, group, "node-0") == expected
+
+        try:
+            wait_until(arrived, 20, f"{expected}")
+        finally:
+            status, _, stderr = stop_shipper(shipper, timeout=15)
+        assert status == 0, stderr
+        assert messages(logs, group, "node-0") == expected  # nothing more came at the stop
+
+    boot.write_text("b0\nb1\n")
+    agent.write_text("a0\n")
+    run_until(["b0", "b1", "a0"])
+    append(boot, "b2\n")
+    append(agent, "a1\na2\n")
+    run_until(["b0", "b1", "a0", "b2", "a1", "a2"])
+    assert Offsets(state).load()[str(agent)].offset == len("a0\na1\na2\n")
+    # While it was stopped, boot.log truncated and agent.log written again in place, longer
+    # (the same inode): both start over.
+    inode = agent.stat().st_ino
+    boot.write_text("B0\n")
+    agent.write_text("A0 written again, longer than before\n")
+    assert agent.stat().st_ino == inode
+    run_until(["b0", "b1", "a0", "b2", "a1", "a2", "B0", "A0 written again, longer than before"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["agent.log", "boot.log", "state"]
+
+
 # --- the buffer and the shipper ----------------------------------------------------------------
 
 
@@ -339,6 +491,43 @@ def test_the_instance_id_names_the_stream_of_a_node_without_rank() -> None:
     assert stream_and_region(None, None, unreachable, wait=0) == (socket.gethostname(), None)
 
 
+def test_offsets_are_saved_only_once_cloudwatch_has_the_lines(tmp_path: Path) -> None:
+    path, state = tmp_path / "agent.log", tmp_path / "log-shipper.state"
+    offsets = Offsets(state)
+    saved_during_calls: list[int | None] = []
+
+    def saved_offset() -> int | None:
+        mark = Offsets(state).load().get(str(path))
+        return None if mark is None else mark.offset
+
+    logs = FlakyLogs(failures=1, during_call=lambda: saved_during_calls.append(saved_offset()))
+    buffer = Buffer(limit=100)
+    shipper = Shipper(logs, "group", "node-0", buffer, log=lambda _: None, on_sent=offsets.commit)
+    tail = Tail(path)
+    path.write_text("one\ntwo\n")
+    for message in tail.read():
+        buffer.add(message, mark=tail.mark())
+    assert not shipper.send_batch()
+    assert not state.exists()  # not sent: nothing saved
+    assert shipper.send_batch()
+    assert saved_offset() == 8
+    append(path, "three\n")
+    for message in tail.read():
+        buffer.add(message, mark=tail.mark())
+    assert shipper.send_batch()
+    assert saved_offset() == 14
+    assert saved_during_calls == [None, None, 8]  # while CloudWatch had not said yes yet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.log", "log-shipper.state"]
+
+    said: list[str] = []
+    saved = state.read_text()
+    for broken in ("{not json", "[]", saved.replace('"offset": 14', '"offset": "14"')):
+        assert broken != saved
+        state.write_text(broken)
+        assert Offsets(state, log=said.append).load() == {}  # from the start: nothing lost
+    assert len(said) == 3 and all(str(state) in line for line in said)
+
+
 # --- batches and messages ----------------------------------------------------------------------
 
 
@@ -424,3 +613,33 @@ def test_a_line_that_never_ends_is_sent_cut_once(tmp_path: Path) -> None:
     append(path, " done\nnext\n")
     assert list(tail.read()) == ["next"]
     assert list(tail.flush()) == []
+
+
+def test_a_tail_goes_on_from_a_mark_of_the_same_file_only(tmp_path: Path) -> None:
+    path = tmp_path / "agent.log"
+    path.write_text("one\ntwo\nthr")
+    tail = Tail(path)
+    assert list(tail.read()) == ["one", "two"]
+    mark = tail.mark()
+    assert (mark.offset, mark.cut) == (8, False)
+    append(path, "ee\n")
+    assert list(Tail(path, mark).read()) == ["three"]
+    # Sent cut: the rest of that line is skipped after a restart too.
+    path.write_bytes(b"x" * (MAX_EVENT_BYTES + 1))
+    tail = Tail(path)
+    assert len(list(tail.read())) == 1
+    append(path, "x end of the long line\nnext\n")
+    assert list(Tail(path, tail.mark()).read()) == ["next"]
+    # The same name but not the same file: from its start.
+    path.write_text("one\ntwo\nthree\n")
+    tail = Tail(path)
+    assert len(list(tail.read())) == 3
+    mark = tail.mark()
+    path.write_text("ONE\nTWO\nTHREE\nFOUR\n")  # in place: same inode, longer
+    assert list(Tail(path, mark).read()) == ["ONE", "TWO", "THREE", "FOUR"]
+    path.write_text("one\n")  # truncated
+    assert list(Tail(path, mark).read()) == ["one"]
+    copy = tmp_path / "copy.log"
+    copy.write_text("one\ntwo\nthree\nfour\n")
+    os.replace(copy, path)  # replaced: another inode, even with the same first lines
+    assert list(Tail(path, mark).read()) == ["one", "two", "three", "four"]

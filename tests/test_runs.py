@@ -16,7 +16,6 @@ from stacks.config import PROJECT_DIR, ConfigError, load_config
 from stacks.run_name import run_name
 from tests.cfn import Synth, cdk_json_context
 from trainer.train import newest_checkpoint
-from userdata.peers import PeerWatch
 from userdata.run_state import COMPLETE_MARKER, completed, mark_complete, restore
 
 
@@ -116,31 +115,6 @@ def test_a_new_run_restores_nothing_and_a_complete_one_says_so(s3: Any, tmp_path
     assert not (tmp_path / "again" / COMPLETE_MARKER).exists()
 
 
-def test_peer_watch_names_the_first_failed_node_and_its_root_cause(ssm: Any) -> None:
-    stack = f"Peers{uuid.uuid4().hex[:8]}"
-    template = f"/fabric/{stack}/node-{{rank}}/phase"
-    for rank, phase in enumerate(["training", "training", "training", "training"]):
-        ssm.put_parameter(Name=template.format(rank=rank), Value=phase, Type="String")
-    watch = PeerWatch(ssm, template, 4, own_rank=1, interval=1.0, log=print)
-    assert watch.poll() is None
-    ssm.put_parameter(
-        Name=template.format(rank=3),
-        Value="failed: node 2 failed (failed: install: no such package)",
-        Type="String",
-        Overwrite=True,
-    )
-    assert watch.poll() == (2, "failed: install: no such package")
-    ssm.put_parameter(
-        Name=template.format(rank=0),
-        Value="failed: bad main address",
-        Type="String",
-        Overwrite=True,
-    )
-    assert watch.poll() == (0, "bad main address")
-    # Its own phase is never read: a node does not stop because of itself.
-    assert template.format(rank=1) not in watch.names
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
     return Synth(tmp_path_factory.mktemp("runs"), log_retention_days="14")
@@ -160,7 +134,7 @@ def test_the_stack_names_its_run_and_its_log_group(synth: Synth) -> None:
     assert "readonly LOG_GROUP=" in user_data
 
 
-def test_nodes_write_logs_only_to_their_group_and_read_only_their_peers_phases(
+def test_nodes_write_logs_only_to_their_group_and_read_only_the_cluster_parameters(
     synth: Synth,
 ) -> None:
     statements = [
@@ -179,7 +153,10 @@ def test_nodes_write_logs_only_to_their_group_and_read_only_their_peers_phases(
     for statement in reads:
         resources = statement["Resource"]
         resources = resources if isinstance(resources, list) else [resources]
-        assert all("Phase" in json.dumps(resource) for resource in resources)
+        assert all(
+            json.dumps(resource).endswith(("/main-address\"]]}", "/members\"]]}", "/stop\"]]}"))
+            for resource in resources
+        ), resources
 
 
 def test_a_complete_run_named_again_with_other_training_goes_on(s3: Any) -> None:

@@ -62,6 +62,9 @@ def test_devices_auto_is_the_gpu_count(synth: Synth) -> None:
     assert "readonly ACCELERATOR=gpu\n" in text
     efa = "true" if case(synth) == "p4d-efa-spot" else "false"
     assert f"readonly EFA={efa}\n" in text and "[[ $EFA == true ]] && efa_flag=(--efa)" in text
+    # p4d's EFA device has RDMA (GPUDirect); the agent sets FI_EFA_USE_DEVICE_RDMA only then.
+    assert f"readonly EFA_RDMA={efa}\n" in text
+    assert "[[ $EFA_RDMA == true ]] && efa_flag+=(--efa-rdma)" in text
     assert "readonly PRECISION=bf16-mixed\n" in text
 
 

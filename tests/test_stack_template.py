@@ -245,30 +245,32 @@ def test_role_is_least_privilege(synth: Synth) -> None:
             assert not any(a.startswith("ssm:GetParameter") for a in actions), statement
     session = [s for s in statements if "ssmmessages:OpenDataChannel" in s["Action"]]
     assert len(session) == 1 and set(session[0]["Action"]) == set(SESSION_MANAGER_ACTIONS)
-    get_parameter = [s for s in statements if s["Action"] == ["ssm:GetParameter"]]
-    assert len(get_parameter) == 1
-    assert json.dumps(get_parameter[0]["Resource"]).endswith(
-        ':parameter/fabric/FabricCluster/main-address"]]}]'
-    )
-    # Every other read of a parameter is of the phases (each node watches the others').
-    reads = [
-        s for s in statements if s is not get_parameter[0] and "ssm:GetParameter" in s["Action"]
-    ]
+    # Nodes read only the cluster-wide parameters (main address, members, stop): never each
+    # other's phases, so the control plane's calls grow with N, not N squared.
+    reads = [s for s in statements if any(a.startswith("ssm:GetParameter") for a in s["Action"])]
     assert len(reads) == 1
-    assert all(
-        '"Ref": "Node' in json.dumps(r) and "Phase" in json.dumps(r) for r in reads[0]["Resource"]
+    assert sorted(reads[0]["Action"]) == ["ssm:GetParameter", "ssm:GetParameters"]
+    read_names = sorted(
+        json.dumps(r).split(":parameter/")[-1].split('"')[0] for r in reads[0]["Resource"]
     )
+    assert read_names == [
+        "fabric/FabricCluster/main-address",
+        "fabric/FabricCluster/members",
+        "fabric/FabricCluster/stop",
+    ]
     put_parameter = [s for s in statements if "ssm:PutParameter" in s["Action"]]
     assert len(put_parameter) == 1
+    parameters = synth.resources("AWS::SSM::Parameter")
     phase_ids = {
         logical_id
-        for logical_id, r in synth.resources("AWS::SSM::Parameter").items()
+        for logical_id, r in parameters.items()
         if r["Properties"]["Name"].endswith("/phase")
     }
     assert len(phase_ids) == expected(synth)["nodes"]
+    (stop_id,) = [i for i, r in parameters.items() if r["Properties"]["Name"].endswith("/stop")]
     assert {
         json.dumps(r).split('"Ref": "')[-1].split('"')[0] for r in put_parameter[0]["Resource"]
-    } == phase_ids
+    } == phase_ids | {stop_id}
     bucket_id = next(iter(synth.resources("AWS::S3::Bucket")))
     # Nothing on a node deletes data (ec2messages:DeleteMessage only acknowledges an agent message).
     deletes = [a for s in statements for a in s["Action"] if "Delete" in a]

@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +31,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from userdata.artifacts import ArtifactSync
+from userdata.cluster_control import FAILED, INTERRUPTED, ClusterControl, Stop, StopWatch
 from userdata.errors import AgentError
 from userdata.fabric_command import (
     PRECISIONS,
@@ -42,7 +44,6 @@ from userdata.gpus import wait_for_gpus
 from userdata.imds import Imds, NodeIdentity, read_identity
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
-from userdata.peers import PeerWatch
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
 from userdata.run_state import completed, mark_complete, restore
@@ -50,6 +51,9 @@ from userdata.spot import SpotWatcher
 
 T = TypeVar("T")
 TERMINATED = threading.Event()  # SIGTERM or SIGINT reached the agent
+AGENT_STARTED = time.monotonic()
+NOTICE_DECLARE_TIMEOUT = 10.0  # seconds the payload's signal may wait for the cluster's stop
+FINAL_READS, FINAL_READ_DELAY = 3, 10.0  # looks at the stop as fabric run ends
 PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
 
@@ -76,6 +80,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="",
         help="SSM parameter for this node's phase; {rank} is filled in",
     )
+    parser.add_argument(
+        "--members-parameter",
+        default="",
+        help="SSM parameter listing the cluster's instance ids by rank (CloudFormation's)",
+    )
+    parser.add_argument(
+        "--stop-parameter",
+        default="",
+        help="SSM parameter where the first node that stops the cluster says why",
+    )
+    parser.add_argument(
+        "--max-hours",
+        type=float,
+        default=0.0,
+        help="the cost guard's power-off after this many hours (run-agent.sh schedules it): "
+        "a stop then is recorded as max_hours, not as a failure",
+    )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--devices-per-node", type=int, default=1)
     parser.add_argument(
@@ -85,6 +106,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--efa",
         action="store_true",
         help="let NCCL use EFA (libfabric and aws-ofi-nccl of the Deep Learning AMI)",
+    )
+    parser.add_argument(
+        "--efa-rdma",
+        action="store_true",
+        help="the instance type's EFA device has RDMA (p4d, p5, ...): GPUDirect RDMA on",
     )
     parser.add_argument("--main-port", type=int, default=29400)
     parser.add_argument("--run-dir", default="", help="where the payload writes its run")
@@ -109,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--peer-poll-interval",
         type=float,
         default=15.0,
-        help="seconds between looks at the other nodes' phases (one failed: stop)",
+        help="seconds between looks at the cluster's stop parameter (jittered)",
     )
     parser.add_argument(
         "--stop-when-done",
@@ -177,13 +203,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+# Parameter Store's throughput is shared by the account and region: throttled calls are retried
+# with backoff and jitter (adaptive mode also slows this client down), never taken for failure.
+RETRIES = {"mode": "adaptive", "max_attempts": 10}
+
+
 def aws_client(service: str, region: str, timeout: float):
     """Honours AWS_ENDPOINT_URL (boto3 reads it), so tests and rehearsals stay local."""
-    config = Config(
-        connect_timeout=timeout,
-        read_timeout=timeout,
-        retries={"mode": "standard", "max_attempts": 3},
-    )
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries=RETRIES)
     return boto3.client(service, region_name=region, config=config)
 
 
@@ -191,7 +218,13 @@ def resolve(
     args: argparse.Namespace, identity: NodeIdentity, ssm
 ) -> tuple[list[str], dict[str, str]]:
     main_address = wait_for_main_address(
-        ssm, args.main_address_parameter, args.main_address_timeout, log=log
+        ssm,
+        args.main_address_parameter,
+        args.main_address_timeout,
+        members_parameter=args.members_parameter,
+        instance=identity.instance_id,
+        rank=identity.node_rank,
+        log=log,
     )
     if identity.node_rank == 0 and main_address != identity.private_ip:
         raise AgentError(
@@ -199,6 +232,7 @@ def resolve(
             f"has {identity.private_ip}"
         )
     interface = interface_to(main_address)
+    log(f"network: gloo and NCCL bind {interface} to reach the main node {main_address}")
     environment = fabric_environment(
         interface=interface,
         accelerator=args.accelerator,
@@ -206,6 +240,7 @@ def resolve(
         rendezvous_timeout=args.rendezvous_timeout,
         run_dir=args.run_dir or None,
         efa=args.efa,
+        efa_rdma=args.efa_rdma,
     )
     command = fabric_run_command(
         node_rank=identity.node_rank,
@@ -226,7 +261,7 @@ def run_fabric(
     environment: dict[str, str],
     watcher: SpotWatcher | None = None,
     workdir: str = "",
-    peers: PeerWatch | None = None,
+    watch: StopWatch | None = None,
 ) -> int:
     """Runs fabric run in the project folder (as the manual procedure's `cd`), with the venv's
     bin first on PATH, its output streamed as it comes."""
@@ -235,8 +270,8 @@ def run_fabric(
     process = subprocess.Popen(command, env=env, cwd=workdir or None)
     if watcher:
         watcher.attach(process.pid)
-    if peers:
-        peers.attach(process)
+    if watch and watch.stop_seen and watch.stop_seen.state == FAILED:
+        process.terminate()  # the cluster failed while this one started
 
     def forward(signum: int, _frame: object) -> None:
         # Stopped from outside (systemctl stop, shutdown): no restart, no power-off of our own.
@@ -272,7 +307,74 @@ def identify(imds: Imds) -> NodeIdentity:
         raise AgentError(f"{instance_id}: {error}") from None
 
 
-def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
+@dataclass
+class Records:
+    """Where this node says what happened: its own phase and, for the whole cluster, the stop."""
+
+    phase: PhaseReporter
+    control: ClusterControl | None = None
+
+    def record(self, phase: str) -> None:
+        self.phase.record(phase)
+
+    def fail(self, reason: str) -> None:
+        """The cluster's stop first (the other nodes stop sooner), then this node's phase."""
+        if self.control:
+            self.control.declare(FAILED, reason)
+        self.phase.record(f"failed: {reason}")
+
+    def silence_if_replaced(self) -> None:
+        """A node of an older deploy (CloudFormation makes the new nodes before it deletes the
+        old ones) writes nothing more: the phase parameter is the new node's now."""
+        if self.control and not self.control.is_member():
+            self.phase.silenced = "another instance holds this rank now (a redeploy)"
+
+
+class PeerFailed(AgentError):
+    """Another node failed the cluster: recorded in this node's phase, the stop is theirs."""
+
+
+def stopped_from_outside(max_hours: float) -> str:
+    """What SIGTERM meant: run-agent.sh schedules the max_hours power-off when the unit starts."""
+    hours = (time.monotonic() - AGENT_STARTED) / 3600
+    if max_hours and hours >= max_hours - 2 / 60:
+        return f"max_hours={max_hours:g} reached: the node powers off (cost guard)"
+    return "stopped from outside (SIGTERM: systemctl stop, a shutdown or a terminated instance)"
+
+
+def declare_notice(control: ClusterControl | None, notice: str) -> None:
+    """The cluster's stop is written before the payload is signalled, so that node 0 (which gets
+    no notice of its own) cannot take the stop for the end of the run; bounded, so that a
+    throttled SSM does not eat the two minutes' warning."""
+    if control is None:
+        return
+    writer = threading.Thread(
+        target=control.declare, args=(INTERRUPTED, f"spot instance-action {notice}"), daemon=True
+    )
+    writer.start()
+    writer.join(NOTICE_DECLARE_TIMEOUT)
+
+
+def final_stop(control: ClusterControl | None) -> Stop | None:
+    """The cluster's stop as fabric run ends; AgentError when SSM cannot say (after its own
+    retries): a run is never called complete on a guess."""
+    if control is None:
+        return None
+    for attempt in range(FINAL_READS):
+        try:
+            return control.read_stop()
+        except (BotoCoreError, ClientError) as error:
+            if attempt == FINAL_READS - 1:
+                raise AgentError(
+                    f"cannot tell whether the cluster was stopped ({error}); the run is not "
+                    "marked complete"
+                ) from None
+            time.sleep(FINAL_READ_DELAY)
+    return None
+
+
+def train(args: argparse.Namespace, records: Records) -> int:
+    reporter = records.phase
     imds = Imds(timeout=args.imds_timeout)
     identity = identify(imds)
     log(
@@ -283,6 +385,18 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
     if args.phase_parameter and not args.dry_run:
         reporter.ssm = ssm
         reporter.parameter = args.phase_parameter.format(rank=identity.node_rank)
+        reporter.instance = identity.instance_id
+    control = None
+    if args.stop_parameter and args.members_parameter and not args.dry_run:
+        control = ClusterControl(
+            ssm,
+            args.members_parameter,
+            args.stop_parameter,
+            identity.node_rank,
+            identity.instance_id,
+            log,
+        )
+        records.control = control
     if args.accelerator == "gpu":
         reporter.record("waiting-for-gpus")
         gpus = wait_for_gpus(args.devices_per_node, args.gpu_timeout, log=log)
@@ -322,30 +436,50 @@ def train(args: argparse.Namespace, reporter: PhaseReporter) -> int:
         sync.mark_seen(restored.paths)  # in S3 already
         sync.start()
     log(f"running: {shlex.join(command)}")
-    watcher = SpotWatcher(imds, args.spot_poll_interval, log)
+    watcher = SpotWatcher(
+        imds, args.spot_poll_interval, log, on_notice=lambda notice: declare_notice(control, notice)
+    )
     watcher.start()
-    peers = None
-    if args.phase_parameter:
-        peers = PeerWatch(
-            ssm,
-            args.phase_parameter,
-            identity.num_nodes,
-            identity.node_rank,
-            args.peer_poll_interval,
-            log,
-        )
-        peers.start()
-    status = supervise(command, environment, args, reporter, watcher, peers, started)
+    watch = None
+    if control and identity.num_nodes > 1:
+
+        def on_stop(stop: Stop) -> None:
+            if stop.state == FAILED:
+                watcher.terminate_fabric()
+            else:  # stopped on request elsewhere: this node's ranks checkpoint as well
+                watcher.signal_payload()
+
+        watch = StopWatch(control, args.peer_poll_interval, on_stop, log)
+        watch.start()
+    status = supervise(command, environment, args, reporter, watcher, watch, control, started)
     watcher.stop()
-    if peers:
-        peers.stop()
+    if watch:
+        watch.stop()
+    stop = None if TERMINATED.is_set() else final_stop(control)
+    interrupted = TERMINATED.is_set() or watcher.notice or (stop and stop.state == INTERRUPTED)
+    upload = ""
     if sync:
-        log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
-    if status != 0 and peers and peers.failed:
-        raise AgentError(peers.reason)
+        if interrupted:
+            upload = sync.stop_now()
+            log(f"artifacts: {upload}")
+        else:
+            log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
+    suffix = f"; {upload}" if upload else ""
+    if TERMINATED.is_set():
+        reason = stopped_from_outside(args.max_hours)
+        if control:
+            control.declare(INTERRUPTED, reason)
+        records.silence_if_replaced()
+        reporter.record(f"interrupted: {reason}{suffix}")
+        return 0
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
-        reporter.record(f"interrupted: spot instance-action {watcher.notice}")
+        reporter.record(f"interrupted: spot instance-action {watcher.notice}{suffix}")
+        return 0
+    if stop and stop.instance != identity.instance_id:
+        if stop.state == FAILED:
+            raise PeerFailed(stop.describe())
+        reporter.record(f"interrupted: {stop.describe()}{suffix}")
         return 0
     if status != 0:
         restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
@@ -365,17 +499,17 @@ def supervise(
     args: argparse.Namespace,
     reporter: PhaseReporter,
     watcher: SpotWatcher | None = None,
-    peers: PeerWatch | None = None,
+    watch: StopWatch | None = None,
+    control: ClusterControl | None = None,
     started: str = "training",
 ) -> int:
     """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
     the payload resumes from its newest checkpoint), at most --max-restarts times; never again
-    once a peer has failed for good or a spot notice came."""
+    once the cluster is stopped (a failed node, a spot notice anywhere, a stop from outside)."""
     for attempt in range(args.max_restarts + 1):
         reporter.record(started if attempt == 0 else f"training (restart {attempt})")
-        status = run_fabric(command, environment, watcher, args.workdir, peers)
-        stopped = (watcher and watcher.notice) or (peers and peers.failed) or TERMINATED.is_set()
-        if status == 0 or attempt == args.max_restarts or stopped:
+        status = run_fabric(command, environment, watcher, args.workdir, watch)
+        if status == 0 or attempt == args.max_restarts or stopped(watcher, watch, control):
             return status
         log(
             f"fabric run exited with status {status}: restart {attempt + 1} of "
@@ -385,21 +519,39 @@ def supervise(
     return status
 
 
+def stopped(
+    watcher: SpotWatcher | None, watch: StopWatch | None, control: ClusterControl | None
+) -> bool:
+    """Whether the cluster has stopped; one look at SSM before a restart, because a peer that
+    was reclaimed said so before it went, and a restart would wait for it in the rendezvous."""
+    if TERMINATED.is_set() or (watcher and watcher.notice) or (watch and watch.stop_seen):
+        return True
+    try:
+        return control is not None and control.read_stop() is not None
+    except (BotoCoreError, ClientError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    reporter = PhaseReporter(None, None)
+    records = Records(PhaseReporter(None, None))
     status = 1
     try:
-        status = train(args, reporter)
+        status = train(args, records)
+    except PeerFailed as error:
+        records.silence_if_replaced()
+        records.record(f"failed: {error}")
     except AgentError as error:
         # Before the rank is known there is no parameter to record the failure in: say so.
+        reporter = records.phase
         unrecorded = bool(args.phase_parameter) and not args.dry_run and not reporter.parameter
         note = f" ({NO_PHASE_RECORDED})" if unrecorded else ""
         print(f"error: {error}{note}", file=sys.stderr, flush=True)
-        reporter.record(f"failed: {error}")
+        records.silence_if_replaced()
+        records.fail(str(error))
     except Exception as error:  # a bug or an AWS error nobody foresaw: still failed, still off
         traceback.print_exc()
-        reporter.record(f"failed: {type(error).__name__}: {error}")
+        records.fail(f"{type(error).__name__}: {error}")
     finally:
         # Whatever happened, a node that is done does not bill (unless stopped from outside).
         if args.stop_when_done and not TERMINATED.is_set():

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from userdata.run_layout import PROGRESS_FILE
+from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE
+
+
+class Cancelled(Exception):
+    """An upload given up for a more urgent one (the newest checkpoint, on a stop)."""
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -49,38 +54,84 @@ class ArtifactSync:
         self.progress_interval = progress_interval or interval
         self._seen: dict[Path, tuple[int, int]] = {}
         self._stop = threading.Event()
+        self._cancel = threading.Event()  # the upload in flight gives way
         self._thread: threading.Thread | None = None
+
+    def _progress(self, _bytes: int) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("given up for the newest checkpoint")
+
+    def _key(self, path: Path) -> str:
+        relative = path.relative_to(self.run_dir).as_posix()
+        return "/".join(part for part in (self.prefix, relative) if part)
+
+    def upload(self, path: Path) -> str | None:
+        """Uploads one file unless S3 has it as it is now; the error, or None."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # replaced between listing and upload
+            return None
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if self._seen.get(path) == signature:
+            return None
+        try:
+            self.s3.upload_file(str(path), self.bucket, self._key(path), Callback=self._progress)
+        except FileNotFoundError:
+            return None
+        except (BotoCoreError, ClientError, S3UploadFailedError, Cancelled) as error:
+            # The sync thread must never die of one upload: the next round tries again.
+            return f"{type(error).__name__}: {error}"
+        self._seen[path] = signature
+        return None
+
+    def complete_files(self) -> list[Path]:
+        if not self.run_dir.is_dir():
+            return []
+        return [p for p in sorted(self.run_dir.rglob("*")) if p.is_file() and is_complete(p)]
 
     def sync_once(self, only: str | None = None) -> int:
         """Uploads what changed (only: just the file of that name at the run dir's top)."""
         uploaded = 0
-        if not self.run_dir.is_dir():
-            return 0
-        paths = [self.run_dir / only] if only else sorted(self.run_dir.rglob("*"))
+        paths = [self.run_dir / only] if only else self.complete_files()
         for path in paths:
-            if not path.is_file() or not is_complete(path):
+            if not path.is_file() or not is_complete(path) or self._cancel.is_set():
                 continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # replaced between listing and upload
-                continue
-            signature = (stat.st_size, stat.st_mtime_ns)
-            if self._seen.get(path) == signature:
-                continue
-            key = "/".join(
-                part for part in (self.prefix, path.relative_to(self.run_dir).as_posix()) if part
-            )
-            try:
-                self.s3.upload_file(str(path), self.bucket, key)
-            except FileNotFoundError:
-                continue
-            except (BotoCoreError, ClientError, S3UploadFailedError) as error:
-                # Next round tries again; the sync thread must never die of one upload.
+            before = self._seen.get(path)
+            error = self.upload(path)
+            if error:
+                # Next round tries again.
                 print(f"[fabric-agent] artifact upload of {path} failed: {error}", file=sys.stderr)
-                continue
-            self._seen[path] = signature
-            uploaded += 1
+            elif self._seen.get(path) != before:
+                uploaded += 1
         return uploaded
+
+    def stop_now(self) -> str:
+        """On a stop (spot notice, a stop anywhere in the cluster): the upload in flight gives
+        way, the newest checkpoint goes first, superseded checkpoints are skipped, then the
+        small files. Says whether the newest checkpoint is in S3."""
+        started = time.monotonic()
+        self._cancel.set()
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._cancel.clear()
+        files = self.complete_files()
+        checkpoints = sorted(
+            (int(match.group(1)), path)
+            for path in files
+            if (match := CHECKPOINT_STEP.search(path.name))
+        )
+        newest = checkpoints[-1][1] if checkpoints else None
+        error = self.upload(newest) if newest else None
+        for path in files:
+            if CHECKPOINT_STEP.search(path.name) is None:
+                self.upload(path)
+        if newest is None:
+            return "no checkpoint to upload"
+        name = newest.relative_to(self.run_dir).as_posix()
+        if error:
+            return f"newest checkpoint {name} NOT in S3 ({error})"
+        return f"newest checkpoint {name} in S3 ({time.monotonic() - started:.1f} s)"
 
     def mark_seen(self, paths: list[Path]) -> None:
         """Files already in S3 as they are here (restored): not uploaded again."""

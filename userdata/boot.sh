@@ -62,7 +62,8 @@ on_real_ec2() {
 report_phase() {
   [[ -x $VENV/bin/python && -f $PAYLOAD_DIR/userdata/report.py ]] || return 0
   (cd "$PAYLOAD_DIR" && "$VENV/bin/python" -m userdata.report \
-    --phase-parameter "$PHASE_PARAMETER" "$1") || log "could not record phase '$1'"
+    --phase-parameter "$PHASE_PARAMETER" --members-parameter "$MEMBERS_PARAMETER" \
+    --stop-parameter "$STOP_PARAMETER" "$1") || log "could not record phase '$1'"
 }
 
 # CloudWatch Logs, one stream per node (userdata/log_shipper.py): boot.log and agent.log, read
@@ -73,19 +74,25 @@ LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid
 start_log_shipper() {
   [[ -n $LOG_GROUP && -f $PAYLOAD_DIR/userdata/log_shipper.py ]] || return 0
   local shipper=("$VENV/bin/python" -m userdata.log_shipper --log-group "$LOG_GROUP"
-    --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log")
+    --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log"
+    --state-file "$FABRIC_HOME/log-shipper.state")
   if [[ -z $REHEARSAL ]]; then
     cat >/etc/systemd/system/fabric-logs.service <<EOF
 [Unit]
 Description=Fabric cluster log shipper (boot, agent and training output to CloudWatch Logs)
 Wants=network-online.target
-After=network-online.target fabric-agent.service
+After=network-online.target
+# systemd stops units in the reverse of their start order: started before the agent, the
+# shipper is stopped after it, and reads and sends the agent's last lines.
+Before=fabric-agent.service
 
 [Service]
 WorkingDirectory=$PAYLOAD_DIR
 ExecStart=${shipper[*]}
 Nice=10
 Restart=on-failure
+# Its flush at SIGTERM takes at most 5 s (log_shipper.FLUSH_SECONDS), then it exits.
+TimeoutStopSec=15s
 
 [Install]
 WantedBy=multi-user.target
@@ -203,9 +210,13 @@ stop_flag=()
 [[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
 efa_flag=()
 [[ $EFA == true ]] && efa_flag=(--efa)
+[[ $EFA_RDMA == true ]] && efa_flag+=(--efa-rdma)
 agent=("$VENV/bin/python" -m userdata.agent
   --main-address-parameter "$MAIN_ADDRESS_PARAMETER"
   --phase-parameter "$PHASE_PARAMETER"
+  --members-parameter "$MEMBERS_PARAMETER"
+  --stop-parameter "$STOP_PARAMETER"
+  --max-hours "$MAX_HOURS"
   --accelerator "$ACCELERATOR"
   --devices-per-node "$DEVICES_PER_NODE"
   --precision "$PRECISION"

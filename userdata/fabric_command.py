@@ -58,7 +58,10 @@ def fabric_environment(
     rendezvous_timeout: int,
     run_dir: str | None = None,
     efa: bool = False,
+    efa_rdma: bool = False,
 ) -> dict[str, str]:
+    """efa_rdma: only where the instance type's EFA device has RDMA (fi_efa(7): otherwise the
+    setting aborts the application)."""
     """What the agent sets on top of the inherited environment."""
     env = {
         "OMP_NUM_THREADS": str(threads),
@@ -77,5 +80,6 @@ def fabric_environment(
         inherited = os.environ.get("LD_LIBRARY_PATH", "")
         env["LD_LIBRARY_PATH"] = EFA_LIBRARY_PATH + (f":{inherited}" if inherited else "")
         env["FI_PROVIDER"] = "efa"  # fail rather than fall back to TCP sockets quietly
-        env["FI_EFA_USE_DEVICE_RDMA"] = "1"  # GPUDirect RDMA on p4d/p5
+        if efa_rdma:
+            env["FI_EFA_USE_DEVICE_RDMA"] = "1"  # GPUDirect RDMA on p4d/p5
     return env

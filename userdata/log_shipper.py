@@ -1,21 +1,28 @@
 """Ships this node's log files to CloudWatch Logs, one stream per node.
 
     python -m userdata.log_shipper --log-group GROUP [--stream NAME] [--region R]
-        --file PATH [--file PATH ...] [--interval 5] [--max-buffer 10000]
+        --file PATH [--file PATH ...] [--interval 5] [--max-buffer 10000] [--state-file PATH]
 
 Its own process: training writes its output to files and this only reads them, so a slow or
 unreachable CloudWatch can never stall or crash training. Every line of every file becomes one
 event (the time it was read, the line itself). The main thread reads the files; a second
 thread sends. While CloudWatch cannot be reached, at most --max-buffer lines wait: the oldest
 go first, and one note in their place says how many. SIGTERM or SIGINT: the rest of the files
-is read, sent for at most a few seconds, and the shipper exits 0.
+is read, sent for at most FLUSH_SECONDS, and the shipper exits 0.
+
+With --state-file, how far each file has been sent is kept there, written only once CloudWatch
+has accepted those lines: a shipper started again (a reboot) goes on from there, so a line is
+sent again only if its batch was on its way at a crash, and none is lost. A file truncated or
+replaced in the meantime is read from its start.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
+import json
 import os
 import signal
 import socket
@@ -50,6 +57,7 @@ POLL_SECONDS = 0.2  # between looks at files with nothing new
 MAX_BACKOFF_SECONDS = 60.0
 FLUSH_SECONDS = 5.0  # at stop: the most time spent reading the rest and sending it
 FLUSH_RETRY_SECONDS = 0.5  # between tries while flushing
+HEAD_BYTES = 256  # a file's first bytes, hashed: which file an offset belongs to
 IDENTITY_WAIT_SECONDS = 60.0  # how long IMDS may take to say who this node is
 CALL_TIMEOUT_SECONDS = 5.0  # connect and read timeout of each CloudWatch call
 
@@ -63,9 +71,24 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class Mark(NamedTuple):
+    """How far one file has been read: the offset just after the last line made into an event,
+    in which file. The inode alone does not say: a file written again in place keeps it, and a
+    new one may get an old one; hence a hash of its first bytes too. Not the device: an NVMe
+    disk's number may change at a reboot (instance store disks enumerated first)."""
+
+    file: str  # the path as given
+    inode: int
+    head_size: int  # the first bytes hashed (fewer than HEAD_BYTES while the file was shorter)
+    head_sha256: str
+    offset: int
+    cut: bool  # inside a line already sent cut: what follows up to its newline is skipped
+
+
 class Event(NamedTuple):
     timestamp: int  # ms since the epoch
     message: str
+    mark: Mark | None = None  # where its file is read to once this event is sent
 
 
 def event_size(event: Event) -> int:
@@ -107,15 +130,52 @@ def drop_note(count: int) -> str:
 
 
 class Tail:
-    """One file, read from its beginning and followed as it grows, line by line. It may not
-    exist yet; one truncated or replaced (rotated) is read again from its start."""
+    """One file, read from its beginning (or from `resume`, a mark of this same file) and
+    followed as it grows, line by line. It may not exist yet; one truncated or replaced
+    (rotated) is read again from its start."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: Mark | None = None) -> None:
         self.path = path
         self.caught_up = True  # the last read reached the end of the file (or it has none)
+        self._key = str(path)  # its name in marks
+        self._resume = resume  # used at the first open only
         self._file: io.FileIO | None = None  # unbuffered: tell() is where reading goes on
         self._partial = b""  # the last line read, until its newline comes
         self._cut = False  # the partial line was already sent cut: skip to its newline
+        self._done = 0  # offset just after the last line made into a message (or skipped)
+        self._inode = 0
+        self._head = b""  # the file's first HEAD_BYTES, fewer while it is shorter
+        self._head_sha256 = hashlib.sha256(b"").hexdigest()
+
+    def mark(self) -> Mark:
+        """Where this file is read to: taken just after a message, the end of its line."""
+        head_size, sha = len(self._head), self._head_sha256
+        return Mark(self._key, self._inode, head_size, sha, self._done, self._cut)
+
+    def _read_head(self) -> None:
+        assert self._file is not None
+        self._head = os.pread(self._file.fileno(), HEAD_BYTES, 0)
+        self._head_sha256 = hashlib.sha256(self._head).hexdigest()  # once, not per line
+
+    def _start(self, offset: int = 0, cut: bool = False) -> None:
+        """Reading (again) from `offset` of the open file."""
+        assert self._file is not None
+        self._file.seek(offset)
+        self._done, self._cut, self._partial = offset, cut, b""
+        self._inode = os.fstat(self._file.fileno()).st_ino
+        self._read_head()
+
+    def _resumes(self, mark: Mark) -> bool:
+        """The open file is the one `mark` was taken of, and still holds its lines."""
+        assert self._file is not None
+        stat = os.fstat(self._file.fileno())
+        head = os.pread(self._file.fileno(), mark.head_size, 0)
+        return (
+            stat.st_ino == mark.inode
+            and stat.st_size >= mark.offset
+            and len(head) == mark.head_size
+            and hashlib.sha256(head).hexdigest() == mark.head_sha256
+        )
 
     def read(self) -> Iterator[str]:
         """Messages of the lines completed since the last call, at most READ_PER_ROUND bytes'
@@ -136,13 +196,20 @@ class Tail:
                 self._file = None
             elif stat.st_size < self._file.tell():
                 yield from self.flush()
-                self._file.seek(0)
+                self._start()
         if self._file is None and stat is not None:
             try:
                 self._file = open(self.path, "rb", buffering=0)
             except OSError:
                 return
+            resume, self._resume = self._resume, None
+            if resume is not None and self._resumes(resume):
+                self._start(resume.offset, resume.cut)
+            else:
+                self._start()
         if self._file is not None:
+            if len(self._head) < HEAD_BYTES:  # it was shorter: a stronger hash now
+                self._read_head()
             yield from self._read(READ_PER_ROUND)
 
     def _read(self, limit: int) -> Iterator[str]:
@@ -156,22 +223,29 @@ class Tail:
                 return
             done += len(chunk)
             *lines, self._partial = (self._partial + chunk).split(b"\n")
+            # The state is updated before each yield: mark() is taken while the caller holds
+            # the message.
             for line in lines:
-                if not self._cut:
+                skip, self._cut = self._cut, False
+                self._done += len(line) + 1
+                if not skip:
                     yield to_message(line.removesuffix(b"\r"))
-                self._cut = False
             if len(self._partial) > MAX_EVENT_BYTES:
                 # A line with no end in sight (a progress bar's \r): send it cut now.
-                if not self._cut:
-                    yield to_message(self._partial)
+                partial, skip = self._partial, self._cut
                 self._partial, self._cut = b"", True
+                self._done += len(partial)
+                if not skip:
+                    yield to_message(partial)
 
     def flush(self) -> Iterator[str]:
-        """The unfinished last line, as it is (at stop, or when the file starts over)."""
+        """The unfinished last line, as it is (at stop, or when the file starts over). Its
+        bytes count as read: what comes after them is a line of its own."""
         partial, self._partial = self._partial, b""
-        if partial and not self._cut:
+        skip, self._cut = self._cut, False
+        self._done += len(partial)
+        if partial and not skip:
             yield to_message(partial.removesuffix(b"\r"))
-        self._cut = False
 
 
 class Buffer:
@@ -199,11 +273,11 @@ class Buffer:
         with self._lock:
             return not self._events and not self.dropped
 
-    def add(self, message: str, timestamp: int | None = None) -> None:
+    def add(self, message: str, timestamp: int | None = None, mark: Mark | None = None) -> None:
         with self._lock:
             # PutLogEvents wants time order; the clock may step back (NTP).
             self._last_ms = max(now_ms() if timestamp is None else timestamp, self._last_ms)
-            self._events.append(Event(self._last_ms, message))
+            self._events.append(Event(self._last_ms, message, mark))
             if len(self._events) + self._in_flight - self._in_flight_dropped > self.limit:
                 if self._in_flight_dropped < self._in_flight:
                     self._in_flight_dropped += 1
@@ -240,6 +314,55 @@ class Buffer:
             self._in_flight = self._in_flight_dropped = self._note_in_flight = 0
 
 
+class Offsets:
+    """How far each file has been sent, in a small JSON file (None: nowhere). Written after
+    each batch CloudWatch accepted, to a temporary file renamed over the old one: a crash
+    leaves the old state or the new one, never half of one."""
+
+    def __init__(self, path: Path | None, log: Callable[[str], None] = log) -> None:
+        self.path = path
+        self.log = log
+        self.marks: dict[str, Mark] = {}
+        self._failed = False  # a write failed: said once
+
+    def load(self) -> dict[str, Mark]:
+        """The saved marks by file; none (every file read from its start) if there are none or
+        they cannot be read: lines sent twice rather than lost."""
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            files = json.loads(self.path.read_text())["files"]
+            self.marks = {file: Mark(file, **fields) for file, fields in files.items()}
+            for mark in self.marks.values():  # a wrong type would crash the reading later
+                if list(map(type, mark)) != [str, int, int, str, int, bool]:
+                    raise ValueError(f"not a mark: {mark}")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            self.log(f"cannot read {self.path} ({error!r}): every file is sent from its start")
+            self.marks = {}
+        return dict(self.marks)
+
+    def commit(self, batch: Iterable[Event]) -> None:
+        """The batch has been accepted: its files are sent up to its last line of each."""
+        latest = {event.mark.file: event.mark for event in batch if event.mark is not None}
+        if self.path is None or not latest:
+            return
+        self.marks.update(latest)
+        files = {file: mark._asdict() for file, mark in self.marks.items()}
+        for fields in files.values():
+            del fields["file"]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with temporary.open("w") as file:
+                json.dump({"files": files}, file)
+                file.flush()
+                os.fsync(file.fileno())  # else a power loss may leave the new name empty
+            os.replace(temporary, self.path)
+        except OSError as error:
+            if not self._failed:
+                self.log(f"cannot write {self.path} (said once): {error}")
+            self._failed = True
+
+
 def error_code(error: Exception) -> str | None:
     return error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
 
@@ -256,6 +379,7 @@ class Shipper:
         buffer: Buffer,
         interval: float = 5.0,
         log: Callable[[str], None] = log,
+        on_sent: Callable[[list[Event]], None] = lambda _batch: None,
     ) -> None:
         self.client = client
         self.group = group
@@ -263,6 +387,7 @@ class Shipper:
         self.buffer = buffer
         self.interval = interval
         self.log = log
+        self.on_sent = on_sent  # a batch CloudWatch accepted (or refused for good)
         self.failures = 0  # in a row
         self.rejected = False  # CloudWatch has rejected events for their time
 
@@ -311,6 +436,7 @@ class Shipper:
                 # Sending it again would fail again and hold up every line after it.
                 self.log(f"CloudWatch refused {len(batch)} lines, not sent: {error}")
                 self.buffer.done()
+                self.on_sent(batch)  # done with: after a restart it would fail again
                 return True
             self.buffer.put_back(batch)
             if not self.failures:
@@ -318,6 +444,7 @@ class Shipper:
             self.failures += 1
             return False
         self.buffer.done()
+        self.on_sent(batch)
         if self.failures:
             self.log(f"sending again after {self.failures} failed tries")
         self.failures = 0
@@ -383,7 +510,9 @@ def logs_client(region: str | None) -> Any:
     return boto3.client("logs", region_name=region, config=config)
 
 
-def ship(args: argparse.Namespace, buffer: Buffer, finishing: threading.Event) -> None:
+def ship(
+    args: argparse.Namespace, buffer: Buffer, offsets: Offsets, finishing: threading.Event
+) -> None:
     """The sending thread: who this node is, then send until finished."""
     try:
         stream, region = args.stream, args.region
@@ -394,7 +523,8 @@ def ship(args: argparse.Namespace, buffer: Buffer, finishing: threading.Event) -
         log(f"nothing will be sent: {error}")
         return
     log(f"sending {', '.join(args.file)} to {args.log_group}/{stream}")
-    Shipper(client, args.log_group, stream, buffer, args.interval).run(finishing)
+    shipper = Shipper(client, args.log_group, stream, buffer, args.interval, on_sent=offsets.commit)
+    shipper.run(finishing)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -420,6 +550,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=10_000,
         help="lines kept while CloudWatch cannot be reached; beyond it the oldest go",
     )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        help="where how far each file was sent is kept, to go on from there after a restart",
+    )
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error("--interval must be above 0")
@@ -434,26 +569,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
     buffer = Buffer(args.max_buffer)
+    offsets = Offsets(args.state_file)
+    saved = offsets.load()
+    tails = [Tail(Path(path), saved.get(str(Path(path)))) for path in args.file]
     finishing = threading.Event()
     # A daemon: a send stuck at stop cannot hold the exit up.
-    sender = threading.Thread(target=ship, args=(args, buffer, finishing), daemon=True)
+    sender = threading.Thread(target=ship, args=(args, buffer, offsets, finishing), daemon=True)
     sender.start()
-    tails = [Tail(Path(path)) for path in args.file]
     while not stop.is_set():
         for tail in tails:
             for message in tail.read():
-                buffer.add(message)
+                buffer.add(message, mark=tail.mark())
         if all(tail.caught_up for tail in tails):
             stop.wait(POLL_SECONDS)
     deadline = time.monotonic() + FLUSH_SECONDS
     for tail in tails:
         while time.monotonic() < deadline:
             for message in tail.read():
-                buffer.add(message)
+                buffer.add(message, mark=tail.mark())
             if tail.caught_up:
                 break
         for message in tail.flush():
-            buffer.add(message)
+            buffer.add(message, mark=tail.mark())
     finishing.set()
     sender.join(max(deadline - time.monotonic(), 0.1))
     if sender.is_alive():

@@ -1,4 +1,7 @@
-"""Records a boot phase for this node: `python -m userdata.report --phase-parameter P PHASE`."""
+"""Records a boot phase for this node: `python -m userdata.report --phase-parameter P PHASE`.
+
+A `failed: ...` phase also stops the cluster (the stop parameter), so that the other nodes do
+not wait for this one in the rendezvous."""
 
 from __future__ import annotations
 
@@ -6,15 +9,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from userdata.agent import aws_client, identify
+from userdata.agent import Records, aws_client, identify, log
+from userdata.cluster_control import ClusterControl
 from userdata.errors import AgentError
 from userdata.imds import Imds
 from userdata.phase import PhaseReporter
+
+FAILED_PREFIX = "failed: "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m userdata.report", description=__doc__)
     parser.add_argument("--phase-parameter", required=True, help="{rank} is filled in")
+    parser.add_argument("--members-parameter", default="")
+    parser.add_argument("--stop-parameter", default="")
     parser.add_argument("phase")
     args = parser.parse_args(argv)
     try:
@@ -22,8 +30,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as error:
         print(f"error: cannot record phase {args.phase!r}: {error}", file=sys.stderr)
         return 1
+    ssm = aws_client("ssm", identity.region, 5.0)
     parameter = args.phase_parameter.format(rank=identity.node_rank)
-    PhaseReporter(aws_client("ssm", identity.region, 5.0), parameter).record(args.phase)
+    records = Records(PhaseReporter(ssm, parameter, identity.instance_id))
+    if args.members_parameter and args.stop_parameter:
+        records.control = ClusterControl(
+            ssm,
+            args.members_parameter,
+            args.stop_parameter,
+            identity.node_rank,
+            identity.instance_id,
+            log,
+        )
+    if args.phase.startswith(FAILED_PREFIX):
+        records.fail(args.phase.removeprefix(FAILED_PREFIX))
+    else:
+        records.record(args.phase)
     return 0
 
 

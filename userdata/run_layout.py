@@ -7,6 +7,8 @@ import re
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 COMPLETE_MARKER = "fabric-run.json"  # written when the run has ended well
 PROGRESS_FILE = "progress.json"  # written by the script, shown by `make status`
+# A checkpoint whose name says its step (trainer/, examples/): the newest is restored first.
+CHECKPOINT_STEP = re.compile(r"step-(\d+)\.ckpt$")
 LOG_STREAM_PREFIX = "node-"  # each node's CloudWatch Logs stream: node-<rank>
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +12,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from userdata.artifacts import is_complete, split_s3_uri
-from userdata.run_layout import COMPLETE_MARKER
-
-_STEP = re.compile(r"step-(\d+)\.ckpt$")
-
+from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER
 
 KEEP_CHECKPOINTS = 2  # the newest, and the one before in case the newest is torn
 
@@ -82,7 +78,7 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
             if not relative or relative == COMPLETE_MARKER or not is_complete(run_dir / relative):
                 continue
             wanted[relative] = item["Key"]
-            if match := _STEP.search(relative):
+            if match := CHECKPOINT_STEP.search(relative):
                 checkpoints.append((int(match.group(1)), relative))
     for _, old in sorted(checkpoints)[:-KEEP_CHECKPOINTS]:
         del wanted[old]
