@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
+from rehearsal.throttling import Throttle, ThrottledMotoServer
 from stacks.config import parameter_prefix
 from userdata.imds import TAG_NODE_RANK
 
@@ -43,11 +44,18 @@ class EmulatedInstance:
     user_data: str
 
 
+# The rehearsal's own reads: it must not fail where the nodes would retry.
+CHECK_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10})
+
+
 class EmulatedAws:
-    def __init__(self, socket_path: Path) -> None:
+    """throttle_share: the share of SSM and CloudWatch Logs calls refused with
+    ThrottlingException, on both servers, as a busy account refuses them."""
+
+    def __init__(self, socket_path: Path, throttle_share: float = 0.0) -> None:
         self.socket_path = socket_path
-        self._tcp = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._unix = ThreadedMotoServer(ip_address=f"unix://{socket_path}", port=0, verbose=False)
+        self._tcp = ThrottledMotoServer("127.0.0.1", 0, throttle_share, seed=1)
+        self._unix = ThrottledMotoServer(f"unix://{socket_path}", 0, throttle_share, seed=2)
 
     def start(self) -> EmulatedAws:
         self._tcp.start()
@@ -63,7 +71,15 @@ class EmulatedAws:
         self.socket_path.unlink(missing_ok=True)
 
     def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.url, region_name=REGION, **CREDENTIALS)
+        return boto3.client(
+            service, endpoint_url=self.url, region_name=REGION, config=CHECK_CONFIG, **CREDENTIALS
+        )
+
+    @property
+    def node_throttle(self) -> Throttle:
+        """What the nodes' calls met (they reach the emulated AWS through the unix socket)."""
+        assert self._unix.throttle is not None
+        return self._unix.throttle
 
 
 def zip_directory(folder: Path) -> bytes:

@@ -18,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import ClassVar
 
+from userdata.spot import NOTICE_PATH
+
 MODES = ("ok", "no-token-api", "error", "html", "slow")
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TTL_SECONDS = 21600
@@ -32,13 +34,17 @@ class ImdsStub:
         mode: str = "ok",
         slow_seconds: float = 5.0,
         max_token_ttl: float | None = None,
+        notice_file: str | None = None,
     ) -> None:
+        """notice_file: once it exists, its text is the spot notice (spot/instance-action):
+        a rehearsal reclaims one node while the others train on."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.values = dict(values)
         self.mode = mode
         self.slow_seconds = slow_seconds
         self.max_token_ttl = max_token_ttl
+        self.notice_file = notice_file
         self.tokens: dict[str, float] = {}  # token -> time.monotonic() it expires at
         self.requests: list[tuple[str, str, bool]] = []  # method, path, had a valid token
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
@@ -120,6 +126,11 @@ class ImdsStub:
                     return
                 prefix = "/latest/meta-data/"
                 key = self.path[len(prefix) :] if self.path.startswith(prefix) else None
+                if key == NOTICE_PATH and stub.notice_file:
+                    try:
+                        stub.values[key] = open(stub.notice_file).read()
+                    except OSError:
+                        pass
                 if key is None or key not in stub.values:
                     self._send(404, "Not Found")
                     return
@@ -172,9 +183,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--values", required=True, help="JSON object: metadata path -> value")
     parser.add_argument("--max-token-ttl", type=float, help="seconds a token lives at most")
+    parser.add_argument("--notice-file", help="a spot notice, once this file exists")
     args = parser.parse_args()
     values = json.loads(args.values)
-    stub = ImdsStub(values, args.host, args.port, max_token_ttl=args.max_token_ttl).start()
+    stub = ImdsStub(
+        values,
+        args.host,
+        args.port,
+        max_token_ttl=args.max_token_ttl,
+        notice_file=args.notice_file,
+    ).start()
     print(stub.url, flush=True)
     threading.Event().wait()
 

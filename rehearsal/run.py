@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -56,6 +57,8 @@ from stacks.cluster_app import build_app, cdk_json_context, synthesize
 from stacks.cluster_stack import VPC_CIDR
 from stacks.config import PROJECT_DIR
 from stacks.project import load_project, pinned_version
+from userdata.phase import decode_phase
+from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER
 
 IMDS_PORT = 1338
 EXAMPLE_PROJECT = PROJECT_DIR / "trainer"
@@ -66,6 +69,9 @@ RUN_ID_VARIABLE = "FABRIC_REHEARSAL_ID"
 # Shorter than the local cluster's: what a process group leaves after it, the sweep for the
 # run's id stops, and a rehearsal keeps no checkpoint of an interrupted run.
 STOP_GRACE_SECONDS = 5.0
+# A quarter of SSM's answers a ThrottlingException: every node must still train and record
+# every phase (Parameter Store's throughput is shared by the whole account).
+DEFAULT_THROTTLE = 0.25
 STRAY_GRACE_SECONDS = 5.0
 T = TypeVar("T")
 
@@ -108,6 +114,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --project: this node's install fails (no package to be had); the others "
         "must stop within the bound and record why",
     )
+    parser.add_argument(
+        "--spot-node",
+        type=int,
+        help="this node gets a spot interruption notice once training has begun (EC2 tells "
+        "the reclaimed instance only): the run must stop as interrupted, never complete, and "
+        "a new cluster must resume it",
+    )
+    parser.add_argument(
+        "--throttle",
+        type=float,
+        default=DEFAULT_THROTTLE,
+        help="share of SSM and CloudWatch Logs calls the emulated AWS refuses with "
+        f"ThrottlingException, as a busy account does (default {DEFAULT_THROTTLE})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
         "--manifest",
@@ -128,6 +148,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--fail-node needs --project (a real install) and goes without --runs")
     if args.fail_node is not None and not 0 <= args.fail_node < args.num_nodes:
         parser.error(f"--fail-node must be from 0 to {args.num_nodes - 1}")
+    if args.spot_node is not None and not 0 <= args.spot_node < args.num_nodes:
+        parser.error(f"--spot-node must be from 0 to {args.num_nodes - 1}")
+    if args.spot_node is not None and (args.runs or args.fail_node is not None):
+        parser.error("--spot-node goes without --runs and --fail-node")
+    if not 0.0 <= args.throttle < 1.0:
+        parser.error("--throttle must be at least 0 and below 1")
     if not args.script_args and args.project is None:
         args.script_args = ["--epochs", "2", "--samples", "4096"]
     return args
@@ -328,6 +354,7 @@ def boot_nodes(
     main_node_delay: float = 0.0,
     fail_node: int | None = None,
 ) -> list[subprocess.Popen[bytes]]:
+    """Each node's IMDS stub serves a spot notice once spot_notice_file(folder, rank) exists."""
     # A node whose install must fail: no torch wheel where its install step looks for one.
     (folder / "no-wheels").mkdir(exist_ok=True)
     broken_install = {"FABRIC_TORCH_INDEX": str(folder / "no-wheels")}
@@ -359,6 +386,8 @@ def boot_nodes(
                 str(IMDS_PORT),
                 "--values",
                 json.dumps(values),
+                "--notice-file",
+                str(spot_notice_file(folder, node.rank)),
             ],
             env={**base_env, "PYTHONPATH": str(PROJECT_DIR)},
         )
@@ -410,13 +439,22 @@ def boot_nodes(
     return list(reversed(boots))
 
 
+def spot_notice_file(folder: Path, rank: int) -> Path:
+    return folder / f"spot-notice-{rank}.json"
+
+
 def wait_for_boots(
-    boots: list[subprocess.Popen[bytes]], timeout: float, expect_failure: bool = False
+    boots: list[subprocess.Popen[bytes]],
+    timeout: float,
+    expect_failure: bool = False,
+    on_tick: Callable[[], None] | None = None,
 ) -> list[float]:
     """When each node's user data ended (time.monotonic()); any failure is an error unless
-    one is expected."""
+    one is expected. on_tick: called while waiting (a scenario acting on a running cluster)."""
     deadline, ended = time.monotonic() + timeout, [0.0] * len(boots)
     while not all(ended):
+        if on_tick:
+            on_tick()
         for rank, boot in enumerate(boots):
             if not ended[rank] and boot.poll() is not None:
                 ended[rank] = time.monotonic()
@@ -439,12 +477,21 @@ def check_training(
     nodes: list[EmulatedInstance],
 ) -> dict[str, Any]:
     ssm, s3 = aws.client("ssm"), aws.client("s3")
-    phases = {
-        n.rank: ssm.get_parameter(Name=config.phase_parameter(n.rank))["Parameter"]["Value"]
-        for n in nodes
-    }
+    phases = {n.rank: phase_of(ssm, config, n) for n in nodes}
     if any(phase != "done" for phase in phases.values()):
         raise RehearsalError(f"not every node reported done: {phases}")
+    for node in nodes:
+        # Through a throttling AWS: every phase recorded, in order, by this instance.
+        recorded = phase_history(ssm, config, node)
+        expected = ["installing", "waiting-for-main", *(["restoring"] if node.rank == 0 else [])]
+        steps = [text for text in recorded if not text.startswith("training")]
+        if (
+            steps[: len(expected)] != expected
+            or recorded[-1] != "done"
+            or not any(text.startswith("training") for text in recorded)
+        ):
+            raise RehearsalError(f"node {node.rank} recorded the phases {recorded}")
+    check_socket_interfaces(folder, nodes)
     bucket, prefix = outputs["ArtifactsBucket"], f"{config.stack_name}/{outputs['RunName']}"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     checkpoints = [key for key in keys if key.endswith(".ckpt")]
@@ -463,6 +510,44 @@ def check_training(
         f"and the summary in s3://{bucket}/{prefix}/"
     )
     return summary
+
+
+def phase_of(ssm: Any, config: Any, node: EmulatedInstance) -> str:
+    """The node's phase as the console reads it: written by this instance (or the stack)."""
+    value = ssm.get_parameter(Name=config.phase_parameter(node.rank))["Parameter"]["Value"]
+    phase = decode_phase(value)
+    if phase.instance not in (None, node.instance_id):
+        raise RehearsalError(f"node {node.rank}'s phase was written by {phase.instance}")
+    return phase.text
+
+
+def phase_history(ssm: Any, config: Any, node: EmulatedInstance) -> list[str]:
+    """Every phase the node's instance recorded, oldest first."""
+    recorded = []
+    pages = ssm.get_paginator("get_parameter_history").paginate(
+        Name=config.phase_parameter(node.rank)
+    )
+    for page in pages:
+        for version in page["Parameters"]:
+            phase = decode_phase(version["Value"])
+            if phase.instance == node.instance_id:
+                recorded.append(phase.text)
+    return recorded
+
+
+INTERFACE_LINE = re.compile(r"network: gloo and NCCL bind (\S+) to reach the main node (\S+)")
+
+
+def check_socket_interfaces(folder: Path, nodes: list[EmulatedInstance]) -> None:
+    """No node binds gloo/NCCL to lo: on node 0 the main address is its own, which Linux routes
+    through lo, and NCCL would advertise 127.0.0.1 to every other node."""
+    for node in nodes:
+        found = INTERFACE_LINE.findall((folder / f"node-{node.rank}" / "console.log").read_text())
+        if not found:
+            raise RehearsalError(f"node {node.rank} did not say which interface it binds")
+        if any(interface == "lo" for interface, _ in found):
+            raise RehearsalError(f"node {node.rank} binds gloo/NCCL to lo: {found}")
+    log("no node binds gloo/NCCL to lo (node 0 binds the interface that holds its address)")
 
 
 def run_environment(folder: Path, run_id: str) -> dict[str, str]:
@@ -559,7 +644,7 @@ class Rehearsal:
     ) -> None:
         self.args, self.folder, self.phases, self.run_id = args, folder, phases, run_id
         self.manifest = manifest
-        self.aws = EmulatedAws(folder / "aws.sock").start()
+        self.aws = EmulatedAws(folder / "aws.sock", args.throttle).start()
         # From the run's id: two runs at once never share a name; short, as interface names are.
         self.network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
         self.processes = NodeProcesses()
@@ -567,8 +652,9 @@ class Rehearsal:
         self.deploys = 0
         self.ended: list[float] = []  # when each node's user data ended, last deploy
 
-    def deploy(self, what: str, **overrides: str) -> Deployment:
-        """Synth with these settings, deploy, boot every node and wait for them to end."""
+    def deploy(self, what: str, spot_node: int | None = None, **overrides: str) -> Deployment:
+        """Synth with these settings, deploy, boot every node and wait for them to end;
+        spot_node gets a spot notice once node 0 has trained its first step."""
         self.deploys += 1
         folder = self.folder / f"deploy-{self.deploys}"
         folder.mkdir()
@@ -615,10 +701,14 @@ class Rehearsal:
                 self.args.fail_node,
             ),
         )
+        on_tick = None if spot_node is None else notice_once_training(folder, spot_node)
         self.ended = phases.run(
             "train (boot to done)",
-            lambda: wait_for_boots(boots, self.args.timeout, self.args.fail_node is not None),
+            lambda: wait_for_boots(
+                boots, self.args.timeout, self.args.fail_node is not None, on_tick
+            ),
         )
+        log(f"the nodes met an AWS that throttles: {aws.node_throttle.describe()}")
         return Deployment(folder, config, outputs, nodes)
 
     def destroy(self, deployment: Deployment) -> None:
@@ -658,7 +748,12 @@ def rehearse(
     rehearsal = Rehearsal(args, folder, phases, run_id, manifest)
     try:
         rehearsal.installs = phases.run("install the project here", lambda: install_here(args))
-        first = rehearsal.deploy("the settings given")
+        first = rehearsal.deploy("the settings given", spot_node=args.spot_node)
+        if args.spot_node is not None:
+            phases.run("check the interruption", lambda: check_interrupted(rehearsal, first))
+            rehearsal.destroy(first)
+            check_resumed(rehearsal, first)
+            return
         if args.fail_node is not None:
             phases.run("check the failure", lambda: check_failed_node(rehearsal, first))
             rehearsal.destroy(first)
@@ -691,12 +786,7 @@ def check_failed_node(rehearsal: Rehearsal, deployment: Deployment) -> None:
     """One node's install fails: it records the installer's message; every other node stops
     its fabric run within the bound, records why, and would power off."""
     failed, ssm = rehearsal.args.fail_node, rehearsal.aws.client("ssm")
-    phases = {
-        node.rank: ssm.get_parameter(Name=deployment.config.phase_parameter(node.rank))[
-            "Parameter"
-        ]["Value"]
-        for node in deployment.nodes
-    }
+    phases = {node.rank: phase_of(ssm, deployment.config, node) for node in deployment.nodes}
     if not phases[failed].startswith("failed: install: "):
         raise RehearsalError(f"node {failed} recorded {phases[failed]!r}, not an install failure")
     cause = f"failed: node {failed} failed ({phases[failed].removeprefix('failed: ')})"
@@ -717,6 +807,79 @@ def check_failed_node(rehearsal: Rehearsal, deployment: Deployment) -> None:
         f"node {failed}'s install failed ({phases[failed][:80]}...); every other node stopped "
         f"within {slowest:.0f} s and recorded it"
     )
+
+
+SPOT_NOTICE = '{"action": "terminate", "time": "2026-11-29T21:00:00Z"}'
+
+
+def notice_once_training(folder: Path, rank: int) -> Callable[[], None]:
+    """EC2 tells the reclaimed instance only: node `rank`'s IMDS serves the notice once node 0
+    has trained a step."""
+
+    def tick() -> None:
+        notice = spot_notice_file(folder, rank)
+        main_console = folder / "node-0" / "console.log"
+        if notice.exists() or not main_console.exists():
+            return
+        if "first step done" in main_console.read_text(errors="replace"):
+            notice.write_text(SPOT_NOTICE)
+            log(f"spot interruption notice to node {rank} (to it alone, as EC2 sends it)")
+
+    return tick
+
+
+def check_interrupted(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    """The reclaimed node says so; every other node, node 0 included, says the cluster was
+    interrupted (never done); the newest checkpoint is in S3 and the run is not complete."""
+    spot, ssm, s3 = (
+        rehearsal.args.spot_node,
+        rehearsal.aws.client("ssm"),
+        rehearsal.aws.client("s3"),
+    )
+    config, outputs = deployment.config, deployment.outputs
+    if not spot_notice_file(deployment.folder, spot).exists():
+        raise RehearsalError("training ended before the spot notice: train longer")
+    cause = f"node {spot} interrupted (spot instance-action {SPOT_NOTICE})"
+    for node in deployment.nodes:
+        phase = phase_of(ssm, config, node)
+        expected = f"interrupted: spot instance-action {SPOT_NOTICE}"
+        if node.rank != spot:
+            expected = f"interrupted: {cause}"
+        if not phase.startswith(expected):
+            raise RehearsalError(f"node {node.rank} recorded {phase!r}, not {expected!r}")
+        if node.rank == 0 and ("; newest checkpoint " not in phase or " NOT in S3" in phase):
+            raise RehearsalError(f"node 0 did not upload the newest checkpoint: {phase!r}")
+        if config.stop_when_done and "would stop now" not in agent_output(deployment, node.rank):
+            raise RehearsalError(f"node {node.rank} did not record its final stop")
+    bucket, prefix = outputs["ArtifactsBucket"], f"{config.stack_name}/{outputs['RunName']}/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    names = {key.removeprefix(prefix) for key in keys}
+    if COMPLETE_MARKER in names or "summary.json" in names:
+        raise RehearsalError(f"an interrupted run was marked complete: {sorted(names)}")
+    if not any(CHECKPOINT_STEP.search(name) for name in names):
+        raise RehearsalError(f"no checkpoint of the interrupted run in S3: {sorted(names)}")
+    check_socket_interfaces(deployment.folder, deployment.nodes)
+    log(f"a notice on node {spot} interrupted every node; no node said done; checkpoint in S3")
+
+
+def check_resumed(rehearsal: Rehearsal, first: Deployment) -> None:
+    """The interrupted run goes on with a new cluster, from its checkpoint in S3, to the end."""
+    run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
+    second = rehearsal.deploy(f"run {run} again on a new cluster", run=run, artifacts_bucket=bucket)
+    resumed = re.search(r"training \(resumed from step (\d+)\)", agent_output(second, 0))
+    if not resumed or int(resumed.group(1)) == 0:
+        raise RehearsalError("node 0 of the new cluster did not resume the interrupted run")
+    summary = rehearsal.phases.run(
+        "check phases and artifacts",
+        lambda: check_training(
+            rehearsal.aws, second.config, second.outputs, second.folder, second.nodes
+        ),
+    )
+    log(
+        f"a new cluster resumed the interrupted run from step {resumed.group(1)} "
+        f"to {summary['steps']}"
+    )
+    rehearsal.destroy(second)
 
 
 def console(rehearsal: Rehearsal, *command: str) -> subprocess.CompletedProcess[str]:
@@ -811,9 +974,9 @@ def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any])
     third = rehearsal.deploy(f"run {run} once more, the same: complete", **again)
     ssm = rehearsal.aws.client("ssm")
     for node in third.nodes:
-        phase = ssm.get_parameter(Name=third.config.phase_parameter(node.rank))["Parameter"]
-        if not phase["Value"].startswith(f"done: run {run} already complete"):
-            raise RehearsalError(f"node {node.rank}: {phase['Value']!r}, not 'already complete'")
+        phase = phase_of(ssm, third.config, node)
+        if not phase.startswith(f"done: run {run} already complete"):
+            raise RehearsalError(f"node {node.rank}: {phase!r}, not 'already complete'")
         if "running: " in agent_output(third, node.rank):
             raise RehearsalError(f"node {node.rank} trained a complete run again")
     log(f"run {run} again: every node says it is complete, and nothing trained")

@@ -150,6 +150,8 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     assert f"world size {nodes * devices};" in out
     assert "the same result as the local cluster, bit for bit" in out
     assert "after destroy only the artifacts bucket remains" in out
+    assert "no node binds gloo/NCCL to lo" in out  # node 0 binds its own address's interface
+    assert "answered ThrottlingException" in out  # and every phase was recorded all the same
     for rank in range(nodes):
         assert f"[node {rank}] [fabric-agent] phase: done" in out
         assert f"[node {rank}] [fabric-agent] would stop now" in out
@@ -275,4 +277,32 @@ def test_a_node_whose_install_fails_stops_the_others_at_once(tmp_path: Path) -> 
     assert "[node 0] [fabric-agent] phase: failed: node 1 failed (install: torch: " in out
     assert "[node 0] [fabric-agent] would stop now" in out
     assert "after destroy only the artifacts bucket remains" in out
+    assert leftovers(manifest) == {}
+
+
+def test_a_spot_notice_on_node_1_interrupts_the_run_and_a_new_cluster_resumes_it(
+    tmp_path: Path,
+) -> None:
+    """EC2 sends the notice to the reclaimed instance only. Every node, node 0 included, records
+    the run as interrupted (never done), the newest checkpoint reaches S3 first, the run is not
+    marked complete, and a new cluster resumes it; through an AWS that throttles SSM."""
+    assert REASON is None, REASON
+    command, env, manifest = rehearsal(
+        tmp_path,
+        *("--num-nodes", "2", "--devices-per-node", "1", "--spot-node", "1"),
+        *("--", "--epochs", "1", "--samples", "40000", "--batch-size", "16", "--hidden", "32"),
+        *("--log-every", "1"),
+    )
+    result = subprocess.run(
+        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    assert "spot interruption notice to node 1 (to it alone, as EC2 sends it)" in out
+    assert "a notice on node 1 interrupted every node; no node said done; checkpoint in S3" in out
+    assert "[node 0] [fabric-agent] phase: interrupted: node 1 interrupted (spot " in out
+    assert "a new cluster resumed the interrupted run from step " in out
+    assert "no node binds gloo/NCCL to lo" in out
+    throttled = re.findall(r"the nodes met an AWS that throttles: (\d+) of (\d+) ", out)
+    assert throttled and all(int(refused) > 0 for refused, _ in throttled), throttled
     assert leftovers(manifest) == {}
