@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from stacks.config import members_parameter, stop_parameter
 from userdata.cluster_control import NO_STOP, ClusterControl, Stop, StopWatch
+from userdata.errors import AgentError
+from userdata.main_address import wait_for_main_address
 from userdata.phase import Phase, PhaseReporter, decode_phase, encode_phase
 
 
@@ -98,3 +101,58 @@ def test_a_replaced_nodes_reporter_goes_quiet(ssm: Any) -> None:
     reporter.silenced = "another instance holds this rank now (a redeploy)"
     reporter.record("failed: stopped")
     assert decode_phase(ssm.get_parameter(Name=name)["Parameter"]["Value"]).text == "training"
+
+
+class ThrottledSsm:
+    """Throttles the first `refusals` looks, then has the main address (and the members)."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.looks = 0
+
+    def get_parameters(self, Names: list[str]) -> dict[str, Any]:  # boto3's parameter name
+        self.looks += 1
+        if self.looks <= self.refusals:
+            raise ClientError(
+                {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}},
+                "GetParameters",
+            )
+        values = {"/main": "10.42.0.4", "/members": "i-a,i-b"}
+        return {"Parameters": [{"Name": n, "Value": values[n]} for n in Names]}
+
+
+def test_throttling_while_waiting_for_the_main_node_only_delays_it() -> None:
+    """A ThrottlingException that outlasts botocore's retries is one more look, not a failed
+    node (which would stop every node of the cluster)."""
+    ssm, waited = ThrottledSsm(refusals=5), []
+    address = wait_for_main_address(
+        ssm,
+        "/main",
+        300.0,
+        members_parameter="/members",
+        instance="i-b",
+        rank=1,
+        log=lambda _: None,
+        clock=lambda: sum(waited),
+        sleep=waited.append,
+    )
+    assert address == "10.42.0.4" and ssm.looks == 6
+    assert all(0 < wait <= 10.0 for wait in waited)
+
+
+def test_a_node_not_yet_among_the_members_waits_for_cloudformation() -> None:
+    """A redeploy's new node boots before CloudFormation has written the new members (and the
+    new node 0's address): it waits, and past the bound says it belongs to another deploy."""
+    ssm, waited = ThrottledSsm(refusals=0), []
+    with pytest.raises(AgentError, match="i-new is not yet among /members after 60 s"):
+        wait_for_main_address(
+            ssm,
+            "/main",
+            60.0,
+            members_parameter="/members",
+            instance="i-new",
+            rank=1,
+            log=lambda _: None,
+            clock=lambda: sum(waited),
+            sleep=waited.append,
+        )
