@@ -18,7 +18,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from rehearsal.throttling import Throttle, ThrottledMotoServer
+from rehearsal.throttling import Throttle, ThrottledMotoServer, random_share
 from stacks.config import parameter_prefix
 from userdata.imds import TAG_NODE_RANK
 
@@ -54,8 +54,10 @@ class EmulatedAws:
 
     def __init__(self, socket_path: Path, throttle_share: float = 0.0) -> None:
         self.socket_path = socket_path
-        self._tcp = ThrottledMotoServer("127.0.0.1", 0, throttle_share, seed=1)
-        self._unix = ThrottledMotoServer(f"unix://{socket_path}", 0, throttle_share, seed=2)
+        self._tcp = ThrottledMotoServer("127.0.0.1", 0, random_share(throttle_share, seed=1))
+        self._unix = ThrottledMotoServer(
+            f"unix://{socket_path}", 0, random_share(throttle_share, seed=2)
+        )
 
     def start(self) -> EmulatedAws:
         self._tcp.start()
@@ -78,7 +80,6 @@ class EmulatedAws:
     @property
     def node_throttle(self) -> Throttle:
         """What the nodes' calls met (they reach the emulated AWS through the unix socket)."""
-        assert self._unix.throttle is not None
         return self._unix.throttle
 
 
@@ -139,9 +140,25 @@ def deploy(aws: EmulatedAws, template_path: Path, stack_name: str) -> dict[str, 
     return {output["OutputKey"]: output["OutputValue"] for output in stack.get("Outputs", [])}
 
 
+def launch_template_user_data(aws: EmulatedAws, stack_name: str) -> str:
+    """The user data of the stack's launch template. EC2 gives an instance its template's user
+    data; moto's CloudFormation ignores an instance's LaunchTemplate, so the rehearsal does."""
+    resources = aws.client("cloudformation").list_stack_resources(StackName=stack_name)
+    (template_id,) = [
+        r["PhysicalResourceId"]
+        for r in resources["StackResourceSummaries"]
+        if r["ResourceType"] == "AWS::EC2::LaunchTemplate"
+    ]
+    versions = aws.client("ec2").describe_launch_template_versions(
+        LaunchTemplateId=template_id, Versions=["$Latest"]
+    )["LaunchTemplateVersions"]
+    return base64.b64decode(versions[0]["LaunchTemplateData"]["UserData"]).decode()
+
+
 def stack_instances(aws: EmulatedAws, stack_name: str) -> list[EmulatedInstance]:
     ec2 = aws.client("ec2")
     found = []
+    template_user_data: str | None = None
     reservations = ec2.describe_instances(
         Filters=[
             {"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]},
@@ -151,16 +168,18 @@ def stack_instances(aws: EmulatedAws, stack_name: str) -> list[EmulatedInstance]
     for reservation in reservations:
         for instance in reservation["Instances"]:
             tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
-            user_data = ec2.describe_instance_attribute(
+            own = ec2.describe_instance_attribute(
                 InstanceId=instance["InstanceId"], Attribute="userData"
-            )["UserData"]["Value"]
+            )["UserData"].get("Value")
+            if not own and template_user_data is None:
+                template_user_data = launch_template_user_data(aws, stack_name)
             found.append(
                 EmulatedInstance(
                     rank=int(tags[TAG_NODE_RANK]),
                     instance_id=instance["InstanceId"],
                     private_ip=instance["PrivateIpAddress"],
                     tags=tags,
-                    user_data=base64.b64decode(user_data).decode(),
+                    user_data=base64.b64decode(own).decode() if own else template_user_data or "",
                 )
             )
     return sorted(found, key=lambda node: node.rank)

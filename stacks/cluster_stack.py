@@ -347,7 +347,9 @@ class ClusterStack(cdk.Stack):
             else None
         )
         image = self._machine_image()
-        template = self._launch_template() if config.spot or config.efa else None
+        # The user data once, in the launch template every node starts from: inlined per node,
+        # 64 nodes' copies alone would pass CloudFormation's 1 MB template limit.
+        template = self._launch_template(user_data)
         # A one-time spot instance cannot be stopped: powering off terminates it.
         shutdown = (
             ec2.InstanceInitiatedShutdownBehavior.TERMINATE
@@ -368,6 +370,8 @@ class ClusterStack(cdk.Stack):
                 user_data=user_data,
                 # EC2 runs user data only at an instance's first boot: a node whose user data
                 # changes (payload, settings) must be a new instance, or it runs the old code.
+                # The logical id carries the user data's hash; the template's new version
+                # (LaunchTemplate is create-only) replaces the instance as well.
                 user_data_causes_replacement=True,
                 key_pair=key_pair,
                 placement_group=placement_group,
@@ -388,11 +392,11 @@ class ClusterStack(cdk.Stack):
             )
             cdk.Tags.of(node).add(TAG_NODE_RANK, str(rank))
             cdk.Tags.of(node).add(TAG_NUM_NODES, str(config.num_nodes))
-            if template:
-                node.instance.launch_template = ec2.CfnInstance.LaunchTemplateSpecificationProperty(
-                    launch_template_id=template.launch_template_id,
-                    version=template.latest_version_number,
-                )
+            node.instance.add_property_deletion_override("UserData")  # the template's
+            node.instance.launch_template = ec2.CfnInstance.LaunchTemplateSpecificationProperty(
+                launch_template_id=template.launch_template_id,
+                version=template.latest_version_number,
+            )
             if config.efa:  # the template's EFA interface carries the subnet and the group
                 node.instance.add_property_deletion_override("SubnetId")
                 node.instance.add_property_deletion_override("SecurityGroupIds")
@@ -440,13 +444,14 @@ class ClusterStack(cdk.Stack):
     def ami_parameter(self) -> str:
         return GPU_AMI_PARAMETER if self.config.accelerator == "gpu" else UBUNTU_AMI_PARAMETER
 
-    def _launch_template(self) -> ec2.LaunchTemplate:
-        """What AWS::EC2::Instance takes only through a launch template: one-time spot
-        requests and EFA interfaces."""
+    def _launch_template(self, user_data: ec2.UserData) -> ec2.LaunchTemplate:
+        """The nodes' user data (once for all), and what AWS::EC2::Instance takes only through
+        a launch template: one-time spot requests and EFA interfaces."""
         config = self.config
         template = ec2.LaunchTemplate(
             self,
             "NodeTemplate",
+            user_data=user_data,
             spot_options=ec2.LaunchTemplateSpotOptions(
                 request_type=ec2.SpotRequestType.ONE_TIME,
                 interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,

@@ -43,6 +43,11 @@ class Synth:
 
         return sorted(self.resources("AWS::EC2::Instance").values(), key=rank)
 
+    def launch_template(self) -> dict[str, Any]:
+        """The one launch template every node starts from (it carries the user data)."""
+        (template,) = self.resources("AWS::EC2::LaunchTemplate").values()
+        return template
+
     def violations(self, plugin: str) -> list[dict[str, Any]]:
         return [
             violation
@@ -64,8 +69,11 @@ def join_text(value: Any, placeholder: str = "PLACEHOLDER") -> str:
     return placeholder
 
 
-def user_data_text(instance: dict[str, Any], placeholder: str = "PLACEHOLDER") -> str:
-    return join_text(instance["Properties"]["UserData"], placeholder)
+def user_data_text(resource: dict[str, Any], placeholder: str = "PLACEHOLDER") -> str:
+    """The user data of an instance, or of the launch template that carries it for all."""
+    properties = resource["Properties"]
+    user_data = properties.get("UserData") or properties["LaunchTemplateData"]["UserData"]
+    return join_text(user_data, placeholder)
 
 
 def checkov(template: Path) -> dict[str, Any]:

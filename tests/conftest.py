@@ -10,7 +10,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from rehearsal.throttling import ThrottledMotoServer
+from rehearsal.throttling import ThrottledMotoServer, random_share
 
 REGION = "us-east-1"
 FAKE_CREDENTIALS = {
@@ -47,7 +47,7 @@ THROTTLED_SHARE = 0.25
 
 @pytest.fixture(scope="session")
 def throttled_moto() -> Iterator[ThrottledMotoServer]:
-    server = ThrottledMotoServer("127.0.0.1", 0, THROTTLED_SHARE, seed=19)
+    server = ThrottledMotoServer("127.0.0.1", 0, random_share(THROTTLED_SHARE, seed=19))
     server.start()
     yield server
     server.stop()

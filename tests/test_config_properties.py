@@ -141,6 +141,6 @@ def test_a_sample_of_accepted_values_synthesizes(overrides: dict[str, Any]) -> N
         synth = Synth(Path(outdir), **overrides)
         nodes = synth.instances_by_rank()
         assert len(nodes) == overrides.get("num_nodes", 2)
-        text = user_data_text(nodes[0], placeholder="x" * LONGEST_RESOLVED_VALUE)
+        text = user_data_text(synth.launch_template(), placeholder="x" * LONGEST_RESOLVED_VALUE)
         assert len(text.encode()) <= EC2_USER_DATA_LIMIT
         assert synth.violations("AwsSolutions") == []

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,12 +28,6 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from botocore.retries.bucket import TokenBucket
 from botocore.retries.standard import ExponentialBackoff
 from click.testing import CliRunner
-from moto.moto_server.werkzeug_app import (
-    DomainDispatcherApplication,
-    MotoRequestHandler,
-    create_backend_app,
-)
-from werkzeug.serving import make_server
 
 import console.__main__ as console_main
 import console.results as console_results
@@ -53,6 +46,7 @@ from console.status import (
     judge,
     watch,
 )
+from rehearsal.throttling import Throttle, ThrottledMotoServer, every
 from tests.conftest import REGION, moto_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -601,55 +595,6 @@ def test_more_one_line_errors(endpoint: str, tmp_path: Path) -> None:
 # --- throttling -----------------------------------------------------------------------------
 
 
-def throttle_answer(service: str, json_protocol: bool) -> tuple[str, list[tuple[str, str]], bytes]:
-    """What AWS answers a throttled call, in each protocol the console's services speak."""
-    if json_protocol:  # SSM, CloudWatch Logs
-        body = b'{"__type":"ThrottlingException","message":"Rate exceeded"}'
-        return "400 Bad Request", [("Content-Type", "application/x-amz-json-1.1")], body
-    if service == "s3":
-        body = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
-        return "503 Slow Down", [("Content-Type", "application/xml")], body
-    if service == "ec2":
-        body = (
-            b"<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit "
-            b"exceeded.</Message></Error></Errors><RequestID>r</RequestID></Response>"
-        )
-        return "503 Service Unavailable", [("Content-Type", "text/xml")], body
-    body = (  # CloudFormation (query protocol)
-        b"<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded"
-        b"</Message></Error><RequestId>r</RequestId></ErrorResponse>"
-    )
-    return "400 Bad Request", [("Content-Type", "text/xml")], body
-
-
-class Throttling:
-    """A WSGI front for moto (same process, same emulated account): of every `period` calls to
-    a service in `rules`, the first `throttled` get AWS's throttling answer."""
-
-    CREDENTIAL = re.compile(r"Credential=[^/]+/\d+/[^/]+/([^/]+)/")
-
-    def __init__(self, app, rules: dict[str, tuple[int, int]]) -> None:
-        self.app, self.rules = app, rules
-        self.calls: dict[str, int] = {}
-        self.throttled: dict[str, int] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        match = self.CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        service = match.group(1) if match else "?"
-        throttled, period = self.rules.get(service, (0, 1))
-        with self.lock:
-            count = self.calls.get(service, 0)
-            self.calls[service] = count + 1
-            if count % period < throttled:
-                self.throttled[service] = self.throttled.get(service, 0) + 1
-            else:
-                return self.app(environ, start_response)
-        status, headers, body = throttle_answer(service, "HTTP_X_AMZ_TARGET" in environ)
-        start_response(status, [*headers, ("Content-Length", str(len(body)))])
-        return [body]
-
-
 @pytest.fixture
 def throttling(endpoint: str, monkeypatch: pytest.MonkeyPatch):
     """Starts a throttling front and points the console at it. botocore's own waits (the
@@ -657,21 +602,20 @@ def throttling(endpoint: str, monkeypatch: pytest.MonkeyPatch):
     how many attempts are made, and what the user sees."""
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
     monkeypatch.setattr(TokenBucket, "acquire", lambda self, amount=1, block=True: True)
-    servers = []
+    servers: list[ThrottledMotoServer] = []
 
-    def start(rules: dict[str, tuple[int, int]]) -> Throttling:
-        front = Throttling(DomainDispatcherApplication(create_backend_app), rules)
-        server = make_server(
-            "127.0.0.1", 0, front, threaded=True, request_handler=MotoRequestHandler
-        )
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    def start(rules: dict[str, tuple[int, int]]) -> Throttle:
+        """Of every `period` calls to a service in `rules`, the first `refused` are throttled
+        (rules: {service: (refused, period)}), with the service's own throttling answer."""
+        server = ThrottledMotoServer("127.0.0.1", 0, every(rules))
+        server.start()
         servers.append(server)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
-        return front
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.get_host_and_port()[1]}")
+        return server.throttle
 
     yield start
     for server in servers:
-        server.shutdown()
+        server.stop()
 
 
 def test_status_survives_throttling(throttling) -> None:

@@ -267,7 +267,7 @@ def test_synth_ships_the_project_and_the_agent_and_nothing_else(
 
 def test_synth_runs_the_script_in_the_project_folder(project_synth: tuple[Synth, Path]) -> None:
     synth, _ = project_synth
-    user_data = user_data_text(synth.instances_by_rank()[0])
+    user_data = user_data_text(synth.launch_template())
     assert "readonly SCRIPT=src/main.py" in user_data
     assert "PROJECT=$PAYLOAD_DIR/project" in user_data
     assert '--workdir "$PROJECT"' in user_data and '--project "$PROJECT"' in user_data

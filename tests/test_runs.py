@@ -129,7 +129,7 @@ def test_the_stack_names_its_run_and_its_log_group(synth: Synth) -> None:
     assert group["Properties"]["RetentionInDays"] == 14
     assert group["DeletionPolicy"] == "Retain" and "LogGroupName" not in group["Properties"]
     assert outputs["LogGroup"]["Value"] == {"Ref": logical_id}
-    user_data = json.dumps(synth.instances_by_rank()[0]["Properties"]["UserData"])
+    user_data = json.dumps(synth.launch_template()["Properties"]["LaunchTemplateData"]["UserData"])
     assert "readonly RUN_NAME=" + outputs["RunName"]["Value"] in user_data
     assert "readonly LOG_GROUP=" in user_data
 
@@ -177,7 +177,7 @@ def test_a_kept_bucket_carries_runs_over_to_a_new_stack(tmp_path: Path) -> None:
     )
     policies = json.dumps(synth.resources("AWS::IAM::Policy"))
     assert ":s3:::fabriccluster-artifacts-kept/*" in policies
-    user_data = json.dumps(synth.instances_by_rank()[0]["Properties"]["UserData"])
+    user_data = json.dumps(synth.launch_template()["Properties"]["LaunchTemplateData"]["UserData"])
     assert "readonly ARTIFACTS_BUCKET=fabriccluster-artifacts-kept" in user_data
     with pytest.raises(ConfigError, match=r"invalid setting artifacts_bucket='Bad_Bucket'"):
         config(artifacts_bucket="Bad_Bucket")

@@ -56,7 +56,7 @@ def test_gpu_nodes_use_the_deep_learning_ami_in_a_placement_group(synth: Synth) 
 
 
 def test_devices_auto_is_the_gpu_count(synth: Synth) -> None:
-    text = user_data_text(synth.instances_by_rank()[0])
+    text = user_data_text(synth.launch_template())
     expected = {"g5-12xlarge-auto": 4, "p4d-efa-spot": 8}[case(synth)]
     assert f"readonly DEVICES_PER_NODE={expected}\n" in text
     assert "readonly ACCELERATOR=gpu\n" in text
@@ -102,7 +102,9 @@ def test_efa_interfaces_and_all_traffic_within_the_group(synth: Synth) -> None:
             assert "SubnetId" not in props and "SecurityGroupIds" not in props
     else:
         assert rules[0]["IpProtocol"] == "tcp"
-        assert templates == {}
+        # The one launch template (it carries the user data) has no EFA interface.
+        ((_, template),) = templates.items()
+        assert "NetworkInterfaces" not in template["Properties"]["LaunchTemplateData"]
         assert synth.resources("AWS::EC2::SecurityGroupEgress") == {}
 
 

@@ -140,11 +140,16 @@ def test_rank_tags_are_zero_to_n_minus_one(synth: Synth) -> None:
 
 
 def test_user_data_is_identical_on_every_node(synth: Synth) -> None:
-    user_data = [
-        json.dumps(n["Properties"]["UserData"], sort_keys=True) for n in synth.instances_by_rank()
-    ]
-    assert len(set(user_data)) == 1
-    assert user_data_text(synth.instances_by_rank()[0]).startswith("#!/bin/bash\n")
+    """Rendered once, in the launch template every node starts from (inlined per node, 64
+    copies would pass CloudFormation's 1 MB template limit)."""
+    ((template_id, _),) = synth.resources("AWS::EC2::LaunchTemplate").items()
+    for node in synth.instances_by_rank():
+        assert "UserData" not in node["Properties"]
+        assert node["Properties"]["LaunchTemplate"] == {
+            "LaunchTemplateId": {"Ref": template_id},
+            "Version": {"Fn::GetAtt": [template_id, "LatestVersionNumber"]},
+        }
+    assert user_data_text(synth.launch_template()).startswith("#!/bin/bash\n")
 
 
 def test_placement_group_only_where_supported(synth: Synth) -> None:
@@ -301,7 +306,7 @@ def test_payload_is_an_s3_asset_with_the_project_and_the_agent(synth: Synth) -> 
     assert (folder / "userdata" / "agent.py").is_file()
     assert (folder / "userdata" / "requirements-node.txt").is_file()
     assert sorted(p.name for p in folder.iterdir()) == ["project", "userdata"]
-    text = user_data_text(synth.instances_by_rank()[0])
+    text = user_data_text(synth.launch_template())
     assert ".zip" in text and "PAYLOAD_URL=" in text
 
 
@@ -358,7 +363,7 @@ def test_artifacts_bucket_keeps_versions_for_a_bounded_time(synth: Synth) -> Non
 
 def test_boot_script_passes_shellcheck(synth: Synth, tmp_path: Path) -> None:
     script = tmp_path / "user-data.sh"
-    script.write_text(user_data_text(synth.instances_by_rank()[0]))
+    script.write_text(user_data_text(synth.launch_template()))
     result = subprocess.run(
         ["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True, check=False
     )
@@ -366,7 +371,7 @@ def test_boot_script_passes_shellcheck(synth: Synth, tmp_path: Path) -> None:
 
 
 def test_boot_script_runs_the_agent_with_the_stack_settings(synth: Synth) -> None:
-    text = user_data_text(synth.instances_by_rank()[0], placeholder="TOKEN")
+    text = user_data_text(synth.launch_template(), placeholder="TOKEN")
     settings = "\n".join(
         line for line in text.splitlines() if line.startswith(("readonly ", "SCRIPT_ARGS="))
     )
@@ -436,7 +441,7 @@ def test_no_secret_in_the_template_or_the_user_data(synth: Synth) -> None:
 
     texts = {
         "template": json.dumps(synth.template_dict),
-        "user data": user_data_text(synth.instances_by_rank()[0]),
+        "user data": user_data_text(synth.launch_template()),
     }
     for where, text in texts.items():
         for pattern in SECRET_PATTERNS:
@@ -462,7 +467,7 @@ def test_outputs_say_what_is_still_billed(synth: Synth) -> None:
 
 
 def test_boot_script_schedules_the_max_hours_power_off(synth: Synth) -> None:
-    text = user_data_text(synth.instances_by_rank()[0])
+    text = user_data_text(synth.launch_template())
     assert "readonly MAX_HOURS=12\n" in text
     assert "shutdown -P +%d %q" in text and '"$((MAX_HOURS * 60))"' in text
     assert "if [[ ${FABRIC_POWEROFF:-} == allowed ]]; then" in text
