@@ -1109,3 +1109,48 @@ def test_a_stop_from_another_deploy_is_ignored(aws_env, ssm) -> None:
     # It trained as far as it could (nobody listens at node 0) and was restarted: not stopped.
     assert "restart 1 of 1" in result.stdout, result.stdout[-3000:]
     assert "the cluster stops" not in result.stdout
+
+
+def test_a_stop_from_outside_is_recorded_as_what_it_was(aws_env, ssm) -> None:
+    """max_hours' power-off (systemd's SIGTERM to the whole unit): not `failed: fabric run
+    exited with status ... after 3 restart(s)`, but what happened, and the cluster is told, so
+    that no other node restarts into a rendezvous this one will never join."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=1)
+    with (
+        ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds,
+        BackgroundAgent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            "--main-port",
+            "29590",
+            "--max-hours",
+            "0.001",
+            "--max-restarts",
+            "3",
+            "trainer/train.py",
+            "--",
+            "--epochs",
+            "1",
+            "--samples",
+            str(SPOT_SAMPLES),
+            "--batch-size",
+            "16",
+        ) as agent,
+    ):
+        agent.wait_for("first step done", timeout=120)
+        os.killpg(agent.process.pid, signal.SIGTERM)  # systemd stops every process of the unit
+        assert agent.finish(timeout=60) == 0, agent.output[-3000:]
+    reason = "max_hours=0.001 reached: the node powers off (cost guard)"
+    assert parameters.phase_of(ssm, 0) == f"interrupted: {reason}"
+    assert parameters.stop_value(ssm) == Stop("interrupted", 0, "i-0", reason)
+    assert "restart 1 of 3" not in agent.output
+
+
+def test_sigterm_before_max_hours_is_a_stop_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    from userdata import agent
+
+    monkeypatch.setattr(agent, "AGENT_STARTED", time.monotonic() - 3600)  # an hour in
+    assert agent.stopped_from_outside(4).startswith("stopped from outside (SIGTERM")
+    assert agent.stopped_from_outside(0).startswith("stopped from outside (SIGTERM")
+    assert agent.stopped_from_outside(1).startswith("max_hours=1 reached")
