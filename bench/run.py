@@ -1,6 +1,7 @@
 """Benchmarks: where the time goes, from deploy to trained model.
 
     python -m bench.run [--runs 3] [--skip-tests] [--skip-install] [--skip-rehearsal]
+                        [--skip-spot-upload]
 
 Every figure is the median of --runs runs; every comparison is a ratio of two figures measured
 in this same command. Prints a table and writes it to bench/results.md.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from bench import spot_upload
 from stacks.config import PROJECT_DIR
 from stacks.user_data import UV_VERSION
 
@@ -287,6 +289,21 @@ def pinned_uv(folder: Path) -> Path:
     return folder / "uv" / "bin" / "uv"
 
 
+# 6: a spot notice mid-upload: notice to the newest checkpoint in S3, stop() vs stop_now()
+def spot_checkpoint_upload(runs: int) -> dict[str, float]:
+    """bench/spot_upload.py in a process of its own (moto's S3 and its memory go with it)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.spot_upload", "--runs", str(runs), "--json"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.spot_upload failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -297,6 +314,9 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-install", action="store_true")
     parser.add_argument("--skip-rehearsal", action="store_true")
+    parser.add_argument(
+        "--skip-spot-upload", action="store_true", help="3 GiB of checkpoints to an emulated S3"
+    )
     args = parser.parse_args()
     runs = args.runs
     out: list[str] = [
@@ -418,6 +438,10 @@ def main() -> int:
                 ("pip / uv", f"{pip_time['seconds'] / uv_time['seconds']:.1f}x"),
             ],
         )
+    if not args.skip_spot_upload:
+        section(spot_upload.TITLE, spot_upload.rows(spot_checkpoint_upload(runs)))
+        out.extend([*spot_upload.NOTE, ""])
+        print("\n".join(spot_upload.NOTE), flush=True)
     RESULTS.write_text("\n".join(out))
     print(f"written to {RESULTS}")
     return 0

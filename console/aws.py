@@ -34,20 +34,17 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
 from stacks.config import phase_parameter_template
+from userdata.aws_clients import MAX_ATTEMPTS, retries, retrying
 from userdata.phase import decode_phase
 
 DEFAULT_STACK = "FabricCluster"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
 NO_REGION = "no AWS region: set AWS_REGION (or aws configure), or pass --region"
-# Throttling is worth waiting out: 10 attempts in all (adaptive mode: exponential backoff,
-# and after a throttle a client-side rate limit that rises again as calls succeed), unless
-# AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise.
-MAX_ATTEMPTS = 10
-# An endpoint that cannot be reached is not: a console must answer or fail within seconds, not
-# wait out botocore's 60 s connect timeout and ten attempts with backoff.
+# Throttling is worth waiting out (userdata/aws_clients.py: MAX_ATTEMPTS, adaptive mode) unless
+# AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise; an endpoint that cannot be
+# reached is given up after a few attempts, and each connect waits at most:
 CONNECT_TIMEOUT_S = 5
-CONNECT_ATTEMPTS = 3
 # What AWS answers a throttled call with (botocore's list, and CloudWatch's message).
 THROTTLED_CODES = frozenset(
     {
@@ -142,19 +139,9 @@ def client_config(max_attempts: int) -> Config:
     return Config(
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=30,
-        retries={"mode": "adaptive", "total_max_attempts": max_attempts},
+        retries=retries(max_attempts),
         user_agent_extra="fabric-console",
     )
-
-
-def give_up_on_unreachable(
-    attempts: int, caught_exception: Exception | None = None, **_: Any
-) -> None:
-    """A `needs-retry` handler that runs before botocore's: after CONNECT_ATTEMPTS attempts
-    that could not reach the endpoint, the error goes to the user instead of another retry."""
-    unreachable = AwsConnectionError | HTTPClientError
-    if isinstance(caught_exception, unreachable) and attempts >= CONNECT_ATTEMPTS:
-        raise caught_exception  # as botocore does when it gives up
 
 
 @dataclass
@@ -172,9 +159,7 @@ class Aws:
     def client(self, service: str) -> Any:
         if service not in self._clients:
             client = self.session.client(service, config=client_config(self.max_attempts))
-            event = f"needs-retry.{client.meta.service_model.service_id.hyphenize()}"
-            client.meta.events.register_first(event, give_up_on_unreachable)
-            self._clients[service] = client
+            self._clients[service] = retrying(client)
         return self._clients[service]
 
 

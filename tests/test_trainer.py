@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -182,18 +183,11 @@ def main_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
         signal.signal(signal.SIGUSR1, handler)
 
 
-class RecordingS3:
-    """The one S3 call ArtifactSync makes; records the keys instead of uploading."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-
-    def upload_file(self, filename: str, bucket: str, key: str) -> None:
-        self.keys.append(key)
-
-
 def test_a_save_that_fails_halfway_leaves_only_a_temporary_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    s3: Any,
 ) -> None:
     # As if the machine died while writing the third checkpoint (end of epoch 3, step 24):
     # some bytes are on disk, and the final name must not be among them.
@@ -218,10 +212,12 @@ def test_a_save_that_fails_halfway_leaves_only_a_temporary_file(
         "step-00000016.ckpt",
         "step-00000024.ckpt.tmp",  # only the temporary name of the step that failed
     ]
-    s3 = RecordingS3()
-    ArtifactSync(s3, "s3://bucket/run", run_dir).sync_once()
-    assert "run/checkpoints/step-00000016.ckpt" in s3.keys
-    assert [key for key in s3.keys if "step-00000024" in key] == []
+    bucket = f"halfway-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    ArtifactSync(s3, f"s3://{bucket}/run", run_dir).stop()  # what the agent uploads at the end
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert "run/checkpoints/step-00000016.ckpt" in keys
+    assert [key for key in keys if "step-00000024" in key] == []
 
     monkeypatch.setattr(Fabric, "save", real_save)
     capsys.readouterr()

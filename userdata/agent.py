@@ -25,12 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import boto3
 from boto3.exceptions import RetriesExceededError
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from userdata.artifacts import ArtifactSync
+from userdata.aws_clients import aws_client
 from userdata.cluster_control import FAILED, INTERRUPTED, ClusterControl, Stop, StopWatch
 from userdata.errors import AgentError
 from userdata.fabric_command import (
@@ -203,17 +202,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# Parameter Store's throughput is shared by the account and region: throttled calls are retried
-# with backoff and jitter (adaptive mode also slows this client down), never taken for failure.
-RETRIES = {"mode": "adaptive", "max_attempts": 10}
-
-
-def aws_client(service: str, region: str, timeout: float):
-    """Honours AWS_ENDPOINT_URL (boto3 reads it), so tests and rehearsals stay local."""
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries=RETRIES)
-    return boto3.client(service, region_name=region, config=config)
-
-
 def resolve(
     args: argparse.Namespace, identity: NodeIdentity, ssm
 ) -> tuple[list[str], dict[str, str]]:
@@ -330,6 +318,22 @@ class Records:
             self.phase.silenced = "another instance holds this rank now (a redeploy)"
 
 
+def cluster_control(
+    ssm: object, args: argparse.Namespace, identity: NodeIdentity
+) -> ClusterControl | None:
+    """This node's view of the cluster-wide parameters, where the stack names them."""
+    if not (args.stop_parameter and args.members_parameter):
+        return None
+    return ClusterControl(
+        ssm,
+        args.members_parameter,
+        args.stop_parameter,
+        identity.node_rank,
+        identity.instance_id,
+        log,
+    )
+
+
 class PeerFailed(AgentError):
     """Another node failed the cluster: recorded in this node's phase, the stop is theirs."""
 
@@ -386,17 +390,8 @@ def train(args: argparse.Namespace, records: Records) -> int:
         reporter.ssm = ssm
         reporter.parameter = args.phase_parameter.format(rank=identity.node_rank)
         reporter.instance = identity.instance_id
-    control = None
-    if args.stop_parameter and args.members_parameter and not args.dry_run:
-        control = ClusterControl(
-            ssm,
-            args.members_parameter,
-            args.stop_parameter,
-            identity.node_rank,
-            identity.instance_id,
-            log,
-        )
-        records.control = control
+    control = None if args.dry_run else cluster_control(ssm, args, identity)
+    records.control = control
     if args.accelerator == "gpu":
         reporter.record("waiting-for-gpus")
         gpus = wait_for_gpus(args.devices_per_node, args.gpu_timeout, log=log)

@@ -10,12 +10,11 @@ from typing import Any
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import CancelledError
+from s3transfer.futures import TransferFuture
+from s3transfer.manager import TransferManager
 
 from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE
-
-
-class Cancelled(Exception):
-    """An upload given up for a more urgent one (the newest checkpoint, on a stop)."""
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -54,12 +53,14 @@ class ArtifactSync:
         self.progress_interval = progress_interval or interval
         self._seen: dict[Path, tuple[int, int]] = {}
         self._stop = threading.Event()
-        self._cancel = threading.Event()  # the upload in flight gives way
+        self._cancel = threading.Event()  # the sync gives way to the newest checkpoint
         self._thread: threading.Thread | None = None
-
-    def _progress(self, _bytes: int) -> None:
-        if self._cancel.is_set():
-            raise Cancelled("given up for the newest checkpoint")
+        # s3transfer, as upload_file uses it, but with the future at hand: a cancelled upload
+        # stops at once and its multipart upload is aborted (an exception raised from a
+        # progress callback would be retried by botocore, attempt after attempt).
+        self._transfers = TransferManager(s3)
+        self._in_flight: TransferFuture | None = None
+        self._lock = threading.Lock()
 
     def _key(self, path: Path) -> str:
         relative = path.relative_to(self.run_dir).as_posix()
@@ -74,15 +75,28 @@ class ArtifactSync:
         signature = (stat.st_size, stat.st_mtime_ns)
         if self._seen.get(path) == signature:
             return None
+        future = self._transfers.upload(str(path), self.bucket, self._key(path))
+        with self._lock:
+            self._in_flight = future
         try:
-            self.s3.upload_file(str(path), self.bucket, self._key(path), Callback=self._progress)
+            future.result()
         except FileNotFoundError:
             return None
-        except (BotoCoreError, ClientError, S3UploadFailedError, Cancelled) as error:
+        except CancelledError:
+            return "given up for the newest checkpoint"
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as error:
             # The sync thread must never die of one upload: the next round tries again.
             return f"{type(error).__name__}: {error}"
+        finally:
+            with self._lock:
+                self._in_flight = None
         self._seen[path] = signature
         return None
+
+    def _cancel_in_flight(self) -> None:
+        with self._lock:
+            if self._in_flight is not None:
+                self._in_flight.cancel()
 
     def complete_files(self) -> list[Path]:
         if not self.run_dir.is_dir():
@@ -112,6 +126,7 @@ class ArtifactSync:
         started = time.monotonic()
         self._cancel.set()
         self._stop.set()
+        self._cancel_in_flight()
         if self._thread:
             self._thread.join()
         self._cancel.clear()
@@ -126,6 +141,7 @@ class ArtifactSync:
         for path in files:
             if CHECKPOINT_STEP.search(path.name) is None:
                 self.upload(path)
+        self._transfers.shutdown()
         if newest is None:
             return "no checkpoint to upload"
         name = newest.relative_to(self.run_dir).as_posix()
@@ -159,4 +175,6 @@ class ArtifactSync:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        return self.sync_once()
+        uploaded = self.sync_once()
+        self._transfers.shutdown()
+        return uploaded

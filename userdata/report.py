@@ -9,8 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from userdata.agent import Records, aws_client, identify, log
-from userdata.cluster_control import ClusterControl
+from userdata.agent import Records, cluster_control, identify
+from userdata.aws_clients import aws_client
 from userdata.errors import AgentError
 from userdata.imds import Imds
 from userdata.phase import PhaseReporter
@@ -32,16 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     ssm = aws_client("ssm", identity.region, 5.0)
     parameter = args.phase_parameter.format(rank=identity.node_rank)
-    records = Records(PhaseReporter(ssm, parameter, identity.instance_id))
-    if args.members_parameter and args.stop_parameter:
-        records.control = ClusterControl(
-            ssm,
-            args.members_parameter,
-            args.stop_parameter,
-            identity.node_rank,
-            identity.instance_id,
-            log,
-        )
+    records = Records(
+        PhaseReporter(ssm, parameter, identity.instance_id), cluster_control(ssm, args, identity)
+    )
     if args.phase.startswith(FAILED_PREFIX):
         records.fail(args.phase.removeprefix(FAILED_PREFIX))
     else:
