@@ -41,7 +41,7 @@ DEFAULT_STACK = "FabricCluster"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
 NO_REGION = "no AWS region: set AWS_REGION (or aws configure), or pass --region"
-# Throttling is worth waiting out (userdata/aws_clients.py: MAX_ATTEMPTS, adaptive mode) unless
+# Throttling is worth waiting out (userdata/aws_clients.py: MAX_ATTEMPTS, standard mode) unless
 # AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise; an endpoint that cannot be
 # reached is given up after a few attempts, and each connect waits at most:
 CONNECT_TIMEOUT_S = 5

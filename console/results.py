@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,12 +30,9 @@ from console.aws import (
     list_prefixes,
     read_json,
 )
-from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
+from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE, checkpoint_of
 
 EPOCH = datetime.fromtimestamp(0, UTC)
-CHECKPOINT_GLOB = "step-*.ckpt"  # the trainer's checkpoints (trainer/train.py)
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")  # any script's, under a checkpoints/ folder
-CHECKPOINT_FOLDER = "checkpoints"
 CONFIRM_ABOVE = 1 << 30  # bytes: ask before downloading more (1 GiB)
 
 
@@ -65,20 +61,6 @@ def relative_path(key: str, prefix: str) -> PurePosixPath | None:
     if relative.is_absolute():
         return None
     return relative
-
-
-def checkpoint_of(relative: PurePosixPath) -> str | None:
-    """The checkpoint a file of the run belongs to, as its path in the run, or None for a file
-    that is not part of one: the trainer's step-*.ckpt anywhere, any *.ckpt, *.pt or *.pth
-    under a checkpoints/ folder. A checkpoint may be a folder (torch.distributed.checkpoint
-    writes shards into one): every file under it belongs to it."""
-    parts = relative.parts
-    for index, part in enumerate(parts):
-        if fnmatchcase(part, CHECKPOINT_GLOB) or (
-            CHECKPOINT_FOLDER in parts[:index] and part.endswith(CHECKPOINT_SUFFIXES)
-        ):
-            return "/".join(parts[: index + 1])
-    return None
 
 
 @dataclass

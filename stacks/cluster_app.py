@@ -14,9 +14,9 @@ from cdk_nag import AwsSolutionsChecks
 from stacks.cluster_stack import ClusterStack
 from stacks.config import PROJECT_DIR, ConfigError, check_known_settings, load_config
 
-# CloudFormation takes templates up to 1 MB (from S3, as cdk deploy uploads large ones). The
-# nodes' user data is inlined once per node: 64 nodes with long script_args can pass EC2's
-# 16 KB per node and still fail here, at deploy, after minutes.
+# CloudFormation takes templates up to 1 MB (from S3, as cdk deploy uploads large ones). The user
+# data is in the template once (the launch template), but every node adds its resources and
+# outputs: a template over the limit would fail at deploy, after minutes.
 TEMPLATE_LIMIT_BYTES = 1_000_000
 
 
@@ -66,8 +66,7 @@ def synthesize(app: cdk.App, stack: ClusterStack) -> Path:
         config = stack.config
         raise ConfigError(
             f"invalid settings num_nodes={config.num_nodes} with these script_args: the template "
-            f"would be {size} bytes, over CloudFormation's limit of {TEMPLATE_LIMIT_BYTES} (each "
-            "node carries the user data); use fewer nodes or put long arguments in a file of "
-            "the project"
+            f"would be {size} bytes, over CloudFormation's limit of {TEMPLATE_LIMIT_BYTES}; use "
+            "fewer nodes or put long arguments in a file of the project"
         )
     return template

@@ -313,7 +313,7 @@ def test_gpu_sets_nccl_interface_too(aws_env, ssm, tmp_path: Path) -> None:
             "train.py",
         )
     assert result.returncode == 0, result.stderr
-    assert "NCCL_SOCKET_IFNAME=lo" in result.stdout.splitlines()
+    assert "NCCL_SOCKET_IFNAME==lo" in result.stdout.splitlines()
     assert "--accelerator=gpu" in result.stdout
 
 
@@ -354,7 +354,7 @@ def test_gpu_with_efa_and_bf16(aws_env, ssm, tmp_path: Path) -> None:
     assert environment["LD_LIBRARY_PATH"] == f"{efa_libraries}:/usr/x/lib"
     assert environment["FI_PROVIDER"] == "efa"
     assert environment["FI_EFA_USE_DEVICE_RDMA"] == "1"
-    assert environment["NCCL_SOCKET_IFNAME"] == "lo"
+    assert environment["NCCL_SOCKET_IFNAME"] == "=lo"
 
 
 def command_for(**options: Any) -> list[str]:
@@ -429,7 +429,7 @@ def test_efa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "FI_EFA_USE_DEVICE_RDMA" not in efa_environment(monkeypatch, True, None, rdma=False)
     without = efa_environment(monkeypatch, False, "/a")
     assert not {"LD_LIBRARY_PATH", "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA"} & without.keys()
-    assert without["NCCL_SOCKET_IFNAME"] == "ens5"
+    assert without["NCCL_SOCKET_IFNAME"] == "=ens5"
 
 
 def test_an_unknown_precision_is_refused(aws_env) -> None:

@@ -156,3 +156,52 @@ def test_a_node_not_yet_among_the_members_waits_for_cloudformation() -> None:
             clock=lambda: sum(waited),
             sleep=waited.append,
         )
+
+
+def test_a_node_whose_rank_another_instance_holds_stops_its_run(ssm: Any) -> None:
+    """A redeploy: CloudFormation wrote the new members; the old node 1 stops training (its
+    run is the new cluster's now) instead of uploading an old branch into the same run."""
+    names = cluster(ssm, ["i-a", "i-old"])
+    told: list[Stop | None] = []
+    watch = StopWatch(control(ssm, names, 1, "i-old"), 0.01, told.append, log=print)
+    watch.start()
+    ssm.put_parameter(Name=names[0], Value="i-a,i-new", Type="String", Overwrite=True)
+    deadline = datetime.now(UTC).timestamp() + 10
+    while not told and datetime.now(UTC).timestamp() < deadline:
+        watch._done.wait(0.02)
+    watch.stop()
+    assert told == [None] and watch.replaced
+
+
+class ClashingSsm:
+    """Another node's PutParameter lands first: SSM refuses this one (TooManyUpdates)."""
+
+    def __init__(self, ssm: Any, names: tuple[str, str], theirs: Stop) -> None:
+        self.ssm, self.names, self.theirs = ssm, names, theirs
+
+    def get_parameters(self, **kwargs: Any) -> Any:
+        return self.ssm.get_parameters(**kwargs)
+
+    def put_parameter(self, **kwargs: Any) -> Any:
+        self.ssm.put_parameter(
+            Name=self.names[1], Value=self.theirs.encode(), Type="String", Overwrite=True
+        )
+        raise ClientError(
+            {"Error": {"Code": "TooManyUpdates", "Message": "concurrent updates"}}, "PutParameter"
+        )
+
+
+def test_two_nodes_stopping_at_once_agree_on_one_stop(ssm: Any) -> None:
+    names = cluster(ssm, ["i-a", "i-b"])
+    theirs = Stop("failed", 0, "i-a", "install: no such package")
+    node1 = ClusterControl(ClashingSsm(ssm, names, theirs), *names, 1, "i-b", log=print)
+    assert node1.declare("interrupted", "spot instance-action {}") == theirs
+    assert control(ssm, names, 1, "i-b").read_stop() == theirs
+
+
+def test_a_long_reason_in_any_script_stays_within_ssms_4096_characters(ssm: Any) -> None:
+    names = cluster(ssm, ["i-a"])
+    reason = "é" * 5000  # an escape per character would be 30000 characters
+    stop = control(ssm, names, 0, "i-a").declare("failed", reason)
+    assert stop is not None and len(stop.encode()) <= 4096
+    assert len(encode_phase("ü" * 5000, "i-a")) <= 4096

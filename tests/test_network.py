@@ -76,12 +76,12 @@ def probe(host: str, *addresses: str) -> dict[str, list[str]]:
 def test_node0_binds_the_interface_that_holds_its_own_address(two_hosts) -> None:
     node0, _ = two_hosts
     found = probe(node0, NODE0)
-    assert found[NODE0] == ["eth0", "eth0", "eth0"]  # not lo: the others dial this address
+    assert found[NODE0] == ["eth0", "=eth0", "eth0"]  # not lo: the others dial this address
 
 
 def test_other_nodes_bind_the_interface_that_routes_to_node0(two_hosts) -> None:
     _, node1 = two_hosts
-    assert probe(node1, NODE0)[NODE0] == ["eth0", "eth0", "eth0"]
+    assert probe(node1, NODE0)[NODE0] == ["eth0", "=eth0", "eth0"]
 
 
 def test_a_loopback_main_address_stays_on_lo(two_hosts) -> None:

@@ -53,6 +53,9 @@ TERMINATED = threading.Event()  # SIGTERM or SIGINT reached the agent
 AGENT_STARTED = time.monotonic()
 NOTICE_DECLARE_TIMEOUT = 10.0  # seconds the payload's signal may wait for the cluster's stop
 FINAL_READS, FINAL_READ_DELAY = 3, 10.0  # looks at the stop as fabric run ends
+FINAL_CONFIRM_DELAY = 2.0  # seconds before the second look that confirms "no stop"
+INTERRUPT_GRACE = 90.0  # seconds a node's ranks get to checkpoint on a stop elsewhere
+RUNNING: list[subprocess.Popen[bytes] | None] = [None]  # the fabric run now running
 PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
 
@@ -256,22 +259,36 @@ def run_fabric(
     env = {**os.environ, **environment}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.Popen(command, env=env, cwd=workdir or None)
+    RUNNING[0] = process
     if watcher:
         watcher.attach(process.pid)
-    if watch and watch.stop_seen and watch.stop_seen.state == FAILED:
-        process.terminate()  # the cluster failed while this one started
-
-    def forward(signum: int, _frame: object) -> None:
-        # Stopped from outside (systemctl stop, shutdown): no restart, no power-off of our own.
-        TERMINATED.set()
-        process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if watch and (watch.replaced or (watch.stop_seen and watch.stop_seen.state == FAILED)):
+        process.terminate()  # the cluster failed (or moved on) while this one started
+    if TERMINATED.is_set():
+        process.terminate()
     try:
         return process.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        RUNNING[0] = None
+
+
+def on_stop_signal(control: ClusterControl | None, max_hours: float) -> None:
+    """SIGTERM or SIGINT, for all of train(): stopped from outside (systemctl stop, max_hours'
+    shutdown, a terminated instance). The cluster's stop is written before fabric run is told,
+    so that node 0 never takes the stop for the end of the run; then no restart and no
+    power-off of our own."""
+
+    def forward(signum: int, _frame: object) -> None:
+        if TERMINATED.is_set():
+            return
+        TERMINATED.set()
+        if control:
+            declare_bounded(control, INTERRUPTED, stopped_from_outside(max_hours))
+        if RUNNING[0] is not None:
+            RUNNING[0].send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
 
 
 def run_state(action: Callable[[], T], uri: str) -> T:
@@ -346,17 +363,18 @@ def stopped_from_outside(max_hours: float) -> str:
     return "stopped from outside (SIGTERM: systemctl stop, a shutdown or a terminated instance)"
 
 
-def declare_notice(control: ClusterControl | None, notice: str) -> None:
-    """The cluster's stop is written before the payload is signalled, so that node 0 (which gets
-    no notice of its own) cannot take the stop for the end of the run; bounded, so that a
-    throttled SSM does not eat the two minutes' warning."""
-    if control is None:
-        return
-    writer = threading.Thread(
-        target=control.declare, args=(INTERRUPTED, f"spot instance-action {notice}"), daemon=True
-    )
+def declare_bounded(control: ClusterControl, state: str, reason: str) -> None:
+    """The cluster's stop, written before the payload is told to stop; bounded, so that a
+    throttled SSM does not eat a spot notice's two minutes (the write goes on meanwhile)."""
+    writer = threading.Thread(target=control.declare, args=(state, reason), daemon=True)
     writer.start()
     writer.join(NOTICE_DECLARE_TIMEOUT)
+
+
+def declare_notice(control: ClusterControl | None, notice: str) -> None:
+    """Node 0, which gets no notice of its own, must not take the stop for the end of the run."""
+    if control is not None:
+        declare_bounded(control, INTERRUPTED, f"spot instance-action {notice}")
 
 
 def final_stop(control: ClusterControl | None) -> Stop | None:
@@ -366,7 +384,7 @@ def final_stop(control: ClusterControl | None) -> Stop | None:
         return None
     for attempt in range(FINAL_READS):
         try:
-            return control.read_stop()
+            stop = control.read_stop()
         except (BotoCoreError, ClientError) as error:
             if attempt == FINAL_READS - 1:
                 raise AgentError(
@@ -374,6 +392,12 @@ def final_stop(control: ClusterControl | None) -> Stop | None:
                     "marked complete"
                 ) from None
             time.sleep(FINAL_READ_DELAY)
+            continue
+        if stop is not None or attempt == 1:
+            return stop
+        # No stop: once more, a moment later. Parameter Store promises no read-after-write
+        # consistency, and a peer's stop may have been written just before its script ended.
+        time.sleep(FINAL_CONFIRM_DELAY)
     return None
 
 
@@ -430,6 +454,7 @@ def train(args: argparse.Namespace, records: Records) -> int:
         )
         sync.mark_seen(restored.paths)  # in S3 already
         sync.start()
+    on_stop_signal(control, args.max_hours)
     log(f"running: {shlex.join(command)}")
     watcher = SpotWatcher(
         imds, args.spot_poll_interval, log, on_notice=lambda notice: declare_notice(control, notice)
@@ -438,11 +463,13 @@ def train(args: argparse.Namespace, records: Records) -> int:
     watch = None
     if control and identity.num_nodes > 1:
 
-        def on_stop(stop: Stop) -> None:
-            if stop.state == FAILED:
+        def on_stop(stop: Stop | None) -> None:
+            if stop is None or stop.state == FAILED:  # None: this node was replaced
                 watcher.terminate_fabric()
-            else:  # stopped on request elsewhere: this node's ranks checkpoint as well
-                watcher.signal_payload()
+            elif not watcher.signal_payload():  # stopped on request elsewhere
+                watcher.terminate_fabric()  # no worker to ask (a rendezvous, or no handler)
+            else:  # this node's ranks checkpoint as well, within the grace
+                threading.Timer(INTERRUPT_GRACE, watcher.terminate_fabric).start()
 
         watch = StopWatch(control, args.peer_poll_interval, on_stop, log)
         watch.start()
@@ -450,7 +477,15 @@ def train(args: argparse.Namespace, records: Records) -> int:
     watcher.stop()
     if watch:
         watch.stop()
-    stop = None if TERMINATED.is_set() else final_stop(control)
+    if watch and watch.replaced:
+        # A redeploy replaced this node: its run is the new cluster's now; nothing more here.
+        if sync:
+            sync.abandon()
+        reporter.silenced = "another instance holds this rank now (a redeploy)"
+        log("this node was replaced by a redeploy: no upload, no phase")
+        return 0
+    # A spot notice here or a stop from outside: the upload first, no more looks at SSM.
+    stop = None if TERMINATED.is_set() or watcher.notice else final_stop(control)
     interrupted = TERMINATED.is_set() or watcher.notice or (stop and stop.state == INTERRUPTED)
     upload = ""
     if sync:
@@ -460,16 +495,13 @@ def train(args: argparse.Namespace, records: Records) -> int:
         else:
             log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
     suffix = f"; {upload}" if upload else ""
-    if TERMINATED.is_set():
-        reason = stopped_from_outside(args.max_hours)
-        if control:
-            control.declare(INTERRUPTED, reason)
-        records.silence_if_replaced()
-        reporter.record(f"interrupted: {reason}{suffix}")
-        return 0
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
         reporter.record(f"interrupted: spot instance-action {watcher.notice}{suffix}")
+        return 0
+    if TERMINATED.is_set():
+        records.silence_if_replaced()
+        reporter.record(f"interrupted: {stopped_from_outside(args.max_hours)}{suffix}")
         return 0
     if stop and stop.instance != identity.instance_id:
         if stop.state == FAILED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from boto3.exceptions import S3UploadFailedError
@@ -14,7 +14,7 @@ from s3transfer.exceptions import CancelledError
 from s3transfer.futures import TransferFuture
 from s3transfer.manager import TransferManager
 
-from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE
+from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE, checkpoint_of
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -31,6 +31,14 @@ def is_complete(path: Path) -> bool:
     return not (
         name.startswith(".") or ".tmp" in name or name.endswith((".partial", ".unreadable"))
     )
+
+
+def recency(name: str, files: list[Path]) -> tuple[int, float]:
+    """How new a checkpoint is: its step where its name says it (step-N.ckpt), else when its
+    files were last written."""
+    match = CHECKPOINT_STEP.search(name)
+    written = max((path.stat().st_mtime for path in files), default=0.0)
+    return (int(match.group(1)) if match else -1, written)
 
 
 class ArtifactSync:
@@ -78,6 +86,8 @@ class ArtifactSync:
         future = self._transfers.upload(str(path), self.bucket, self._key(path))
         with self._lock:
             self._in_flight = future
+            if self._cancel.is_set() and threading.current_thread() is self._thread:
+                future.cancel()  # stop_now came between the submission and this line
         try:
             future.result()
         except FileNotFoundError:
@@ -130,24 +140,27 @@ class ArtifactSync:
         if self._thread:
             self._thread.join()
         self._cancel.clear()
-        files = self.complete_files()
-        checkpoints = sorted(
-            (int(match.group(1)), path)
-            for path in files
-            if (match := CHECKPOINT_STEP.search(path.name))
-        )
-        newest = checkpoints[-1][1] if checkpoints else None
-        error = self.upload(newest) if newest else None
-        for path in files:
-            if CHECKPOINT_STEP.search(path.name) is None:
-                self.upload(path)
+        checkpoints: dict[str, list[Path]] = {}  # a checkpoint (file or folder) -> its files
+        others = []
+        for path in self.complete_files():
+            relative = PurePosixPath(path.relative_to(self.run_dir).as_posix())
+            name = checkpoint_of(relative)
+            if name is None:
+                others.append(path)
+            else:
+                checkpoints.setdefault(name, []).append(path)
+        newest = max(checkpoints, key=lambda name: recency(name, checkpoints[name]), default=None)
+        errors = [
+            error for path in checkpoints.get(newest or "", []) if (error := self.upload(path))
+        ]
+        for path in others:
+            self.upload(path)
         self._transfers.shutdown()
         if newest is None:
             return "no checkpoint to upload"
-        name = newest.relative_to(self.run_dir).as_posix()
-        if error:
-            return f"newest checkpoint {name} NOT in S3 ({error})"
-        return f"newest checkpoint {name} in S3 ({time.monotonic() - started:.1f} s)"
+        if errors:
+            return f"newest checkpoint {newest} NOT in S3 ({errors[0]})"
+        return f"newest checkpoint {newest} in S3 ({time.monotonic() - started:.1f} s)"
 
     def mark_seen(self, paths: list[Path]) -> None:
         """Files already in S3 as they are here (restored): not uploaded again."""
@@ -169,6 +182,15 @@ class ArtifactSync:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="artifact-sync", daemon=True)
         self._thread.start()
+
+    def abandon(self) -> None:
+        """Stops syncing and uploads nothing more (another cluster owns the run now)."""
+        self._cancel.set()
+        self._stop.set()
+        self._cancel_in_flight()
+        if self._thread:
+            self._thread.join()
+        self._transfers.shutdown()
 
     def stop(self) -> int:
         """Stops the periodic sync and uploads what is left; returns the files uploaded last."""

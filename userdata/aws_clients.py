@@ -1,6 +1,6 @@
 """boto3 clients for an AWS that throttles: Parameter Store's and CloudWatch Logs' throughput is
-shared by the whole account and region, so a throttled call is retried (botocore's adaptive
-mode: exponential backoff with jitter, then a client-side rate limit), never taken for failure.
+shared by the whole account and region, so a throttled call is retried (botocore's standard
+mode: exponential backoff with jitter), never taken for failure.
 An endpoint that cannot be reached is another matter: it is given up after a few attempts, so
 that a wrong endpoint or a dead network is one clear line within seconds, not minutes."""
 
@@ -18,7 +18,10 @@ CONNECT_ATTEMPTS = 3
 
 
 def retries(max_attempts: int = MAX_ATTEMPTS) -> dict[str, Any]:
-    return {"mode": "adaptive", "total_max_attempts": max_attempts}
+    """Standard mode: backoff with full jitter, up to 20 s a wait. Not adaptive: its client-side
+    rate limit would hold every call of a shared client (the stop watch, a spot notice's stop)
+    behind one throttled phase write (AWS calls adaptive mode experimental)."""
+    return {"mode": "standard", "total_max_attempts": max_attempts}
 
 
 def give_up_on_unreachable(

@@ -283,6 +283,8 @@ After=network-online.target
 
 [Service]
 Type=exec
+# A spot notice gives two minutes: the final upload of the newest checkpoint may take most.
+TimeoutStopSec=115
 EnvironmentFile=$FABRIC_HOME/agent.env
 ExecStart=$FABRIC_HOME/run-agent.sh
 StandardOutput=journal+console

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,9 @@ FAILED = "failed"
 INTERRUPTED = "interrupted"
 NO_STOP = "none"  # the stack's initial value of the stop parameter
 BOOT_SLACK = 60.0  # seconds: clock steps at boot
+MAX_REASON = 1000  # characters of a stop's reason: the value stays within SSM's 4096
+DECLARE_ATTEMPTS = 4
+JOIN_TIMEOUT = 5.0
 
 
 def boot_time() -> float:
@@ -59,7 +63,8 @@ class Stop:
                 "rank": self.rank,
                 "instance": self.instance,
                 "reason": self.reason,
-            }
+            },
+            ensure_ascii=False,  # SSM counts characters: an escape would be six
         )
 
     @classmethod
@@ -97,15 +102,21 @@ class ClusterControl:
         self.instance = instance
         self.log = log
         self.booted = boot_time()
+        self.members: list[str] | None = None  # as last read
+
+    def holds_rank(self) -> bool:
+        """Whether the members, as last read, still give this instance its rank."""
+        members = self.members
+        return members is None or (self.rank < len(members) and members[self.rank] == self.instance)
 
     def _read(self) -> tuple[list[str] | None, dict[str, Any] | None]:
         """Members and the stop parameter, in one call."""
         answer = self.ssm.get_parameters(Names=[self.members_parameter, self.stop_parameter])
         found = {parameter["Name"]: parameter for parameter in answer.get("Parameters", [])}
         members = found.get(self.members_parameter)
-        return (parse_members(members["Value"]) if members else None), found.get(
-            self.stop_parameter
-        )
+        if members:
+            self.members = parse_members(members["Value"])
+        return (self.members if members else None), found.get(self.stop_parameter)
 
     def read_stop(self) -> Stop | None:
         """This cluster's stop, if a member wrote one since this machine booted (an older one is
@@ -127,30 +138,40 @@ class ClusterControl:
     def is_member(self) -> bool:
         """Whether this instance still holds its rank; True when that cannot be told."""
         try:
-            members, _ = self._read()
+            self._read()
         except (BotoCoreError, ClientError):
             return True
-        return members is None or (self.rank < len(members) and members[self.rank] == self.instance)
+        return self.holds_rank()
 
     def declare(self, state: str, reason: str) -> Stop | None:
         """Stops the cluster unless one of its nodes already has: the first writer's reason
         stays (a read before the write; two nodes failing in the same instant may both write,
         and either reason is true). Returns the stop in force, or None where it could not be
         written (this node is no longer a member, or SSM refused after its retries)."""
-        try:
-            current = self.read_stop()
-            if current is not None:
-                return current
-            if not self.is_member():
-                self.log("not stopping the cluster: another instance holds this rank now")
+        stop = Stop(state, self.rank, self.instance, " ".join(reason.split())[:MAX_REASON])
+        for attempt in range(DECLARE_ATTEMPTS):
+            try:
+                current = self.read_stop()
+                if current is not None:
+                    return current  # the first writer's (or, after a clash, the one in force)
+                if not self.holds_rank():
+                    self.log("not stopping the cluster: another instance holds this rank now")
+                    return None
+                self.ssm.put_parameter(
+                    Name=self.stop_parameter, Value=stop.encode(), Type="String", Overwrite=True
+                )
+                break
+            except ClientError as error:
+                # Two nodes writing at once: SSM refuses one, which reads the stop in force.
+                code = error.response.get("Error", {}).get("Code")
+                if code == "TooManyUpdates" and attempt < DECLARE_ATTEMPTS - 1:
+                    time.sleep(random.uniform(0.2, 1.0))
+                    continue
+                self.log(f"could not record the cluster's stop in {self.stop_parameter}: {error}")
                 return None
-            stop = Stop(state, self.rank, self.instance, " ".join(reason.split())[:2000])
-            self.ssm.put_parameter(
-                Name=self.stop_parameter, Value=stop.encode(), Type="String", Overwrite=True
-            )
-        except (BotoCoreError, ClientError) as error:
-            self.log(f"could not record the cluster's stop in {self.stop_parameter}: {error}")
-            return None
+            except BotoCoreError as error:
+                self.log(f"could not record the cluster's stop in {self.stop_parameter}: {error}")
+                return None
         self.log(f"cluster stopped: {stop.describe()}")
         return stop
 
@@ -163,7 +184,7 @@ class StopWatch:
         self,
         control: ClusterControl,
         interval: float,
-        on_stop: Callable[[Stop], None],
+        on_stop: Callable[[Stop | None], None],
         log: Callable[[str], None],
     ) -> None:
         self.control = control
@@ -171,6 +192,7 @@ class StopWatch:
         self.on_stop = on_stop
         self.log = log
         self.stop_seen: Stop | None = None
+        self.replaced = False  # the members give this node's rank to another instance now
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -189,6 +211,11 @@ class StopWatch:
     def _loop(self) -> None:
         while not self._done.wait(self.next_delay()):
             stop = self.poll()
+            if not self.control.holds_rank():
+                self.replaced = True
+                self.log("another instance holds this node's rank now (a redeploy): stopping")
+                self.on_stop(None)
+                return
             if stop:
                 self.stop_seen = stop
                 self.log(f"{stop.describe()}: the cluster stops")
@@ -202,4 +229,4 @@ class StopWatch:
     def stop(self) -> None:
         self._done.set()
         if self._thread:
-            self._thread.join()
+            self._thread.join(timeout=JOIN_TIMEOUT)  # a daemon: a throttled look holds nothing

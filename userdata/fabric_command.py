@@ -73,7 +73,8 @@ def fabric_environment(
         # Otherwise gloo binds the hostname's address (127.0.1.1 on Ubuntu) or a bridge.
         env["GLOO_SOCKET_IFNAME"] = interface
         if accelerator != "cpu":
-            env["NCCL_SOCKET_IFNAME"] = interface
+            # "=": exactly this interface (NCCL takes a bare name as a prefix: ens5 matches ens50).
+            env["NCCL_SOCKET_IFNAME"] = f"={interface}"
     if run_dir:
         env["FABRIC_RUN_DIR"] = run_dir
     if efa:

@@ -27,7 +27,10 @@ class Phase:
 
 def encode_phase(text: str, instance: str | None) -> str:
     text = " ".join(text.split())[:MAX_PHASE_LENGTH]
-    return json.dumps({"phase": text, "instance": instance}) if instance else text
+    if not instance:
+        return text
+    # SSM counts characters (4096 for a standard parameter): no six-character escapes.
+    return json.dumps({"phase": text, "instance": instance}, ensure_ascii=False)
 
 
 def decode_phase(value: str) -> Phase:

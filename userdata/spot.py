@@ -19,6 +19,7 @@ from userdata.imds import Imds, ImdsUnauthorized
 
 NOTICE_PATH = "spot/instance-action"
 CHECKPOINT_SIGNAL = signal.SIGUSR1
+JOIN_TIMEOUT = 5.0
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -94,12 +95,14 @@ class SpotWatcher:
                     self.on_notice(notice)
                 self.signal_payload()
 
-    def signal_payload(self) -> None:
+    def signal_payload(self) -> bool:
         """SIGUSR1 to the workers that catch it; not torchrun, which it would end before the
-        workers can checkpoint, and not a worker whose script has no handler."""
+        workers can checkpoint, and not a worker whose script has no handler. Whether any
+        worker now running has been asked."""
         if self._fabric_pid is None:
-            return
-        for pid in child_pids(self._fabric_pid):
+            return False
+        workers = child_pids(self._fabric_pid)
+        for pid in workers:
             if pid in self._signalled:
                 continue
             if not catches(pid, CHECKPOINT_SIGNAL):
@@ -115,6 +118,7 @@ class SpotWatcher:
                 self._signalled.add(pid)
             except ProcessLookupError:
                 pass
+        return bool(self._signalled.intersection(workers))
 
     def terminate_fabric(self) -> None:
         """SIGTERM to fabric run: the cluster has failed."""
@@ -137,4 +141,4 @@ class SpotWatcher:
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join()
+            self._thread.join(timeout=JOIN_TIMEOUT)  # a daemon: a slow IMDS holds nothing up
