@@ -3,6 +3,7 @@ the key. Nothing else (no traceback, no other exception type)."""
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,8 @@ ACCEPTED = st.fixed_dictionaries(
         "ssh_cidr": st.sampled_from(["vpc", "203.0.113.7/32", "0.0.0.0/0"]),
         "key_pair": st.sampled_from(["", "my-key"]),
         "stack_name": st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,40}", fullmatch=True),
-        "script_args": st.lists(st.text(min_size=1, max_size=30), max_size=8).map(
-            lambda args: " ".join(repr(a) for a in args)
-        ),
+        # Shell-quoted as a user would (repr is not shell quoting: repr("'\"") is unbalanced).
+        "script_args": st.lists(st.text(min_size=1, max_size=30), max_size=8).map(shlex.join),
     }
 ) | st.fixed_dictionaries(
     {

@@ -272,6 +272,12 @@ def run_fabric(
         RUNNING[0] = None
 
 
+def terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM to this fabric run if it still runs (never to a pid that may be reused)."""
+    if process is not None and process is RUNNING[0] and process.poll() is None:
+        process.terminate()
+
+
 def on_stop_signal(control: ClusterControl | None, max_hours: float) -> None:
     """SIGTERM or SIGINT, for all of train(): stopped from outside (systemctl stop, max_hours'
     shutdown, a terminated instance). The cluster's stop is written before fabric run is told,
@@ -464,12 +470,15 @@ def train(args: argparse.Namespace, records: Records) -> int:
     if control and identity.num_nodes > 1:
 
         def on_stop(stop: Stop | None) -> None:
+            running = RUNNING[0]
             if stop is None or stop.state == FAILED:  # None: this node was replaced
-                watcher.terminate_fabric()
+                terminate(running)
             elif not watcher.signal_payload():  # stopped on request elsewhere
-                watcher.terminate_fabric()  # no worker to ask (a rendezvous, or no handler)
+                terminate(running)  # no worker to ask (a rendezvous, or no handler)
             else:  # this node's ranks checkpoint as well, within the grace
-                threading.Timer(INTERRUPT_GRACE, watcher.terminate_fabric).start()
+                timer = threading.Timer(INTERRUPT_GRACE, terminate, args=(running,))
+                timer.daemon = True
+                timer.start()
 
         watch = StopWatch(control, args.peer_poll_interval, on_stop, log)
         watch.start()

@@ -120,14 +120,6 @@ class SpotWatcher:
                 pass
         return bool(self._signalled.intersection(workers))
 
-    def terminate_fabric(self) -> None:
-        """SIGTERM to fabric run: the cluster has failed."""
-        if self._fabric_pid is not None:
-            try:
-                os.kill(self._fabric_pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
     def attach(self, fabric_pid: int) -> None:
         """The fabric run now running (a restart starts a new one)."""
         self._fabric_pid = fabric_pid
