@@ -34,7 +34,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as AwsConnectionError
 
 from stacks.config import phase_parameter_template
-from userdata.aws_clients import MAX_ATTEMPTS, retries, retrying
+from userdata.aws_clients import MAX_ATTEMPTS, THROTTLED_CODES, retries, retrying
 from userdata.phase import decode_phase
 
 DEFAULT_STACK = "FabricCluster"
@@ -45,20 +45,6 @@ NO_REGION = "no AWS region: set AWS_REGION (or aws configure), or pass --region"
 # AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise; an endpoint that cannot be
 # reached is given up after a few attempts, and each connect waits at most:
 CONNECT_TIMEOUT_S = 5
-# What AWS answers a throttled call with (botocore's list, and CloudWatch's message).
-THROTTLED_CODES = frozenset(
-    {
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "SlowDown",
-        "EC2ThrottledException",
-    }
-)
 # The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
 GET_PARAMETERS_MAX = 10
 NODE_OUTPUT = re.compile(r"^Node(\d+)InstanceId$")

@@ -14,6 +14,20 @@ from botocore.exceptions import ConnectionError as AwsConnectionError
 from botocore.exceptions import HTTPClientError
 
 MAX_ATTEMPTS = 10  # each call, throttled attempts included
+# What AWS answers a throttled call with (botocore's list): ask again later, never a failure.
+THROTTLED_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "SlowDown",
+        "EC2ThrottledException",
+    }
+)
 CONNECT_ATTEMPTS = 3
 
 

@@ -12,11 +12,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from userdata.aws_clients import THROTTLED_CODES
 from userdata.cluster_control import parse_members
 from userdata.errors import AgentError
-
-# Answers that mean "ask again later", never "this node has failed".
-THROTTLED = {"ThrottlingException", "TooManyUpdates", "RequestLimitExceeded", "Throttling"}
 
 
 def parse_ipv4(name: str, value: str) -> str:
@@ -69,7 +67,7 @@ def wait_for_main_address(
                 return parse_ipv4(name, found[name])
         except ClientError as error:
             code = error_code(error)
-            if code not in THROTTLED:
+            if code not in THROTTLED_CODES:
                 raise AgentError(f"cannot read parameter {name}: {code}: {error}") from None
             why = f"SSM throttled the look ({code})"
         except EndpointConnectionError as error:
