@@ -31,7 +31,7 @@ from stacks.config import (
     stop_parameter,
 )
 from userdata.cluster_control import NO_STOP, Stop
-from userdata.fabric_command import fabric_environment, fabric_run_command
+from userdata.fabric_command import LAUNCH_SCRIPT, fabric_environment, fabric_run_command
 from userdata.phase import decode_phase
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
@@ -248,6 +248,8 @@ def test_dry_run_prints_the_fabric_command(aws_env, ssm, rank: int, num_nodes: i
         "--devices=2",
         f"--num-nodes={num_nodes}",
         "--precision=32-true",
+        str(LAUNCH_SCRIPT),
+        "--",
         "trainer/train.py",
         "--epochs",
         "3",
@@ -374,7 +376,15 @@ def command_for(**options: Any) -> list[str]:
 def test_precision_comes_before_the_script_and_only_when_given() -> None:
     assert not any(part.startswith("--precision") for part in command_for())
     command = command_for(precision="16-mixed")
-    assert command[-5:] == ["--num-nodes=2", "--precision=16-mixed", "train.py", "--epochs", "3"]
+    assert command[-7:] == [
+        "--num-nodes=2",
+        "--precision=16-mixed",
+        str(LAUNCH_SCRIPT),
+        "--",
+        "train.py",
+        "--epochs",
+        "3",
+    ]
     launched = command_for(launcher=["python", "-m", "lightning.fabric.cli"])
     assert launched[:4] == ["python", "-m", "lightning.fabric.cli", "--node-rank=1"]
 
@@ -598,19 +608,27 @@ def test_real_run_records_phases_and_uploads_artifacts(
         ]
     else:
         assert result.returncode != 0
-        assert recorded.startswith("failed: fabric run exited with status")
+        # Before any training step: a script error, with its cause, and not restarted.
+        assert recorded == "failed: script: exited with status 3"
         assert f"{stack}/fabric-run.json" not in keys  # a failed run is not complete
     assert "phase: waiting-for-main" in result.stdout
     assert "phase: training (resumed from step 7)" in result.stdout
     assert "would stop now (not powering off: not started by the boot script" in result.stdout
 
 
-FLAKY_SCRIPT = """\
+# One optimizer step: the fault comes after training started (a script error would not be
+# restarted: test_a_script_error_is_not_restarted_and_the_phase_says_why).
+ONE_STEP = """\
+import torch
+weight = torch.nn.Parameter(torch.zeros(1))
+torch.optim.SGD([weight], lr=0.1).step()
+"""
+FLAKY_SCRIPT = ONE_STEP + """\
 import pathlib, sys
 marker = pathlib.Path(sys.argv[1])
 if not marker.exists():
     marker.write_text("failed once")
-    sys.exit(1)
+    raise RuntimeError("a fault after the first step")
 """
 
 
@@ -637,9 +655,76 @@ def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Pat
             timeout=120,
         )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "fabric run exited with status 1: restart 1 of 2" in result.stdout
+    assert (
+        "fabric run exited with status 1 (RuntimeError: a fault after the first step): "
+        "restart 1 of 2" in result.stdout
+    )
     assert "phase: training (restart 1)" in result.stdout
     assert parameters.phase_of(ssm, 0) == "done"
+
+
+LAUNCH_UNDER_FABRIC_RUN = """\
+from lightning.fabric import Fabric
+Fabric().launch()
+"""
+
+
+def test_a_script_error_is_not_restarted_and_the_phase_says_why(aws_env, ssm, tmp_path) -> None:
+    """Lightning's own mistake (launch() under fabric run) before any training step: one
+    attempt, not four, and the phase names the cause and its fix, not only an exit status."""
+    parameters = StackParameters.put(ssm, "127.0.0.1")
+    script = tmp_path / "launches.py"
+    script.write_text(LAUNCH_UNDER_FABRIC_RUN)
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            *("--devices-per-node", "2", "--main-port", "29583", "--max-restarts", "3"),
+            *("--restart-delay", "0", str(script)),
+            timeout=120,
+        )
+    assert result.returncode != 0
+    assert "restart 1 of 3" not in result.stdout
+    assert "the script failed before its first training step: no restart" in result.stdout
+    phase = parameters.phase_of(ssm, 0)
+    cause = "failed: script: RuntimeError: This script was launched through the CLI"
+    fix = "(fix: under `fabric run`, leave out fabric.launch() (fabric run has started the "
+    assert phase.startswith(cause) and phase.endswith(fix + "processes already))"), phase
+    assert parameters.stop_value(ssm).state == "failed"
+
+
+ABORTS_AT_EXIT = ONE_STEP + """\
+import atexit, os, pathlib, sys, time
+folder = pathlib.Path(sys.argv[1])
+(folder / os.environ["RANK"]).write_text("trained")
+while len(list(folder.iterdir())) < int(os.environ["WORLD_SIZE"]):  # as a last collective
+    time.sleep(0.05)
+atexit.register(os.abort)  # as a gloo thread torn down at interpreter exit does, now and then
+"""
+
+
+def test_a_script_that_finished_is_done_whatever_its_exit(aws_env, ssm, tmp_path) -> None:
+    """Every rank finished its script, then died at interpreter exit (-6): the run is done,
+    never restarted (a restart would train nothing and overwrite the run's summary)."""
+    parameters = StackParameters.put(ssm, "127.0.0.1")
+    script = tmp_path / "aborts.py"
+    script.write_text(ABORTS_AT_EXIT)
+    (tmp_path / "trained").mkdir()
+    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+        result = run_agent(
+            aws_env,
+            imds,
+            *parameters.agent_options,
+            *("--devices-per-node", "2", "--main-port", "29584", "--max-restarts", "3"),
+            *("--restart-delay", "0", str(script), "--", str(tmp_path / "trained")),
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "after every rank finished: done" in result.stdout
+    assert "restart 1 of 3" not in result.stdout
+    assert parameters.phase_of(ssm, 0) == "done"
+    assert sorted(path.name for path in (tmp_path / "trained").iterdir()) == ["0", "1"]
 
 
 # What one fabric run takes besides waiting for the rendezvous: starting Python and importing

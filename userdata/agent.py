@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -41,6 +43,8 @@ from userdata.fabric_command import (
 )
 from userdata.gpus import wait_for_gpus
 from userdata.imds import Imds, NodeIdentity, read_identity
+from userdata.launch import STATUS_DIR_ENV
+from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
 from userdata.phase import PhaseReporter
@@ -258,6 +262,7 @@ def run_fabric(
     bin first on PATH, its output streamed as it comes."""
     env = {**os.environ, **environment}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    clear(Path(env[STATUS_DIR_ENV]))
     process = subprocess.Popen(command, env=env, cwd=workdir or None)
     RUNNING[0] = process
     if watcher:
@@ -482,7 +487,12 @@ def train(args: argparse.Namespace, records: Records) -> int:
 
         watch = StopWatch(control, args.peer_poll_interval, on_stop, log)
         watch.start()
-    status = supervise(command, environment, args, reporter, watcher, watch, control, started)
+    # Where the ranks say how their script ended: this node's own disk, one run at a time.
+    environment[STATUS_DIR_ENV] = tempfile.mkdtemp(prefix="fabric-launch-")
+    status, failure = supervise(
+        command, environment, args, reporter, watcher, watch, control, started
+    )
+    shutil.rmtree(environment[STATUS_DIR_ENV], ignore_errors=True)
     watcher.stop()
     if watch:
         watch.stop()
@@ -518,8 +528,7 @@ def train(args: argparse.Namespace, records: Records) -> int:
         reporter.record(f"interrupted: {stop.describe()}{suffix}")
         return 0
     if status != 0:
-        restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
-        raise AgentError(f"fabric run exited with status {status}{restarts}")
+        raise AgentError(failure)
     if sync:
         try:
             mark_complete(s3, args.artifacts_uri, args.run_name, args.run_fingerprint)
@@ -538,21 +547,37 @@ def supervise(
     watch: StopWatch | None = None,
     control: ClusterControl | None = None,
     started: str = "training",
-) -> int:
+) -> tuple[int, str]:
     """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
     the payload resumes from its newest checkpoint), at most --max-restarts times; never again
-    once the cluster is stopped (a failed node, a spot notice anywhere, a stop from outside)."""
+    once the cluster is stopped (a failed node, a spot notice anywhere, a stop from outside),
+    and never after a script error. A run whose ranks all finished their script has ended
+    well, whatever the exit status (an abort at interpreter exit).
+
+    Returns the exit status and, when this node failed, why (for its phase)."""
+    folder = Path(environment[STATUS_DIR_ENV])
     for attempt in range(args.max_restarts + 1):
         reporter.record(started if attempt == 0 else f"training (restart {attempt})")
         status = run_fabric(command, environment, watcher, args.workdir, watch)
-        if status == 0 or attempt == args.max_restarts or stopped(watcher, watch, control):
-            return status
-        log(
-            f"fabric run exited with status {status}: restart {attempt + 1} of "
-            f"{args.max_restarts} in {args.restart_delay:g} s"
-        )
+        if status == 0:
+            return 0, ""
+        ended = outcome(folder, args.devices_per_node)
+        if ended.finished:
+            log(f"fabric run exited with status {status} after every rank finished: done")
+            return 0, ""
+        said = f" ({ended.error})" if ended.error else ""
+        failure = f"fabric run exited with status {status}{said}"
+        if stopped(watcher, watch, control):
+            return status, failure
+        if ended.script_error:
+            log(f"the script failed before its first training step: no restart ({failure})")
+            return status, f"script: {ended.script_error}"
+        if attempt == args.max_restarts:
+            restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
+            return status, f"fabric run exited with status {status}{restarts}{said}"
+        log(f"{failure}: restart {attempt + 1} of {args.max_restarts} in {args.restart_delay:g} s")
         time.sleep(args.restart_delay)
-    return status
+    return status, failure
 
 
 def stopped(

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 # What `fabric run --precision` accepts (Lightning 2.x), without its aliases.
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 # Where the Deep Learning AMI keeps libfabric and the aws-ofi-nccl plugin: a systemd service
 # does not get the login shell's LD_LIBRARY_PATH, so NCCL would not find EFA without it.
 EFA_LIBRARY_PATH = "/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"
+# What `fabric run` starts on every rank, in front of the user's script (see launch.py).
+LAUNCH_SCRIPT = Path(__file__).resolve().with_name("launch.py")
+
+
+def script_target(script: str) -> list[str]:
+    """A script's path, or a module as `-m pkg.module` (the script setting's two forms)."""
+    return script.split() if script.startswith("-m ") else [script]
+
+
+def launched(script: str, script_args: Sequence[str]) -> list[str]:
+    """`fabric run`'s SCRIPT and SCRIPT_ARGS: the launcher, then after `--` (so that no argument
+    of the script is taken for one of fabric run's own, such as --precision) the script's."""
+    return [str(LAUNCH_SCRIPT), "--", *script_target(script), *script_args]
 
 
 def fabric_run_command(
@@ -36,8 +50,7 @@ def fabric_run_command(
         f"--devices={devices}",
         f"--num-nodes={num_nodes}",
         *([f"--precision={precision}"] if precision else []),
-        script,
-        *script_args,
+        *launched(script, script_args),
     ]
 
 
