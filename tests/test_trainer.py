@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -229,3 +230,84 @@ def test_a_save_that_fails_halfway_leaves_only_a_temporary_file(
     assert summary["checkpoint"] == str(checkpoints / "step-00000032.ckpt")
     assert torch.load(summary["checkpoint"], weights_only=True)["step"] == 32
     assert not list(checkpoints.glob("*.tmp"))  # the step's save that worked replaced it
+
+
+def fails_at_save(number: int) -> Callable[..., None]:
+    """A Fabric.save that fails as a full disk does at its `number`-th call (the run dies there,
+    after the epoch's metrics row was saved and before its checkpoint was)."""
+    real_save = Fabric.save
+    calls = 0
+
+    def save(self: Fabric, path: str | Path, *rest: Any, **kw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == number:
+            raise OSError(28, "No space left on device")
+        real_save(self, path, *rest, **kw)
+
+    return save
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics" / "version_0" / "metrics.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_metrics_csv_keeps_every_step_once_across_resumes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # 8 steps an epoch, a row each epoch end. Each run dies saving a checkpoint after its row
+    # was written, so the next one resumes before that row and logs its step again.
+    run_dir = tmp_path / "run"
+    args = ["--samples", "256", "--batch-size", "32", "--run-dir", str(run_dir)]
+    real_save = Fabric.save
+    monkeypatch.setattr(Fabric, "save", fails_at_save(3))  # step 24: rows 8, 16, 24
+    with pytest.raises(OSError, match="No space left on device"):
+        main_in_process([*args, "--epochs", "4"], monkeypatch)
+    assert [row["step"] for row in metrics_rows(run_dir)] == ["8", "16", "24"]
+    monkeypatch.setattr(Fabric, "save", fails_at_save(2))  # from 16; step 32: 24 saved
+    with pytest.raises(OSError, match="No space left on device"):
+        main_in_process([*args, "--epochs", "4"], monkeypatch)
+    assert [row["step"] for row in metrics_rows(run_dir)] == ["8", "16", "24", "32"]
+    monkeypatch.setattr(Fabric, "save", real_save)
+    capsys.readouterr()
+    main_in_process([*args, "--epochs", "5"], monkeypatch)
+    assert "at step 24" in capsys.readouterr().out
+    rows = metrics_rows(run_dir)
+    assert [(row["epoch"], row["step"]) for row in rows] == [
+        ("1", "8"),
+        ("2", "16"),
+        ("3", "24"),
+        ("4", "32"),
+        ("5", "40"),
+    ]
+    assert all(row["loss"] and row["accuracy"] for row in rows)
+    assert not [w for w in recwarn if "will be deleted" in str(w.message)]
+
+
+def test_a_resumed_metrics_csv_takes_new_columns(tmp_path: Path) -> None:
+    log_dir = tmp_path / "metrics" / "version_0"
+    log_dir.mkdir(parents=True)
+    # Rows past the resumed step (30) are dropped, and a torn last append with them.
+    (log_dir / "metrics.csv").write_text("loss,step\n0.9,10\n0.8,20\n0.7,30\n0.6,40\n0.5\n")
+    logger = payload.ContinuedCSVLogger(
+        root_dir=tmp_path, name="metrics", version=0, resumed_step=30
+    )
+    logger.log_metrics({"loss": 0.4, "accuracy": 0.5}, step=40)  # a new column
+    logger.save()
+    logger.log_metrics({"loss": 0.3, "accuracy": 0.6}, step=50)
+    logger.save()
+    with (log_dir / "metrics.csv").open(newline="") as file:
+        reader = csv.DictReader(file)
+        assert reader.fieldnames == ["accuracy", "loss", "step"]
+        rows = [(row["step"], row["loss"], row["accuracy"]) for row in reader]
+    assert rows == [
+        ("10", "0.9", ""),
+        ("20", "0.8", ""),
+        ("30", "0.7", ""),
+        ("40", "0.4", "0.5"),
+        ("50", "0.3", "0.6"),
+    ]

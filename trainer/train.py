@@ -13,6 +13,7 @@ network), so the loss visibly falls on CPU in under a minute. `--data` reads a t
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import io
 import json
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric, seed_everything
 from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from torch import nn
 from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -168,6 +171,67 @@ def save_checkpoint(fabric: Fabric, checkpoint_dir: Path, state: dict[str, Any])
     return final
 
 
+class _ContinuedWriter(_ExperimentWriter):
+    """Lightning's metrics.csv writer, continuing the file of the runs this one resumes.
+
+    Lightning's writer deletes an existing metrics.csv when it starts (a fixed version is
+    "overwritten"), so every resume would lose the rows of the runs before it. This one keeps
+    the rows up to the step the run resumed from and appends after them; rows past that step
+    were logged after the checkpoint and are dropped, as those steps are trained and logged again.
+    """
+
+    def __init__(self, log_dir: str, resumed_step: int) -> None:
+        self.resumed_step = resumed_step
+        super().__init__(log_dir)  # calls _check_log_dir_exists
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the file (and warns so)
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            keys = sorted(reader.fieldnames or [])
+            # A row with too few or too many fields (a torn append) has a None in it.
+            rows = [row for row in reader if None not in row and None not in row.values()]
+        rows = [row for row in rows if _csv_step(row) <= self.resumed_step]
+        if not rows:
+            path.unlink()  # as a fresh run: the header comes from what this run logs
+            return
+        # Lightning appends in the order of its sorted metrics_keys: write the header so.
+        partial = path.with_name(path.name + ".tmp")
+        with partial.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, path)  # a reader never sees half a file
+        # save() appends under these columns, and rewrites the file when a new one comes.
+        self.metrics_keys = keys
+
+
+def _csv_step(row: dict[str, str]) -> float:
+    """A row's step; a row without a readable one counts as past any checkpoint (dropped)."""
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return float("inf")
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives resumes: see _ContinuedWriter."""
+
+    def __init__(self, *args: Any, resumed_step: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resumed_step = resumed_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.resumed_step)
+        return self._experiment
+
+
 def weights_sha256(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -272,7 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     # torchrun (under fabric run) says how many processes this node runs.
     devices_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", fabric.world_size))
     num_nodes = fabric.world_size // devices_per_node
-    logger = CSVLogger(root_dir=str(run_dir), name="metrics", version=0)
+    logger = ContinuedCSVLogger(
+        root_dir=str(run_dir), name="metrics", version=0, resumed_step=state["step"]
+    )
+    if fabric.is_global_zero:
+        # Trims metrics.csv to the resumed step now, not at the first log (an epoch away).
+        logger.experiment.save()
     total_steps = args.epochs * steps_per_epoch
     samples_per_step = args.batch_size * fabric.world_size
     fabric.print(
