@@ -19,12 +19,12 @@ def project_fingerprint(config: ClusterConfig) -> str:
 
 
 def run_fingerprint(config: ClusterConfig) -> str:
-    """What the nodes train: the project's code, the script, its arguments and the world.
-    Instance type, spot and the like are not part of it: they change where a run trains."""
+    """What the nodes train: the project's code, the script and the world. Not its arguments:
+    a run continued without them trains with the ones it recorded (the node agent compares
+    those itself). Instance type, spot and the like change where a run trains, not what."""
     what = {
         "project": project_fingerprint(config),
         "script": config.script,
-        "script_args": list(config.script_args),
         "num_nodes": config.num_nodes,
         "devices_per_node": config.devices_per_node,
         "accelerator": config.accelerator,
@@ -36,4 +36,7 @@ def run_fingerprint(config: ClusterConfig) -> str:
 def run_name(config: ClusterConfig) -> str:
     """The same project and training settings: the same run, which a new cluster continues;
     a change of code, arguments or world size: a new run beside the old ones."""
-    return config.run or "run-" + run_fingerprint(config)[:12]
+    if config.run:
+        return config.run
+    what = {"training": run_fingerprint(config), "script_args": list(config.script_args)}
+    return "run-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]

@@ -603,6 +603,7 @@ def test_real_run_records_phases_and_uploads_artifacts(
         # The temporary file is never uploaded; the run is marked complete.
         assert sorted(set(keys) - {f"{stack}/checkpoints/step-8.ckpt.tmp"}) == [
             f"{stack}/checkpoints/step-00000007.ckpt",
+            f"{stack}/fabric-args.json",
             f"{stack}/fabric-run.json",
             f"{stack}/rank0.txt",
         ]
@@ -623,13 +624,16 @@ import torch
 weight = torch.nn.Parameter(torch.zeros(1))
 torch.optim.SGD([weight], lr=0.1).step()
 """
-FLAKY_SCRIPT = ONE_STEP + """\
+FLAKY_SCRIPT = (
+    ONE_STEP
+    + """\
 import pathlib, sys
 marker = pathlib.Path(sys.argv[1])
 if not marker.exists():
     marker.write_text("failed once")
     raise RuntimeError("a fault after the first step")
 """
+)
 
 
 def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Path) -> None:
@@ -694,7 +698,9 @@ def test_a_script_error_is_not_restarted_and_the_phase_says_why(aws_env, ssm, tm
     assert parameters.stop_value(ssm).state == "failed"
 
 
-ABORTS_AT_EXIT = ONE_STEP + """\
+ABORTS_AT_EXIT = (
+    ONE_STEP
+    + """\
 import atexit, os, pathlib, sys, time
 folder = pathlib.Path(sys.argv[1])
 (folder / os.environ["RANK"]).write_text("trained")
@@ -702,6 +708,7 @@ while len(list(folder.iterdir())) < int(os.environ["WORLD_SIZE"]):  # as a last 
     time.sleep(0.05)
 atexit.register(os.abort)  # as a gloo thread torn down at interpreter exit does, now and then
 """
+)
 
 
 def test_a_script_that_finished_is_done_whatever_its_exit(aws_env, ssm, tmp_path) -> None:
@@ -978,9 +985,7 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     assert 0 < step < steps_per_epoch, f"stopped at step {step} of {steps_per_epoch} per epoch"
     assert Path(checkpoint) == run_dir / "checkpoints" / f"step-{step:08d}.ckpt"
     assert not (run_dir / "summary.json").exists()
-    assert parameters.phase_of(ssm, 0) == (
-        f"interrupted: spot instance-action {notice}"
-    )
+    assert parameters.phase_of(ssm, 0) == (f"interrupted: spot instance-action {notice}")
 
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:  # the next run resumes
         resumed = run_agent(aws_env, imds, *args, timeout=300)
@@ -1102,6 +1107,66 @@ def test_a_complete_run_is_reported_and_not_trained_again(aws_env, ssm, s3) -> N
     assert "deploy with a new -c run=NAME" in result.stdout
     assert "running: " not in result.stdout  # no fabric run
     assert "would stop now" in result.stdout
+
+
+WRITES_BESIDE_ITSELF = """\
+import json, pathlib, sys
+pathlib.Path("logs/version_0").mkdir(parents=True, exist_ok=True)
+pathlib.Path("logs/version_0/events.txt").write_text(json.dumps(sys.argv[1:]))
+pathlib.Path("config.yaml").write_text("changed: true\\n")
+"""
+
+
+def test_outputs_and_the_script_arguments_are_kept_with_the_run(aws_env, ssm, s3, tmp_path) -> None:
+    """What the script writes by relative path on node 0 goes to outputs/ (the shipped files
+    that it leaves alone do not); a run continued without arguments gets the ones it was
+    started with, a complete run given new ones trains on, given none it is complete."""
+    parameters = StackParameters.put(ssm, "127.0.0.1", num_nodes=1)
+    stack, bucket = parameters.stack, parameters.stack.lower()
+    s3.create_bucket(Bucket=bucket)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(WRITES_BESIDE_ITSELF)
+    (project / "config.yaml").write_text("changed: false\n")
+    (project / "data.txt").write_text("shipped, left alone\n")
+
+    def deploy(*script_args: str) -> subprocess.CompletedProcess[str]:
+        with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
+            return run_agent(
+                aws_env,
+                imds,
+                *parameters.agent_options,
+                *("--devices-per-node", "1", "--main-port", "29585", "--run-name", "r1"),
+                *("--run-dir", str(tmp_path / "run"), "--workdir", str(project)),
+                *("--artifacts-uri", f"s3://{bucket}/{stack}", "--run-fingerprint", "f" * 64),
+                "train.py",
+                "--",
+                *script_args,
+                timeout=120,
+            )
+
+    def events() -> list[str]:
+        body = s3.get_object(Bucket=bucket, Key=f"{stack}/outputs/logs/version_0/events.txt")
+        return json.loads(body["Body"].read())
+
+    first = deploy("--epochs", "60")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    keys = {
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{stack}/outputs/")["Contents"]
+    }
+    assert keys == {f"{stack}/outputs/logs/version_0/events.txt", f"{stack}/outputs/config.yaml"}
+    assert events() == ["--epochs", "60"]
+    (project / "config.yaml").write_text("changed: false\n")  # a new cluster: as it shipped
+    again = deploy()  # complete, and continued with the arguments it had: nothing to train
+    assert "already complete" in again.stdout, again.stdout[-3000:]
+    assert "continued with its recorded arguments: --epochs 60" in again.stdout
+    more = deploy("--epochs", "80")  # more epochs: trains on
+    assert more.returncode == 0 and "already complete" not in more.stdout
+    assert events() == ["--epochs", "80"]
+    marker = json.loads(s3.get_object(Bucket=bucket, Key=f"{stack}/fabric-run.json")["Body"].read())
+    assert marker["script_args"] == ["--epochs", "80"]
+    # Not restored into the run directory: they are the working directory's.
+    assert not (tmp_path / "run" / "outputs").exists()
 
 
 def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:

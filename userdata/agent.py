@@ -47,9 +47,16 @@ from userdata.launch import STATUS_DIR_ENV
 from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
+from userdata.outputs import OUTPUTS, Snapshot, outputs, snapshot
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
-from userdata.run_state import completed, mark_complete, restore
+from userdata.run_state import (
+    completed,
+    mark_complete,
+    record_args,
+    recorded_args,
+    restore,
+)
 from userdata.spot import SpotWatcher
 
 T = TypeVar("T")
@@ -310,6 +317,51 @@ def run_state(action: Callable[[], T], uri: str) -> T:
         raise AgentError(f"cannot read the run's files in {uri}/: {error}") from None
 
 
+def script_arguments(s3: object, args: argparse.Namespace) -> list[str]:
+    """The deploy's script arguments; none given: the ones the run was started with."""
+    if args.script_args:
+        return list(args.script_args)
+    recorded = recorded_args(s3, args.artifacts_uri)
+    if recorded:
+        log(f"run {args.run_name}: continued with its recorded arguments: {shlex.join(recorded)}")
+    return recorded or []
+
+
+def begin_run(s3: object, args: argparse.Namespace, given: bool) -> None:
+    """Node 0, before training: the arguments given are the run's from now on."""
+    if given and recorded_args(s3, args.artifacts_uri) != args.script_args:
+        record_args(s3, args.artifacts_uri, args.script_args)
+
+
+@dataclass
+class KeptOutputs:
+    """Node 0: what the script writes by relative path in the project folder (not what
+    shipped), kept with the run under outputs/ (userdata/outputs.py)."""
+
+    workdir: Path
+    before: Snapshot
+    sync: ArtifactSync
+
+    @classmethod
+    def start(cls, s3: object, args: argparse.Namespace) -> KeptOutputs | None:
+        if not args.workdir:
+            return None
+        workdir = Path(args.workdir)
+        before = snapshot(workdir)
+        uri = f"{args.artifacts_uri}/{OUTPUTS}"
+        files = lambda: outputs(workdir, before).files  # noqa: E731
+        kept = cls(workdir, before, ArtifactSync(s3, uri, workdir, args.sync_interval, files=files))
+        kept.sync.start()
+        return kept
+
+    def finish(self, interrupted: bool) -> None:
+        uploaded = self.sync.stop_now() if interrupted else f"{self.sync.stop()} file(s) uploaded"
+        skipped = outputs(self.workdir, self.before).skipped
+        if skipped:
+            log(f"outputs: left out {len(skipped)} file(s): {'; '.join(skipped[:5])}")
+        log(f"outputs (what the script wrote in {self.workdir}): {uploaded}")
+
+
 def identify(imds: Imds) -> NodeIdentity:
     """read_identity, whose failures name the instance when IMDS can say which it is.
 
@@ -432,9 +484,12 @@ def train(args: argparse.Namespace, records: Records) -> int:
         gpus = wait_for_gpus(args.devices_per_node, args.gpu_timeout, log=log)
         log(f"nvidia-smi sees {gpus} GPU(s)")
     s3 = aws_client("s3", identity.region, max(args.ssm_timeout, 30.0))
+    given = bool(args.script_args)
     if args.artifacts_uri and not args.dry_run:
+        args.script_args = run_state(lambda: script_arguments(s3, args), args.artifacts_uri)
         marker = run_state(
-            lambda: completed(s3, args.artifacts_uri, args.run_fingerprint), args.artifacts_uri
+            lambda: completed(s3, args.artifacts_uri, args.run_fingerprint, args.script_args),
+            args.artifacts_uri,
         )
         if marker:
             # Trained again in silence, it would look like a broken machine: say so instead.
@@ -452,7 +507,7 @@ def train(args: argparse.Namespace, records: Records) -> int:
             print(f"{key}={value}", flush=True)
         return 0
     started = "training"
-    sync = None
+    sync = kept = None
     if identity.node_rank == 0 and args.artifacts_uri and args.run_dir:
         reporter.record("restoring")
         restored = run_state(
@@ -460,11 +515,13 @@ def train(args: argparse.Namespace, records: Records) -> int:
         )
         started = f"training ({restored.describe()})"
         log(f"run {args.run_name}: {restored.describe()} ({args.artifacts_uri}/)")
+        run_state(lambda: begin_run(s3, args, given), args.artifacts_uri)
         sync = ArtifactSync(
             s3, args.artifacts_uri, Path(args.run_dir), args.sync_interval, PROGRESS_INTERVAL
         )
         sync.mark_seen(restored.paths)  # in S3 already
         sync.start()
+        kept = KeptOutputs.start(s3, args)
     on_stop_signal(control, args.max_hours)
     log(f"running: {shlex.join(command)}")
     watcher = SpotWatcher(
@@ -498,8 +555,9 @@ def train(args: argparse.Namespace, records: Records) -> int:
         watch.stop()
     if watch and watch.replaced:
         # A redeploy replaced this node: its run is the new cluster's now; nothing more here.
-        if sync:
-            sync.abandon()
+        for each in (sync, kept and kept.sync):
+            if each:
+                each.abandon()
         reporter.silenced = "another instance holds this rank now (a redeploy)"
         log("this node was replaced by a redeploy: no upload, no phase")
         return 0
@@ -513,6 +571,8 @@ def train(args: argparse.Namespace, records: Records) -> int:
             log(f"artifacts: {upload}")
         else:
             log(f"artifacts: {sync.stop()} file(s) uploaded to {args.artifacts_uri} at the end")
+    if kept:
+        kept.finish(bool(interrupted))
     suffix = f"; {upload}" if upload else ""
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
@@ -531,7 +591,9 @@ def train(args: argparse.Namespace, records: Records) -> int:
         raise AgentError(failure)
     if sync:
         try:
-            mark_complete(s3, args.artifacts_uri, args.run_name, args.run_fingerprint)
+            mark_complete(
+                s3, args.artifacts_uri, args.run_name, args.run_fingerprint, args.script_args
+            )
         except (BotoCoreError, ClientError) as error:
             log(f"could not mark run {args.run_name} complete in {args.artifacts_uri}/: {error}")
     reporter.record("done")

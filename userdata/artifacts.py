@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -51,9 +52,12 @@ class ArtifactSync:
         run_dir: Path,
         interval: float = 60.0,
         progress_interval: float | None = None,
+        files: Callable[[], list[Path]] | None = None,
     ) -> None:
         """progress_interval: how often the script's small progress.json goes up on its own
-        (what `make status` shows), between the full syncs."""
+        (what `make status` shows), between the full syncs. files: which files of run_dir to
+        keep in sync (default: every complete one)."""
+        self.files = files
         self.s3 = s3
         self.bucket, self.prefix = split_s3_uri(uri)
         self.run_dir = run_dir
@@ -111,6 +115,8 @@ class ArtifactSync:
     def complete_files(self) -> list[Path]:
         if not self.run_dir.is_dir():
             return []
+        if self.files is not None:
+            return [path for path in self.files() if is_complete(path)]
         return [p for p in sorted(self.run_dir.rglob("*")) if p.is_file() and is_complete(p)]
 
     def sync_once(self, only: str | None = None) -> int:

@@ -8,6 +8,9 @@ from pathlib import PurePosixPath
 # A run's name (the run setting, --run): a folder name and an S3 key part.
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 COMPLETE_MARKER = "fabric-run.json"  # written when the run has ended well
+# The script's arguments the run was started (or last continued) with: a run continued
+# without arguments uses them; with new ones, those (and records them).
+RUN_ARGS_FILE = "fabric-args.json"
 PROGRESS_FILE = "progress.json"  # written by the script, shown by `make status`
 # A checkpoint whose name says its step (trainer/, examples/): the newest is restored first.
 CHECKPOINT_STEP = re.compile(r"step-(\d+)\.ckpt$")

@@ -1,5 +1,6 @@
 """A run's state in S3, at s3://<bucket>/<stack>/<run>/: node 0 restores it before training
-(so a cluster made again continues the run) and marks it complete when training has ended."""
+(so a cluster made again continues the run) and marks it complete when training has ended;
+every node reads the script arguments the run was started with, when its deploy gives none."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from userdata.artifacts import is_complete, split_s3_uri
-from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER
+from userdata.outputs import OUTPUTS
+from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER, RUN_ARGS_FILE
 
 KEEP_CHECKPOINTS = 2  # the newest, and the one before in case the newest is torn
 
@@ -36,32 +38,63 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def completed(s3: Any, uri: str, fingerprint: str = "") -> dict[str, Any] | None:
-    """The run's completion marker, if the run has ended well with what the nodes run now:
-    a run named again with more epochs or new code (another fingerprint) goes on training."""
+def _read_json(s3: Any, uri: str, name: str) -> dict[str, Any] | None:
+    """A small JSON file of the run; None when there is none (or it is torn, or not ours)."""
     bucket, prefix = split_s3_uri(uri)
     try:
-        body = s3.get_object(Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER))["Body"].read()
+        body = s3.get_object(Bucket=bucket, Key=_key(prefix, name))["Body"].read()
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
     try:
-        marker: dict[str, Any] = json.loads(body)
-    except ValueError:  # not ours, or torn: the run is not known to be complete
+        found = json.loads(body)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def completed(
+    s3: Any, uri: str, fingerprint: str = "", script_args: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The run's completion marker, if the run has ended well with what the nodes run now:
+    a run named again with more epochs (other arguments) or new code (another fingerprint)
+    goes on training."""
+    marker = _read_json(s3, uri, COMPLETE_MARKER)
+    if marker is None:
         return None
     if fingerprint and marker.get("fingerprint", fingerprint) != fingerprint:
+        return None
+    if script_args is not None and marker.get("script_args", script_args) != script_args:
         return None
     return marker
 
 
-def mark_complete(s3: Any, uri: str, run: str, fingerprint: str = "") -> None:
+def mark_complete(
+    s3: Any, uri: str, run: str, fingerprint: str = "", script_args: list[str] | None = None
+) -> None:
     bucket, prefix = split_s3_uri(uri)
     marker = {"run": run, "status": "complete", "finished": datetime.now(UTC).isoformat()}
     marker["fingerprint"] = fingerprint
+    marker["script_args"] = script_args or []
     s3.put_object(
         Bucket=bucket, Key=_key(prefix, COMPLETE_MARKER), Body=json.dumps(marker).encode()
     )
+
+
+def recorded_args(s3: Any, uri: str) -> list[str] | None:
+    """The script arguments the run was started or last continued with (None: not recorded)."""
+    record = _read_json(s3, uri, RUN_ARGS_FILE)
+    found = record.get("script_args") if record else None
+    if isinstance(found, list) and all(isinstance(arg, str) for arg in found):
+        return found
+    return None
+
+
+def record_args(s3: Any, uri: str, script_args: list[str]) -> None:
+    bucket, prefix = split_s3_uri(uri)
+    body = json.dumps({"script_args": script_args}).encode()
+    s3.put_object(Bucket=bucket, Key=_key(prefix, RUN_ARGS_FILE), Body=body)
 
 
 def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
@@ -75,7 +108,11 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
             relative = item["Key"][len(start) :]
-            if not relative or relative == COMPLETE_MARKER or not is_complete(run_dir / relative):
+            if relative in ("", COMPLETE_MARKER, RUN_ARGS_FILE) or not is_complete(
+                run_dir / relative
+            ):
+                continue
+            if relative.startswith(f"{OUTPUTS}/"):  # the working directory's: kept, not restored
                 continue
             wanted[relative] = item["Key"]
             if match := CHECKPOINT_STEP.search(relative):
