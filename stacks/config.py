@@ -213,6 +213,14 @@ def _instance_type(value: object, accelerator: str) -> str:
             value,
             "arm64 (Graviton) types are not supported: the node AMI is amd64",
         )
+    if accelerator == "cpu" and family in GPU_FAMILIES:
+        raise _invalid(
+            "instance_type",
+            value,
+            f"{family} is a GPU type, but accelerator=cpu would train on its CPUs at GPU prices "
+            "(with the plain AMI and CPU torch): pass -c accelerator=gpu, or pick a CPU type "
+            "such as c7i.2xlarge",
+        )
     if accelerator == "gpu" and family not in GPU_FAMILIES:
         families = ", ".join(sorted(GPU_FAMILIES))
         raise _invalid(

@@ -256,6 +256,19 @@ def test_cpu_instance_type_refused_for_gpu() -> None:
         load(accelerator="gpu")
 
 
+@pytest.mark.parametrize("instance_type", ["g5.xlarge", "p4d.24xlarge", "G6e.12xlarge"])
+def test_gpu_instance_type_refused_for_cpu(instance_type: str) -> None:
+    """GPU prices for a CPU run (the plain AMI, CPU torch): never by accident."""
+    family = instance_type.lower().split(".")[0]
+    with pytest.raises(ConfigError) as error:
+        load(instance_type=instance_type)  # accelerator=cpu, the default
+    assert str(error.value) == (
+        f"invalid setting instance_type={instance_type!r}: {family} is a GPU type, but "
+        "accelerator=cpu would train on its CPUs at GPU prices (with the plain AMI and CPU "
+        "torch): pass -c accelerator=gpu, or pick a CPU type such as c7i.2xlarge"
+    )
+
+
 def test_missing_setting_says_where_to_set_it() -> None:
     context = cdk_json_context()
     del context["num_nodes"]
