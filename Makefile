@@ -17,8 +17,14 @@ ARGS ?=
 .PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check \
 	status logs results runs
 
-$(VENV)/.runtime: requirements.txt userdata/requirements-node.txt trainer/requirements.txt
+# torch first, the CPU build (or FABRIC_TORCH_INDEX's), from where install.sh would take it
+# (local/torch_source.py): PyPI's Linux torch is the multi-GB CUDA build. The requirements then
+# find their torch pin satisfied.
+TORCH_PIN = $(shell grep -m1 '^torch==' userdata/requirements-node.txt)
+$(VENV)/.runtime: requirements.txt userdata/requirements-node.txt trainer/requirements.txt \
+		local/torch_source.py
 	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet $$($(PYTHON) -m local.torch_source) "$(TORCH_PIN)"
 	$(PYTHON) -m pip install --quiet -r requirements.txt
 	touch $@
 

@@ -1,6 +1,10 @@
 """The local cluster's venv for a user's project: made by the node's own install step
 (userdata/install.sh: torch held at the node's build, the project's dependencies, the agent's),
-and cached under .venvs/ by the hash of everything that decides what it holds."""
+and cached under .venvs/ by the hash of everything that decides what it holds.
+
+An installable project (a package) is installed from a copy of the files that ship, as a node
+installs it from the payload: the user's folder gets no build/ or *.egg-info, the venv holds
+exactly what ships, and a change to any shipped file makes a new venv."""
 
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from local.torch_source import torch_source
 from stacks.config import PROJECT_DIR
-from stacks.project import NODE_REQUIREMENTS, Project
-from userdata.dependencies import DEPENDENCY_FILES
+from stacks.project import NODE_REQUIREMENTS, Project, shipped_files
+from userdata.dependencies import DEPENDENCY_FILES, installable
 
 # Where project venvs live (a test points it elsewhere).
 VENVS_DIR = Path(os.environ.get("FABRIC_VENVS_DIR") or PROJECT_DIR / ".venvs")
@@ -26,21 +31,6 @@ DONE_MARKER = ".fabric-installed"
 
 class InstallError(RuntimeError):
     """The project's dependencies could not be installed; the message is the installer's."""
-
-
-def torch_source() -> str:
-    """Where torch comes from here: FABRIC_TORCH_INDEX, else pip's own find-links (a folder of
-    wheels, as on machines without the PyTorch index), else the default of install.sh."""
-    if os.environ.get("FABRIC_TORCH_INDEX"):
-        return os.environ["FABRIC_TORCH_INDEX"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "get", "global.find-links"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    folder = result.stdout.strip().split()[0] if result.returncode == 0 and result.stdout else ""
-    return folder if folder and Path(folder).is_dir() else ""
 
 
 def uv_binary() -> str:
@@ -67,7 +57,21 @@ def venv_key(project: Project, accelerator: str, source: str) -> str:
     for path in files:
         digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes() if path.is_file() else b"(none)")
+    if installable(project.path):  # the venv holds the project itself
+        for relative in shipped_files(project.path):
+            digest.update(relative.as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256((project.path / relative).read_bytes()).digest())
     return digest.hexdigest()
+
+
+def stage_shipped(project: Path, into: Path) -> Path:
+    """A copy of what ships of the project (what a node's payload holds), to build from. It
+    stays beside the venv: the lock's workspace members (-e ./member) are installed from it."""
+    shutil.rmtree(into, ignore_errors=True)
+    for relative in shipped_files(project):
+        (into / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / relative, into / relative)
+    return into
 
 
 def project_venv(project: Project, accelerator: str) -> Path:
@@ -80,12 +84,15 @@ def project_venv(project: Project, accelerator: str) -> Path:
         return venv
     shutil.rmtree(venv, ignore_errors=True)  # what an interrupted install left
     print(f"[cluster] project venv: installing {project.path} into {venv}", flush=True)
+    folder = project.path
+    if installable(folder):  # its build writes into the folder it is given (build/, egg-info)
+        folder = stage_shipped(folder, venv.with_name(venv.name + ".project"))
     with tempfile.TemporaryDirectory(prefix="fabric-install-") as work:
         error_file = Path(work) / "error.txt"
         command = [
             "bash", str(INSTALL_SCRIPT), "--uv", uv_binary(), "--venv", str(venv),
             "--python", sys.executable, "--accelerator", "cpu" if accelerator == "cpu" else "gpu",
-            "--torch-version", project.torch_version, "--project", str(project.path),
+            "--torch-version", project.torch_version, "--project", str(folder),
             "--requirements", str(NODE_REQUIREMENTS), "--error-file", str(error_file),
         ]  # fmt: skip
         env = {**os.environ, "FABRIC_TORCH_INDEX": source} if source else dict(os.environ)
@@ -95,6 +102,8 @@ def project_venv(project: Project, accelerator: str) -> Path:
         result = subprocess.run(command, env=env, check=False)
         if result.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
+            if folder != project.path:
+                shutil.rmtree(folder, ignore_errors=True)
             message = error_file.read_text().strip() if error_file.is_file() else ""
             raise InstallError(message or f"install.sh exited with status {result.returncode}")
     (venv / DONE_MARKER).write_text(json.dumps({"project": str(project.path)}) + "\n")

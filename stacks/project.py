@@ -1,6 +1,6 @@
 """The user's training project, checked on the user's machine (at synth and by the local cluster):
-the folder, the script inside it, its dependency file, the torch a node installs for it, and
-the files that ship.
+the folder, the script inside it (a file, or `-m pkg.module`), its dependency file, the torch a
+node installs for it (and the torch family's versions that go with it), and the files that ship.
 
 A bad project raises ConfigError with one line naming the setting (project or script).
 """
@@ -21,8 +21,11 @@ from pathspec import GitIgnoreSpec
 from stacks.errors import ConfigError
 from userdata.dependencies import (
     DEPENDENCY_FILES,
+    TORCH_FAMILY,
     DependencyError,
     dependency_file,
+    family_version,
+    installable,
     locked_packages,
     normalized,
     pyproject_dependencies,
@@ -40,12 +43,14 @@ NEVER_SHIPPED = frozenset(
 # Only at the project's top: the local cluster's runs (a package may be called runs).
 NEVER_SHIPPED_AT_TOP = frozenset({"runs"})
 NEVER_SHIPPED_SUFFIXES = (".pyc", ".pyo")
+# `-m pkg.module`: what `python -m` takes, a dotted name of identifiers.
+_MODULE_SCRIPT = re.compile(r"-m\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)", re.ASCII)
 
 
 @dataclass(frozen=True)
 class Project:
     path: Path  # absolute
-    script: str  # relative to path, POSIX
+    script: str  # relative to path, POSIX; or "-m pkg.module"
     dependency_file: str | None  # uv.lock, pyproject.toml, requirements.txt or None
     torch_version: str  # what a node installs (the accelerator's build of it)
 
@@ -84,9 +89,16 @@ def project_folder(value: object, app_dir: Path) -> Path:
 
 
 def project_script(value: object, project: Path) -> str:
-    allowed = f"expected the relative path of a file inside the project ({project})"
+    """A shipped file inside the project (its relative path), or `-m pkg.module` for a module
+    shipped in it (pkg/module.py or pkg/module/__main__.py, at the top or under src/)."""
+    allowed = (
+        f"expected the relative path of a file inside the project ({project}), or -m followed "
+        "by a module shipped in it (pkg/module.py or pkg/module/__main__.py, or under src/)"
+    )
     if not isinstance(value, str) or not value.strip() or Path(value.strip()).is_absolute():
         raise _invalid("script", value, allowed)
+    if value.strip().startswith("-"):
+        return _module_script(value, project, allowed)
     try:
         path = (project / value.strip()).resolve()
         usable = path.is_relative_to(project) and path.is_file()
@@ -100,13 +112,31 @@ def project_script(value: object, project: Path) -> str:
     return relative.as_posix()
 
 
-def torch_specifiers(project: Path) -> list[str]:
-    """What the project's dependency file says about torch (a lock: its exact version)."""
+def _module_script(value: str, project: Path, allowed: str) -> str:
+    match = _MODULE_SCRIPT.fullmatch(value.strip())
+    if not match:
+        raise _invalid("script", value, allowed)
+    module = match.group(1)
+    parts = module.split(".")
+    candidates = [
+        path
+        for base in ("", "src")
+        for path in (Path(base, *parts[:-1], parts[-1] + ".py"), Path(base, *parts, "__main__.py"))
+    ]
+    shipped = set(shipped_files(project))
+    if not any(candidate in shipped for candidate in candidates):
+        listed = ", ".join(candidate.as_posix() for candidate in candidates)
+        raise _invalid("script", value, f"no shipped file is module {module} ({listed}); {allowed}")
+    return f"-m {module}"
+
+
+def requirement_specifiers(project: Path, package: str) -> list[str]:
+    """What the project's dependency file says about a package (a lock: its exact version)."""
     source = dependency_file(project)
     if source is None:
         return []
     if source.name == "uv.lock":
-        version = locked_packages(source).get("torch")
+        version = locked_packages(source).get(package)
         return [f"=={version}"] if version else []
     if source.name == "pyproject.toml":
         lines = pyproject_dependencies(source)
@@ -114,7 +144,7 @@ def torch_specifiers(project: Path) -> list[str]:
         lines = requirements_file_lines(source)
     specifiers = []
     for line in lines:
-        if requirement_name(line) != "torch":
+        if requirement_name(line) != package:
             continue
         try:
             requirement = Requirement(line.split("#", 1)[0].strip().split(" --", 1)[0])
@@ -124,11 +154,41 @@ def torch_specifiers(project: Path) -> list[str]:
             ) from None
         if requirement.url:
             raise DependencyError(
-                f"{source.name}: torch from a URL cannot be used: a node installs its "
+                f"{source.name}: {package} from a URL cannot be used: a node installs its "
                 "accelerator's build (name a version instead)"
             )
         specifiers.append(str(requirement.specifier))
     return specifiers
+
+
+def torch_specifiers(project: Path) -> list[str]:
+    """What the project's dependency file says about torch (a lock: its exact version)."""
+    return requirement_specifiers(project, "torch")
+
+
+def _public(specifiers: list[str]) -> SpecifierSet:
+    """The specifiers with no local label (==2.5.1+cu121 is ==2.5.1): the build is the node's
+    choice, not the project's."""
+    return SpecifierSet(",".join(re.sub(r"\+[\w.]*", "", s) for s in specifiers if s))
+
+
+def check_torch_family(project: Path, torch_version: str) -> None:
+    """Each family member the project names allows the version that goes with the nodes'
+    torch: a node installs that one, whatever the project pins."""
+    for package in TORCH_FAMILY:
+        specifiers = requirement_specifiers(project, package)
+        if not specifiers:
+            continue
+        wanted = _public(specifiers)
+        version = family_version(package, torch_version)
+        if wanted.contains(version, prereleases=True):
+            continue
+        exact = len(wanted) == 1 and next(iter(wanted)).operator in ("==", "===")
+        asks, fix = ("pins", "pin") if exact else ("asks for", "allow")
+        raise DependencyError(
+            f"it {asks} {package}{wanted}, but the nodes' torch {torch_version} goes with "
+            f"{package} {version}: {fix} that version or leave it out"
+        )
 
 
 def node_torch_version(specifiers: list[str], pinned: str) -> str:
@@ -155,6 +215,8 @@ def load_project(project: object, script: object, app_dir: Path, pinned_torch: s
     source = dependency_file(path)
     try:
         torch_version = node_torch_version(torch_specifiers(path), pinned_torch)
+        check_torch_family(path, torch_version)
+        installable(path)  # a pyproject.toml that cannot be read says so here, not on a node
     except DependencyError as error:
         raise _invalid("project", project, str(error)) from None
     return Project(path, relative_script, source.name if source else None, torch_version)

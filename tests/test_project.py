@@ -15,13 +15,21 @@ from stacks.payload import PAYLOAD_AGENT, PAYLOAD_PROJECT
 from stacks.project import (
     MAX_PROJECT_BYTES,
     check_size,
+    load_project,
     node_torch_version,
     pinned_version,
+    project_script,
     shipped_files,
     torch_specifiers,
 )
 from tests.cfn import Synth, cdk_json_context, user_data_text
-from userdata.dependencies import DependencyError, node_requirements
+from userdata.dependencies import (
+    DependencyError,
+    family_versions,
+    installable,
+    main,
+    node_requirements,
+)
 
 PROJECTS = Path(__file__).parent / "projects"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "charlm"
@@ -116,6 +124,205 @@ def test_torch_in_each_dependency_form(tmp_path: Path) -> None:
     assert torch_specifiers(tmp_path) == ["==2.5.1"]
 
 
+@pytest.mark.parametrize(
+    ("torch", "versions"),
+    [
+        ("2.13.0", {"torchvision": "0.28.0", "torchaudio": "2.13.0"}),
+        ("2.13.0+cpu", {"torchvision": "0.28.0", "torchaudio": "2.13.0"}),
+        ("2.5.1", {"torchvision": "0.20.1", "torchaudio": "2.5.1"}),
+        ("2.0.1", {"torchvision": "0.15.2", "torchaudio": "2.0.2"}),  # not the rule's
+        ("1.13.1", {}),
+        ("2.14.0rc1", {}),
+    ],
+)
+def test_the_torch_familys_versions_that_go_with_a_torch(
+    torch: str, versions: dict[str, str]
+) -> None:
+    assert family_versions(torch) == versions
+
+
+def test_the_torch_family_is_never_in_the_projects_lines_and_install_sh_learns_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "requirements.txt").write_text(
+        "TorchVision>=0.20\ntimm==1.0.20\ntorchaudio\ntorch==2.13.0\n"
+    )
+    pins, named = tmp_path / "pins.txt", tmp_path / "named.txt"
+    lines = node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)
+    assert lines == ["timm==1.0.20", "lightning==2.6.6", "click==8.5.1", "boto3==1.44.8"]
+    arguments = ["--project", str(tmp_path), "--agent-requirements", str(AGENT_REQUIREMENTS)]
+    family = ["--torch-version", "2.13.0", "--family-pins", str(pins), "--family-named", str(named)]
+    assert main([*arguments, "--uv", UV, *family]) == 0
+    assert pins.read_text() == "torchvision==0.28.0\ntorchaudio==2.13.0\n"
+    assert named.read_text() == "torchvision==0.28.0\ntorchaudio==2.13.0\n"
+    (tmp_path / "requirements.txt").write_text("timm==1.0.20\n")  # torchvision only comes with it
+    assert main([*arguments, "--uv", UV, *family]) == 0
+    assert named.read_text() == ""
+    assert pins.read_text() == "torchvision==0.28.0\ntorchaudio==2.13.0\n"
+
+
+LOCKED_TORCHVISION = """version = 1
+revision = 3
+requires-python = ">=3.11"
+
+[[package]]
+name = "x"
+version = "0.1.0"
+source = { virtual = "." }
+dependencies = [{ name = "torchvision" }, { name = "tabulate" }]
+
+[package.metadata]
+requires-dist = [{ name = "torchvision" }, { name = "tabulate" }]
+
+[[package]]
+name = "torchvision"
+version = "0.28.0"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "tabulate"
+version = "0.9.0"
+source = { registry = "https://pypi.org/simple" }
+"""
+
+
+def test_a_torch_family_member_in_the_lock_comes_with_torch_not_with_the_lock(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\nversion = "0.1.0"\ndependencies = ["torchvision", "tabulate"]\n'
+    )
+    (tmp_path / "uv.lock").write_text(LOCKED_TORCHVISION)
+    assert node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)[0] == "tabulate==0.9.0"
+    named = tmp_path / "named.txt"
+    arguments = ["--project", str(tmp_path), "--agent-requirements", str(AGENT_REQUIREMENTS)]
+    family = ["--torch-version", "2.13.0", "--family-pins", str(tmp_path / "pins.txt")]
+    assert main([*arguments, "--uv", UV, *family, "--family-named", str(named)]) == 0
+    assert named.read_text() == "torchvision==0.28.0\n"
+    # A uv project that is a package: the lock's requirements, then the project itself.
+    with (tmp_path / "pyproject.toml").open("a") as pyproject:
+        pyproject.write("[tool.uv]\npackage = true\n")
+    lock = LOCKED_TORCHVISION.replace('source = { virtual = "." }', 'source = { editable = "." }')
+    (tmp_path / "uv.lock").write_text(lock)
+    assert node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)[:2] == ["tabulate==0.9.0", "."]
+
+
+@pytest.mark.parametrize(
+    ("requirement", "torch"),
+    [
+        ("torchvision", PINNED_TORCH),
+        ("torchvision>=0.20", PINNED_TORCH),
+        ("torchvision==0.28.0", "2.13.0"),
+        ("torchvision==0.28.0+cu130", "2.13.0"),  # the label is the node's choice
+        ("torchaudio~=2.13.0", "2.13.0"),
+        ("torch==2.5.1\ntorchvision==0.20.1", "2.5.1"),  # the family of the project's torch
+    ],
+)
+def test_a_torch_family_pin_that_goes_with_the_nodes_torch_is_fine(
+    tmp_path: Path, requirement: str, torch: str
+) -> None:
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "requirements.txt").write_text(requirement + "\n")
+    assert load_project(str(tmp_path), "train.py", tmp_path, PINNED_TORCH).torch_version == torch
+
+
+def test_an_installable_project_is_installed_itself_and_a_folder_of_scripts_is_not(
+    tmp_path: Path,
+) -> None:
+    package = PROJECTS / "installable"
+    assert installable(package)
+    assert node_requirements(package, AGENT_REQUIREMENTS, UV) == [
+        ".",  # install.sh installs from the project folder: not editable
+        "lightning==2.6.6",
+        "click==8.5.1",
+        "boto3==1.44.8",
+    ]
+    for folder in ("with-lock", "with-requirements", "names-torch"):
+        assert not installable(PROJECTS / folder)
+        assert "." not in node_requirements(PROJECTS / folder, AGENT_REQUIREMENTS, UV)
+    assert not installable(EXAMPLE)  # a uv project with package = false
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\nversion = "1"\n[tool.uv]\npackage = true\n')
+    assert installable(tmp_path)
+    assert node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)[0] == "."
+    pyproject.write_text('[build-system]\nrequires = ["hatchling"]\n[tool.uv]\npackage = false\n')
+    assert not installable(tmp_path)  # uv's rule: package = false wins
+    (tmp_path / "requirements.txt").write_text("-e .\n")
+    pyproject.write_text('[build-system]\nrequires = ["setuptools"]\n')
+    assert node_requirements(tmp_path, AGENT_REQUIREMENTS, UV)[0] == "-e ."  # as it asks, once
+
+
+def test_the_local_venv_of_a_package_is_built_from_what_ships_and_keyed_by_it(
+    tmp_path: Path,
+) -> None:
+    from local.project_venv import stage_shipped, venv_key
+
+    package = shutil.copytree(PROJECTS / "installable", tmp_path / "installable")
+    (package / ".gitignore").write_text("*.log\n")
+    (package / "debug.log").write_text("never ships\n")
+    project = load_project(str(package), "train.py", tmp_path, PINNED_TORCH)
+    key = venv_key(project, "cpu", "")
+    (package / "debug.log").write_text("changed, and still never ships\n")
+    assert venv_key(project, "cpu", "") == key
+    (package / "src" / "mypkg" / "model.py").write_text("class Net: ...\n")
+    assert venv_key(project, "cpu", "") != key  # the venv holds the package: a new one
+    staged = stage_shipped(package, tmp_path / "staged")
+    copied = sorted(p.relative_to(staged) for p in staged.rglob("*") if p.is_file())
+    assert copied == shipped_files(package) and Path("debug.log") not in copied
+    scripts = shutil.copytree(PROJECTS / "with-requirements", tmp_path / "scripts")
+    project = load_project(str(scripts), "src/main.py", tmp_path, PINNED_TORCH)
+    key = venv_key(project, "cpu", "")
+    (scripts / "src" / "main.py").write_text("print('changed')\n")
+    assert venv_key(project, "cpu", "") == key  # run where it lies: the venv stays
+
+
+def module_project(root: Path) -> Path:
+    for name in ("train.py", "pkg/__init__.py", "pkg/train.py", "tool/__main__.py",
+                 "src/mypkg/__init__.py", "src/mypkg/cli/__main__.py", "src/mypkg/fit.py",
+                 "pkg/skipped.py", ".gitignore"):  # fmt: skip
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("pkg/skipped.py\n" if name == ".gitignore" else "")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("value", "script"),
+    [
+        ("train.py", "train.py"),
+        ("-m pkg.train", "-m pkg.train"),
+        ("  -m   pkg.train ", "-m pkg.train"),
+        ("-mpkg.train", "-m pkg.train"),
+        ("-m tool", "-m tool"),  # tool/__main__.py
+        ("-m mypkg.fit", "-m mypkg.fit"),  # src layout
+        ("-m mypkg.cli", "-m mypkg.cli"),  # src/mypkg/cli/__main__.py
+        ("-m train", "-m train"),
+    ],
+)
+def test_a_script_is_a_file_or_a_module_of_the_project(
+    tmp_path: Path, value: str, script: str
+) -> None:
+    assert project_script(value, module_project(tmp_path)) == script
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["-m pkg.missing", "-m pkg.skipped", "-m pkg/train", "-m", "-m pkg.train extra", "--m x",
+     "-m ..pkg", "-m 1pkg"],
+)  # fmt: skip
+def test_a_bad_module_script_is_one_line_naming_the_setting(tmp_path: Path, value: str) -> None:
+    project = module_project(tmp_path / "project")
+    with pytest.raises(ConfigError) as error:
+        load(project=str(project), script=value)
+    text = str(error.value)
+    assert text.startswith(f"invalid setting script={value!r}: ") and "\n" not in text
+    assert "-m followed by a module shipped in it (pkg/module.py or pkg/module/__main__.py" in text
+
+
+def test_a_module_script_reaches_the_config() -> None:
+    config = load(project=str(PROJECTS / "installable"), script="-m mypkg.model")
+    assert config.script == "-m mypkg.model"
+
+
 def test_what_ships_and_what_never_does(tmp_path: Path) -> None:
     files = {
         "train.py": "",
@@ -198,6 +405,42 @@ def bad_project(tmp_path: Path, files: dict[str, str | bytes]) -> Path:
             "torch from a URL cannot be used",
         ),
         ({"train.py": "", "b.py": "", ".gitignore": "train.py\n"}, "train.py", "would not ship"),
+        (
+            {"train.py": "", "requirements.txt": "torchvision==0.27.0\n"},
+            "train.py",
+            f"it pins torchvision==0.27.0, but the nodes' torch {PINNED_TORCH} goes with "
+            "torchvision 0.28.0: pin that version or leave it out",
+        ),
+        (
+            {"train.py": "", "requirements.txt": "torchaudio<2.10\n"},
+            "train.py",
+            "it asks for torchaudio<2.10, but the nodes' torch 2.13.0 goes with torchaudio "
+            "2.13.0: allow that version or leave it out",
+        ),
+        (
+            {"train.py": "", "requirements.txt": "torch==2.5.1\ntorchvision==0.28.0\n"},
+            "train.py",
+            "it pins torchvision==0.28.0, but the nodes' torch 2.5.1 goes with torchvision 0.20.1",
+        ),
+        (
+            {"train.py": "", "requirements.txt": "torch==1.13.1\ntorchvision==0.14.1\n"},
+            "train.py",
+            "it names torchvision, but no torchvision is known to go with the nodes' torch 1.13.1",
+        ),
+        (
+            {"train.py": "", "requirements.txt": "torchvision @ https://example.com/tv.whl\n"},
+            "train.py",
+            "torchvision from a URL cannot be used",
+        ),
+        (
+            {
+                "train.py": "",
+                "uv.lock": 'version = 1\n[[package]]\nname = "torchvision"\nversion = "0.27.0"\n',
+            },
+            "train.py",
+            f"it pins torchvision==0.27.0, but the nodes' torch {PINNED_TORCH} goes with "
+            "torchvision 0.28.0",
+        ),
     ],
 )
 def test_a_bad_project_is_one_line_naming_the_setting(

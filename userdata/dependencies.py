@@ -1,11 +1,16 @@
 """A project's dependencies as a node installs them: which file declares them, and the one
 requirements list that install.sh hands to uv (the project's, then the agent's own needs).
 
-    python -m userdata.dependencies --project DIR --agent-requirements FILE --uv UV
+    python -m userdata.dependencies --project DIR --agent-requirements FILE --uv UV \
+        [--torch-version 2.13.0 --family-pins FILE --family-named FILE]
 
 Standard library only: it runs on a node before anything but boto3 is installed, and on the
-user's machine for the local cluster. torch is never in the list: install.sh installs the
-accelerator's build first and holds it with a constraint, whatever the project names.
+user's machine for the local cluster. torch and its family (TORCH_FAMILY) are never in the list:
+install.sh installs the accelerator's build of them first, from torch's source, and holds them
+with constraints, whatever the project names. --family-pins gets the family's versions for
+that torch (name==version, one a line), --family-named those of them the project names.
+An installable project (a package) is in the list itself, as `.` (install.sh installs from the
+project folder): not editable, so its modules import from any working directory.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from pathlib import Path
 
 # In this order: the first one a project has is what it declares (as uv and pip users expect).
 DEPENDENCY_FILES = ("uv.lock", "pyproject.toml", "requirements.txt")
+# Released with torch, one version for each torch version, and built per accelerator like torch
+# (PyPI's Linux torchvision carries CUDA libraries): a node takes them from torch's source.
+TORCH_FAMILY = ("torchvision", "torchaudio")
+# torch 2.0.x came out with other versions than the rule of family_versions gives.
+_FAMILY_RELEASES = {
+    "2.0.0": {"torchvision": "0.15.1", "torchaudio": "2.0.1"},
+    "2.0.1": {"torchvision": "0.15.2", "torchaudio": "2.0.2"},
+}
+# A project line that already installs the project itself.
+_SELF = frozenset({".", "./", "-e .", "-e ./", "--editable .", "--editable ./"})
 _NAME = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
 
 
@@ -49,6 +64,45 @@ def declares_dependencies(pyproject: Path) -> bool:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return True  # and reading it says what is wrong
     return isinstance(project, dict) and "dependencies" not in project.get("dynamic", [])
+
+
+def family_versions(torch_version: str) -> dict[str, str]:
+    """The torch family's versions released with a torch 2.x (local label ignored): torchvision
+    0.(minor+15).patch, torchaudio torch's own version; none known for another torch."""
+    public = torch_version.split("+", 1)[0]
+    if public in _FAMILY_RELEASES:
+        return dict(_FAMILY_RELEASES[public])
+    match = re.fullmatch(r"2\.(\d+)\.(\d+)", public)
+    if not match:
+        return {}
+    minor, patch = (int(part) for part in match.groups())
+    return {"torchvision": f"0.{minor + 15}.{patch}", "torchaudio": public}
+
+
+def family_version(package: str, torch_version: str) -> str:
+    """The version of a family member that goes with the nodes' torch."""
+    version = family_versions(torch_version).get(package)
+    if version is None:
+        raise DependencyError(
+            f"it names {package}, but no {package} is known to go with the nodes' torch "
+            f"{torch_version} (only torch 2.x): leave it out or pin torch 2.x"
+        )
+    return version
+
+
+def installable(project: Path) -> bool:
+    """A package (uv's rule): [tool.uv] package = true, or a [build-system] table unless
+    package = false. Anything else is a folder of scripts, run where it lies."""
+    path = project / "pyproject.toml"
+    if not path.is_file():
+        return False
+    data = read_toml(path)
+    tool = data.get("tool")
+    uv = tool.get("uv") if isinstance(tool, dict) else None
+    package = uv.get("package") if isinstance(uv, dict) else None
+    if isinstance(package, bool):
+        return package
+    return isinstance(data.get("build-system"), dict)
 
 
 def dependency_file(project: Path) -> Path | None:
@@ -122,36 +176,69 @@ def requirements_file_lines(path: Path, seen: frozenset[Path] = frozenset()) -> 
     return lines
 
 
-def project_requirements(project: Path, uv: str) -> list[str]:
-    """Requirement lines for the project's own dependencies (none without a dependency file),
-    without torch: install.sh holds the node's torch, whatever build label a pin names."""
+def declared_requirements(project: Path, uv: str) -> list[str]:
+    """The requirement lines of the project's dependency file as they are (none without one)."""
     source = dependency_file(project)
     if source is None:
         return []
     if source.name == "uv.lock":
-        lines = locked_requirements(project, uv)
-    elif source.name == "pyproject.toml":
-        lines = pyproject_dependencies(source)
-    else:
-        lines = requirements_file_lines(source)
-    return [line for line in lines if requirement_name(line) != "torch"]
+        return locked_requirements(project, uv)
+    if source.name == "pyproject.toml":
+        return pyproject_dependencies(source)
+    return requirements_file_lines(source)
+
+
+def held_by_node(name: str | None) -> bool:
+    """torch and its family: install.sh installs and holds the node's build of them."""
+    return name == "torch" or name in TORCH_FAMILY
+
+
+def project_requirements(project: Path, uv: str, declared: list[str] | None = None) -> list[str]:
+    """Requirement lines for the project's own dependencies, without torch and its family
+    (install.sh holds the node's builds, whatever version or label a pin names), then the
+    project itself when it is installable."""
+    if declared is None:
+        declared = declared_requirements(project, uv)
+    lines = [line for line in declared if not held_by_node(requirement_name(line))]
+    if installable(project) and not any(" ".join(line.split()) in _SELF for line in lines):
+        lines.append(".")
+    return lines
+
+
+def named_family(declared: Iterable[str]) -> list[str]:
+    """The torch family members that the project's lines name (for a lock: that it locks)."""
+    named = named_in(declared)
+    return [name for name in TORCH_FAMILY if name in named]
 
 
 def named_in(lines: Iterable[str]) -> set[str]:
     return {name for line in lines if (name := requirement_name(line))}
 
 
-def node_requirements(project: Path, agent_requirements: Path, uv: str) -> list[str]:
+def node_requirements(
+    project: Path, agent_requirements: Path, uv: str, declared: list[str] | None = None
+) -> list[str]:
     """The project's requirements, then the agent's needs that the project does not name
     itself (a project that pins its own lightning gets it)."""
-    wanted = project_requirements(project, uv)
+    wanted = project_requirements(project, uv, declared)
     named = named_in(wanted)
     agent = [
         line.strip()
         for line in agent_requirements.read_text(encoding="utf-8").splitlines()
-        if (name := requirement_name(line)) and name not in named and name != "torch"
+        if (name := requirement_name(line)) and name not in named and not held_by_node(name)
     ]
     return [*wanted, *agent]
+
+
+def write_family(
+    torch_version: str, declared: list[str], pins_file: Path, named_file: Path
+) -> None:
+    """install.sh's view of the family for this torch: every member's pin (its constraints
+    and check), and the pins of those the project names (installed with torch)."""
+    named = [f"{name}=={family_version(name, torch_version)}\n" for name in named_family(declared)]
+    versions = family_versions(torch_version)
+    pins_file.write_text("".join(f"{name}=={version}\n" for name, version in versions.items()))
+    named_file.write_text("".join(named))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,9 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project", type=Path, required=True)
     parser.add_argument("--agent-requirements", type=Path, required=True)
     parser.add_argument("--uv", default="uv")
+    parser.add_argument("--torch-version", help="the node's torch, for --family-pins/-named")
+    parser.add_argument("--family-pins", type=Path, help="written: the family's pins")
+    parser.add_argument("--family-named", type=Path, help="written: those the project names")
     args = parser.parse_args(argv)
+    family = (args.torch_version, args.family_pins, args.family_named)
+    if any(family) and not all(family):
+        parser.error("--torch-version, --family-pins and --family-named go together")
     try:
-        lines = node_requirements(args.project, args.agent_requirements, args.uv)
+        declared = declared_requirements(args.project, args.uv)
+        lines = node_requirements(args.project, args.agent_requirements, args.uv, declared)
+        if args.torch_version:
+            write_family(args.torch_version, declared, args.family_pins, args.family_named)
     except (DependencyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,1 @@
+"""A package that a node installs, in the src layout."""
