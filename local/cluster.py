@@ -1,12 +1,20 @@
 """The local cluster: N real `fabric run` nodes on this machine, talking over 127.0.0.1.
 
-    python -m local.cluster [--num-nodes 2] [--devices-per-node 2] [--script trainer/train.py]
-                            [--project DIR --script FILE] [--accelerator cpu|gpu]
+    python -m local.cluster [--num-nodes 2] [--devices-per-node 2] [--run NAME]
+                            [--project DIR --script FILE|"-m MODULE"] [--accelerator cpu|gpu]
                             [--precision P] [-- SCRIPT_ARGS]
 
-With --project, the script is a file of that folder, `fabric run` runs in it (as on a node),
-in a venv that the nodes' own install step made for it (cached in .venvs/ until its
-dependency files change). Without it: trainer/train.py in this project's venv.
+It runs what ships: a staged copy of the project's shipped files (what the payload asset
+holds), with the script's working directory in it, as on a node; what the script writes there
+is kept in the run folder's outputs/. With --project, in a venv that the nodes' own install
+step made for it (cached in .venvs/ until its dependency files change); by default the deploy's
+default project (trainer/, train.py) in this project's venv. `--script FILE` alone runs that
+file where it is (a quick check of one file, not what ships).
+
+Every rank runs the script through userdata/launch.py: a script error before the first
+training step (an import, its arguments) stops the cluster at once with the error as the last
+line, never restarted; a node whose ranks all finished their script has ended well, whatever
+its exit status. A run remembers its script arguments (local/runs.py).
 
 Each node is its own `fabric run --node-rank=R --main-address=127.0.0.1 ...` process group,
 started last rank first (as on EC2, nodes come up in any order). Output is prefixed with the
@@ -19,17 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from local import runs
 from local.process_groups import stop_groups
 from stacks.errors import ConfigError
 from userdata.fabric_command import (
@@ -39,11 +51,16 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
-from userdata.run_layout import COMPLETE_MARKER, RUN_NAME
+from userdata.launch import STATUS_DIR_ENV
+from userdata.launch_status import clear, outcome
+from userdata.outputs import OUTPUTS
+from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE, RUN_NAME
 
 MAIN_ADDRESS = "127.0.0.1"
 RUNS = Path("runs/local")
-DEFAULT_SCRIPT = "trainer/train.py"
+# The deploy's default project (cdk.json: project, script), staged as it ships.
+DEFAULT_PROJECT = Path(__file__).resolve().parent.parent / "trainer"
+DEFAULT_SCRIPT = "train.py"
 
 
 class ProjectInstallFailed(RuntimeError):
@@ -82,7 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--script",
-        help=f"the script (default: {DEFAULT_SCRIPT}; with --project: a file inside it)",
+        help=f"with --project: a file inside it, or '-m MODULE' (default: {DEFAULT_PROJECT.name}/"
+        f"{DEFAULT_SCRIPT}, staged as it ships); alone: a file run where it is",
     )
     parser.add_argument(
         "--run",
@@ -130,11 +148,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--devices-per-node must be at least 1")
     if args.max_restarts < 0 or args.main_node_delay < 0:
         parser.error("--max-restarts and --main-node-delay must be at least 0")
-    if args.project is None:
-        args.script = args.script or DEFAULT_SCRIPT
+    if args.project is None and args.script is not None:
         if not Path(args.script).is_file():
             parser.error(f"--script {args.script}: no such file")
-    elif args.script is None:
+    elif args.project is not None and args.script is None:
         parser.error("--project needs --script: the script to run, relative to the project")
     if args.run and args.run_dir:
         parser.error("--run and --run-dir go apart: a run's directory is runs/local/<run>")
@@ -148,17 +165,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def start_run(args: argparse.Namespace) -> bool:
-    """Makes the run's directory the newest (runs/local/latest); False if the run has ended
-    already: trained again, it would train nothing and look broken."""
+    """Makes the run's directory the newest (runs/local/latest) and settles the script's
+    arguments (local/runs.py); False if the run has ended already with them: trained again,
+    it would train nothing and look broken."""
     run_dir = Path(args.run_dir)
-    if args.run and (run_dir / COMPLETE_MARKER).is_file():
+    begun = runs.start(run_dir, list(args.script_args))
+    name = args.run or str(run_dir)
+    if begun.complete:
         print(
-            f"[cluster] run {args.run} is complete already ({run_dir}); "
-            "to train again, start a new run (leave out --run, or pass a new name)",
+            f"[cluster] run {name} is complete already ({run_dir}); to train again, start a "
+            "new run (leave out --run, or pass a new name), or continue it with other "
+            "arguments (more epochs)",
             flush=True,
         )
         return False
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if begun.note:
+        print(f"[cluster] run {name} {begun.note}", flush=True)
+    args.script_args = begun.script_args
+    runs.record_args(run_dir, args.script_args)
     if args.run:
         latest = Path(args.runs) / "latest"
         latest.unlink(missing_ok=True)
@@ -167,29 +191,71 @@ def start_run(args: argparse.Namespace) -> bool:
     return True
 
 
-def finish_run(args: argparse.Namespace) -> None:
-    """As node 0 does in S3: the run is complete, a run started again says so."""
-    marker = {"run": args.run, "status": "complete"}
-    marker["finished"] = datetime.now(UTC).isoformat()
-    (Path(args.run_dir) / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+def continue_command(args: argparse.Namespace) -> str:
+    where = f"--run {args.run}" if args.run else f"--run-dir {args.run_dir}"
+    return f'make local ARGS="{where}"'
+
+
+def newest_step(run_dir: Path) -> int | None:
+    """Where a continued run resumes: its newest checkpoint's step, else the script's own
+    progress.json (a script without step-N checkpoints)."""
+    steps = [
+        int(match.group(1))
+        for path in run_dir.rglob("*")
+        if (match := CHECKPOINT_STEP.search(path.name))
+    ]
+    if steps:
+        return max(steps)
+    try:
+        step = json.loads((run_dir / PROGRESS_FILE).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    step = newest_step(Path(args.run_dir))
+    where = f"at step {step}" if step is not None else "before its first checkpoint"
+    return f"[cluster] interrupted {where}; continue with {continue_command(args)}"
 
 
 def prepare_project(args: argparse.Namespace) -> None:
-    """With --project: checks it as synth does, installs its venv (cached), runs in it."""
-    args.python, args.workdir = sys.executable, None
-    if args.project is None:
+    """The project as it ships: checked as synth checks it, staged, with --project in the venv
+    of its own (cached). `--script FILE` alone: that file where it is, in this venv."""
+    args.python, args.workdir, args.stage = sys.executable, None, None
+    if args.project is None and args.script is not None:
         return
     # Here only: a GPU machine's python (make gpu-check) has none of what projects need.
-    from local.project_venv import InstallError, project_venv
+    from local.staging import Stage
     from stacks.project import load_project, pinned_version
 
-    project = load_project(args.project, args.script, Path.cwd(), pinned_version("torch"))
-    try:
-        venv = project_venv(project, args.accelerator)
-    except InstallError as error:
-        raise ProjectInstallFailed(str(error)) from None
-    args.python = str(venv / "bin" / "python")
-    args.workdir, args.script = project.path, project.script
+    folder = args.project if args.project is not None else str(DEFAULT_PROJECT)
+    script = args.script or DEFAULT_SCRIPT
+    project = load_project(folder, script, Path.cwd(), pinned_version("torch"))
+    if args.project is not None:
+        from local.project_venv import InstallError, project_venv
+
+        try:
+            venv = project_venv(project, args.accelerator)
+        except InstallError as error:
+            raise ProjectInstallFailed(str(error)) from None
+        args.python = str(venv / "bin" / "python")
+    args.stage = Stage(project.path)
+    print(
+        f"[cluster] project {project.path}: {args.stage.files} shipped file(s) staged in "
+        f"{args.stage.path}",
+        flush=True,
+    )
+    args.workdir, args.script = args.stage.path, project.script
+
+
+def keep_outputs(args: argparse.Namespace) -> None:
+    """What the script wrote into the staged copy: into the run folder, as node 0 keeps it."""
+    if args.stage is None:
+        return
+    skipped = args.stage.keep_outputs(Path(args.run_dir))
+    for line in skipped:
+        print(f"[cluster] outputs: left out {line}", flush=True)
 
 
 def check_gpus(args: argparse.Namespace) -> None:
@@ -219,6 +285,8 @@ class Node:
         self, rank: int, command: list[str], env: dict[str, str], cwd: Path | None = None
     ) -> None:
         self.rank = rank
+        self.status_dir = Path(env[STATUS_DIR_ENV])
+        self.muted = threading.Event()  # after Ctrl-C: the nodes' dying words are not shown
         self.process = subprocess.Popen(
             command,
             env=env,
@@ -235,11 +303,19 @@ class Node:
 
     def _prefix(self, stream: IO[bytes]) -> None:
         for line in iter(stream.readline, b""):
+            if self.muted.is_set():
+                continue
             sys.stdout.write(f"[node {self.rank}] {line.decode(errors='replace')}")
             sys.stdout.flush()
 
     def finish(self) -> None:
         self._relay.join(timeout=5)
+
+    def ended_well(self, devices: int) -> bool:
+        """Exit 0, or every rank finished its script and the exit came after (an abort at
+        interpreter exit must not restart a run that is done)."""
+        status = self.process.poll()
+        return status == 0 or (status is not None and outcome(self.status_dir, devices).finished)
 
 
 def stat_fields(pid: str | int) -> list[str]:
@@ -292,7 +368,7 @@ def stop_all(nodes: list[Node]) -> None:
         node.finish()
 
 
-def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
+def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node], status_root: Path) -> None:
     """Appends each node as it starts, so an interrupt can stop the ones already running."""
     processes = args.num_nodes * args.devices_per_node
     env = {
@@ -324,12 +400,14 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node]) -> None:
         if rank == 0 and args.main_node_delay:
             print(f"[cluster] node 0 starts in {args.main_node_delay:g} s", flush=True)
             time.sleep(args.main_node_delay)
-        print(f"[cluster] starting node {rank}: {' '.join(command)}", flush=True)
-        nodes.append(Node(rank, command, env, args.workdir))
+        print(f"[cluster] starting node {rank}: {shlex.join(command)}", flush=True)
+        status_dir = status_root / f"node-{rank}"  # a disk of its own, as on EC2
+        clear(status_dir)
+        nodes.append(Node(rank, command, {**env, STATUS_DIR_ENV: str(status_dir)}, args.workdir))
 
 
-def wait_for_nodes(nodes: list[Node]) -> Node | None:
-    """Waits until all nodes succeed (None) or one fails (that node)."""
+def wait_for_nodes(nodes: list[Node], devices: int) -> Node | None:
+    """Waits until all nodes end well (None) or one fails (that node)."""
     running = list(nodes)
     while running:
         for node in list(running):
@@ -337,13 +415,30 @@ def wait_for_nodes(nodes: list[Node]) -> Node | None:
             if status is None:
                 continue
             running.remove(node)
-            if status != 0:
+            if not node.ended_well(devices):
                 return node
+            if status != 0:
+                print(
+                    f"[cluster] node {node.rank} exited with status {status} after every rank "
+                    "finished its script: done",
+                    flush=True,
+                )
         time.sleep(0.2)
     return None
 
 
+def script_error(nodes: list[Node], devices: int) -> str:
+    """The first node's script error (a failure before the first training step), or ""."""
+    for node in sorted(nodes, key=lambda node: node.rank):
+        error = outcome(node.status_dir, devices).script_error
+        if error:
+            return f"node {node.rank}: script: {error}"
+    return ""
+
+
 def report(run_dir: Path) -> None:
+    if (run_dir / OUTPUTS).is_dir():
+        print(f"[cluster] outputs: {run_dir / OUTPUTS} (what the script wrote beside itself)")
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         print(f"[cluster] done; no summary at {summary_path} (the script did not write one)")
@@ -366,16 +461,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProjectInstallFailed as error:
         print(f"[cluster] error: install: {error}", file=sys.stderr, flush=True)
         return 1
+    status_root = Path(tempfile.mkdtemp(prefix="fabric-launch-"))
+    try:
+        return run_cluster(args, status_root)
+    finally:
+        shutil.rmtree(status_root, ignore_errors=True)
+        if args.stage is not None:
+            args.stage.close()
+
+
+def run_cluster(args: argparse.Namespace, status_root: Path) -> int:
     if args.accelerator != "cpu":
         check_gpus(args)
     args.precision = args.precision or default_precision(args.accelerator)
     if not start_run(args):
         return 0
 
-    def interrupted(signum: int, _frame: object) -> None:
+    def on_sigterm(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, on_sigterm)
     for attempt in range(args.max_restarts + 1):
         port = args.main_port or free_port()
         print(
@@ -385,19 +490,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         nodes: list[Node] = []
         try:
-            start_nodes(args, port, nodes)
-            failed = wait_for_nodes(nodes)
+            start_nodes(args, port, nodes, status_root)
+            failed = wait_for_nodes(nodes, args.devices_per_node)
         except KeyboardInterrupt:
-            print("[cluster] interrupted: stopping every node", file=sys.stderr, flush=True)
+            for node in nodes:  # torchrun's and torch's tracebacks as they die: not news
+                node.muted.set()
             stop_all(nodes)
+            keep_outputs(args)
+            print(interrupted(args), file=sys.stderr, flush=True)
             return 130
         stop_all(nodes)  # nothing is left running, whatever happened
+        keep_outputs(args)
         if not failed:
-            if args.run:
-                finish_run(args)
+            runs.mark_complete(Path(args.run_dir), args.run or "", list(args.script_args))
             report(Path(args.run_dir))
             return 0
+        error = script_error(nodes, args.devices_per_node)
+        if error:  # the same code would fail the same way: no restart
+            print(f"[cluster] error: {error}", file=sys.stderr, flush=True)
+            return 1
+        said = outcome(failed.status_dir, args.devices_per_node).error
         what = f"node {failed.rank} exited with status {failed.process.returncode}"
+        what += f" ({said})" if said else ""
         if attempt == args.max_restarts:
             gave_up = f"; gave up after {attempt} restart(s)" if attempt else ""
             print(

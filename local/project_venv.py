@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from local.staging import copy_shipped
 from local.torch_source import torch_source
 from stacks.config import PROJECT_DIR
 from stacks.project import NODE_REQUIREMENTS, Project, shipped_files
@@ -65,12 +66,9 @@ def venv_key(project: Project, accelerator: str, source: str) -> str:
 
 
 def stage_shipped(project: Path, into: Path) -> Path:
-    """A copy of what ships of the project (what a node's payload holds), to build from. It
-    stays beside the venv: the lock's workspace members (-e ./member) are installed from it."""
-    shutil.rmtree(into, ignore_errors=True)
-    for relative in shipped_files(project):
-        (into / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(project / relative, into / relative)
+    """A copy of what ships of the project, to build from. It stays beside the venv: the
+    lock's workspace members (-e ./member) are installed from it."""
+    copy_shipped(project, into)
     return into
 
 

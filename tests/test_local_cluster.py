@@ -19,6 +19,7 @@ import torch
 from local.cluster import default_precision
 from local.process_groups import STOP_GRACE_SECONDS
 from stacks.config import PROJECT_DIR
+from userdata.fabric_command import LAUNCH_SCRIPT
 
 SMALL = ["--samples", "2048", "--batch-size", "32"]  # 16 steps per epoch at world size 4
 # 2 nodes x 1 device, 16 steps per epoch: 4 processes start instead of 6 (most of a short
@@ -133,12 +134,13 @@ def test_resume_after_ctrl_c_ends_with_the_same_steps(tmp_path: Path) -> None:
     base = [*SMALL_2, "--checkpoint-every", "5"]  # checkpoints within epochs too
     run_dir = tmp_path / "run"
     # 40 epochs: seconds of training after the first epoch, so the Ctrl-C always finds it running.
-    process = subprocess.Popen(
-        cluster(run_dir, *TWO_BY_ONE, script_args=[*base, "--epochs", "40"]),
-        cwd=PROJECT_DIR,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        process = subprocess.Popen(
+            cluster(run_dir, *TWO_BY_ONE, script_args=[*base, "--epochs", "40"]),
+            cwd=PROJECT_DIR,
+            stdout=out,
+            stderr=err,
+        )
     try:
         # After the first epoch: a resume there would go wrong if the sampler took Fabric's
         # count of passes over the loader (0 again after a restart) for the epoch.
@@ -154,6 +156,12 @@ def test_resume_after_ctrl_c_ends_with_the_same_steps(tmp_path: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     newest = sorted(checkpoints.glob(CKPT))[-1]
     step = int(newest.stem.removeprefix("step-"))
+    # Ctrl-C: one line that says where the run is and how to go on; no torch tracebacks.
+    said = (tmp_path / "out").read_text() + (tmp_path / "err").read_text()
+    assert "Traceback" not in said and "SignalException" not in said
+    assert (tmp_path / "err").read_text().splitlines()[-1] == (
+        f'[cluster] interrupted at step {step}; continue with make local ARGS="--run-dir {run_dir}"'
+    )
     # A torn newest checkpoint (as if the machine died while writing it) must not be used.
     torn = checkpoints / "step-99999999.ckpt"
     torn.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
@@ -226,7 +234,7 @@ def test_precision_reaches_the_script(tmp_path: Path, args: tuple[str, ...], exp
     one_node = ["--num-nodes", "1", "--devices-per-node", "1", "--script", str(script)]
     result = run(tmp_path / "run", *one_node, *args, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"--precision={expected} {script}" in result.stdout
+    assert f"--precision={expected} {LAUNCH_SCRIPT} -- {script}" in result.stdout
     assert f"[node 0] precision {expected}" in result.stdout
 
 
@@ -428,3 +436,110 @@ def test_every_make_local_is_a_new_run_and_a_complete_run_is_not_trained_again(
     assert f"[cluster] run {trained[0]} is complete already" in again.stdout
     assert "starting node" not in again.stdout
     assert (runs / "latest").resolve().name == trained[1]  # untouched
+    # More epochs: the complete run trains on (as a deployed one does), then remembers them.
+    more = [*runs_command(runs, "--run", trained[0])[:-4], "--epochs", "2", "--samples", "512"]
+    on = subprocess.run(more, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert on.returncode == 0, on.stdout[-2000:] + on.stderr[-2000:]
+    assert "trains on with '--epochs 2 --samples 512'" in on.stdout
+    summary = json.loads((runs / trained[0] / "summary.json").read_text())
+    assert summary["steps"] == 2 * summary["steps_this_run"]
+    bare = runs_command(runs, "--run", trained[0])[:-5]  # no script arguments at all
+    last = subprocess.run(bare, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert f"[cluster] run {trained[0]} is complete already" in last.stdout, last.stdout
+
+
+def test_a_script_error_stops_the_cluster_at_once_and_is_its_last_line(tmp_path: Path) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("import not_a_module_of_anyone\n")
+    started = time.monotonic()
+    result = run(tmp_path / "run", *TWO_BY_ONE, "--script", str(script), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "[cluster] error: node 0: script: ModuleNotFoundError: No module named "
+        "'not_a_module_of_anyone'"
+    )
+    assert "restart 1 of 3" not in result.stdout  # the same code fails the same way
+    assert result.stdout.count("[cluster] starting node 0") == 1
+    assert time.monotonic() - started < 60
+
+
+NO_TEARDOWN = """\
+import atexit, os, sys, pathlib
+import torch
+from lightning.fabric import Fabric
+
+fabric = Fabric()
+weight = torch.nn.Parameter(torch.ones(1, device=fabric.device))
+optimizer = torch.optim.SGD([weight], lr=0.1)
+for _ in range(3):
+    optimizer.zero_grad()
+    fabric.backward((weight * fabric.all_reduce(torch.ones(1, device=fabric.device))).sum())
+    optimizer.step()
+runs = pathlib.Path(os.environ["FABRIC_RUN_DIR"], "starts")
+runs.mkdir(parents=True, exist_ok=True)
+(runs / f"{os.environ['RANK']}-{os.getpid()}").write_text("trained")
+fabric.barrier()
+if sys.argv[1:] == ["--abort-at-exit"]:
+    atexit.register(os.abort)  # what a gloo thread torn down at exit does, now and then
+# No destroy_process_group(): most scripts end so (Lightning's guide too).
+"""
+
+
+def test_a_finished_script_is_never_restarted_whatever_its_exit(tmp_path: Path) -> None:
+    """A script that does not tear down its process group, run again and again; and one that
+    aborts at exit after every rank finished (as a gloo thread does, now and then): done,
+    never restarted (a restart would train nothing and overwrite the run's summary)."""
+    script = tmp_path / "no_teardown.py"
+    script.write_text(NO_TEARDOWN)
+    for attempt in range(3):
+        run_dir = tmp_path / f"run-{attempt}"
+        result = run(run_dir, *TWO_BY_ONE, "--script", str(script), timeout=120)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "terminate called" not in result.stdout + result.stderr
+        assert len(list((run_dir / "starts").iterdir())) == 2  # one start of each rank
+    run_dir = tmp_path / "aborts"
+    result = run(run_dir, *TWO_BY_ONE, "--script", str(script), script_args=["--abort-at-exit"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "after every rank finished its script: done" in result.stdout
+    assert "restart 1 of" not in result.stdout
+    assert len(list((run_dir / "starts").iterdir())) == 2
+
+
+SHIPS_AND_WRITES = """\
+import os, pathlib
+print("config:", pathlib.Path("config.yaml").read_text().strip())
+print("secret here:", pathlib.Path("secret.yaml").exists())
+pathlib.Path("lightning_logs/version_0").mkdir(parents=True, exist_ok=True)
+pathlib.Path("lightning_logs/version_0/rank%s.txt" % os.environ["RANK"]).write_text("x")
+"""
+
+
+def test_the_local_cluster_runs_what_ships_and_keeps_what_the_script_writes(
+    tmp_path: Path,
+) -> None:
+    """The default project, staged as the payload asset holds it: a .gitignore'd file that the
+    script would need is not there (as on every node), what it writes beside itself is kept
+    in the run folder, and the user's folder is left as it was."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(SHIPS_AND_WRITES)
+    (project / "config.yaml").write_text("shipped\n")
+    (project / "secret.yaml").write_text("never ships\n")
+    (project / ".gitignore").write_text("secret.yaml\n")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, local.cluster as c; c.DEFAULT_PROJECT = "
+         f"__import__('pathlib').Path({str(project)!r}); sys.exit(c.main(sys.argv[1:]))",
+         "--run-dir", str(run_dir), *TWO_BY_ONE],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[node 0] config: shipped" in result.stdout
+    assert "[node 0] secret here: False" in result.stdout  # as on a node
+    assert "3 shipped file(s) staged" in result.stdout  # train.py, config.yaml, .gitignore
+    outputs = run_dir / "outputs"
+    assert sorted(p.relative_to(outputs).as_posix() for p in outputs.rglob("*.txt")) == [
+        "lightning_logs/version_0/rank0.txt",
+        "lightning_logs/version_0/rank1.txt",
+    ]
+    assert not (project / "lightning_logs").exists()
