@@ -36,7 +36,7 @@ def environment(uv_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def local_cluster(
-    env: dict[str, str], project: Path, script: str, run_dir: Path
+    env: dict[str, str], project: Path, script: str, run_dir: Path, *script_args: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -53,6 +53,8 @@ def local_cluster(
             "1",
             "--run-dir",
             str(run_dir),
+            "--",
+            *script_args,
         ],
         cwd=PROJECT_DIR,
         env=env,
@@ -102,7 +104,10 @@ def test_a_project_installs_and_trains_on_two_nodes(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["dependency"] == dependency
     assert summary["words"] == 9  # data/words.txt, read by a relative path
-    assert summary["cwd"] == str(project)  # fabric run ran in the project folder
+    # fabric run ran in the project folder as it ships (a staged copy), as on a node.
+    staged = Path(summary["cwd"])
+    assert staged != project and staged.name == project.name
+    assert f"shipped file(s) staged in {staged}" in result.stdout
     assert summary["torch"] == f"{TORCH}+cpu"
     assert summary["final_loss"] < 1.0
     packages, site_packages = venv_packages(result.stdout)
@@ -143,3 +148,25 @@ def test_a_dependency_that_cannot_be_installed_shows_the_installers_message(
     assert "fabric-cluster-no-such-package was not found in the package registry" in error
     assert "starting node" not in result.stdout
     assert not [v for v in os.listdir(environment["FABRIC_VENVS_DIR"]) if v.startswith("broken")]
+
+
+def test_a_package_whose_script_is_a_module_is_installed_and_runs(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    """src layout, [build-system], script "-m trainpkg.train": installed into the venv (not
+    editable, so it imports from any folder), started as `python -m` would, on two nodes; what
+    it writes beside itself is in the run's outputs/."""
+    project = PROJECTS / "package-module"
+    run_dir = tmp_path / "run"
+    result = local_cluster(environment, project, "-m trainpkg.train", run_dir, "--lr", "0.1")
+    print(result.stdout[-4000:], result.stderr[-4000:], sep="\n")
+    assert result.returncode == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["module"] == "trainpkg.train"
+    assert summary["args"] == ["--lr", "0.1"]
+    assert "/site-packages/trainpkg" in summary["package"]  # installed, not the source folder
+    assert sorted(p.name for p in (run_dir / "outputs" / "lightning_logs").iterdir()) == [
+        "rank0.txt",
+        "rank1.txt",
+    ]
+    assert not (project / "build").exists() and not list(project.rglob("*.egg-info"))
