@@ -350,7 +350,13 @@ def test_gpu_with_efa_and_bf16(aws_env, ssm, tmp_path: Path) -> None:
         )
     assert result.returncode == 0, result.stderr
     command, environment = dry_run_environment(result.stdout)
-    assert command[-3:] == ["--num-nodes=2", "--precision=bf16-mixed", "train.py"]
+    assert command[-5:] == [
+        "--num-nodes=2",
+        "--precision=bf16-mixed",
+        str(LAUNCH_SCRIPT),
+        "--",
+        "train.py",
+    ]
     # The AMI's EFA libraries first, what the service inherited kept behind them.
     efa_libraries = "/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib"
     assert environment["LD_LIBRARY_PATH"] == f"{efa_libraries}:/usr/x/lib"

@@ -469,6 +469,24 @@ def test_results_download_the_run(endpoint: str, tmp_path: Path) -> None:
     assert f"checkpoint  {run_dir / 'checkpoints' / 'step-00000200.ckpt'}" in every.stdout
 
 
+def test_results_bring_back_what_the_script_wrote_beside_itself(
+    endpoint: str, tmp_path: Path
+) -> None:
+    """outputs/: what node 0's script wrote by relative path (lightning_logs/, a TensorBoard
+    logs/), kept by the agent under the run's prefix, comes back with the run."""
+    world = deploy(endpoint, ["done", "done"])
+    world.put("summary.json", {"steps": 1})
+    world.put("outputs/lightning_logs/version_0/events.out", b"tensorboard")
+    world.put("fabric-args.json", {"script_args": ["--epochs", "2"]})
+    result = console("results", "--stack", world.stack, "--dest", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert files_in(tmp_path / world.stack / "run-a") == [
+        "fabric-args.json",
+        "outputs/lightning_logs/version_0/events.out",
+        "summary.json",
+    ]
+
+
 def files_in(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
