@@ -14,7 +14,7 @@ CONTEXT ?=
 # Arguments for the local cluster, e.g. make local ARGS="--num-nodes 4 --devices-per-node 1".
 ARGS ?=
 
-.PHONY: venv dev cli test lint synth deploy destroy local rehearse bench clean gpu-check \
+.PHONY: venv dev cli test test-fast lint synth deploy destroy destroy-storage local rehearse bench clean gpu-check \
 	status logs results runs
 
 # torch first, the CPU build (or FABRIC_TORCH_INDEX's), from where install.sh would take it
@@ -52,14 +52,26 @@ test: dev cli
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest
 
+# The edit-run loop: every test but those marked slow (training processes, the local cluster,
+# real installs, network namespaces, the rehearsal; see the marker in pyproject.toml).
+test-fast: dev cli
+	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest -m "not slow"
+
+# Two stacks: FabricStorage (the runs' bucket and the logs, long-lived) and FabricCluster
+# (disposable). Deploying the cluster deploys the storage first; destroy removes the cluster only.
 synth: venv cli
-	$(CDK) synth $(CONTEXT)
+	$(CDK) synth --all $(CONTEXT)
 
 deploy: venv cli
-	$(CDK) deploy $(CONTEXT)
+	$(CDK) deploy FabricCluster $(CONTEXT)
 
 destroy: venv cli
-	$(CDK) destroy $(CONTEXT)
+	$(CDK) destroy FabricCluster $(CONTEXT)
+
+# The runs and logs of every cluster: says what it deletes, asks first (ARGS=--yes: does not ask).
+destroy-storage: venv
+	$(PYTHON) -m console destroy-storage $(ARGS)
 
 clean:
 	rm -rf cdk.out .pytest_cache .ruff_cache

@@ -181,6 +181,9 @@ def no_stack_message(name: str, region: str) -> str:
     )
 
 
+STORAGE_OUTPUT = "StorageStack"  # a cluster stack's output: the name of its storage stack
+
+
 @dataclass(frozen=True)
 class Stack:
     """What a deployed stack publishes in its outputs (see stacks/)."""
@@ -233,6 +236,11 @@ def load_stack(aws: Aws, name: str) -> Stack:
         raise
     stack = answer["Stacks"][0]
     outputs = {item["OutputKey"]: item.get("OutputValue", "") for item in stack.get("Outputs", [])}
+    storage = outputs.get(STORAGE_OUTPUT)
+    if storage and storage != name:
+        # A cluster's runs and logs live in its storage stack: its bucket (unless the cluster
+        # names its own) and its log group.
+        outputs = {**load_stack(aws, storage).outputs, **outputs}
     return Stack(name=name, region=aws.region, status=stack["StackStatus"], outputs=outputs)
 
 

@@ -1,4 +1,4 @@
-"""`logs`: the nodes' CloudWatch Logs streams (`node-<rank>`, one line of boot log, agent or
+"""`logs`: the nodes' CloudWatch Logs streams (`<stack>/node-<rank>`, one line of boot log, agent or
 training output per event), merged in time order with `[node R] ` before each line;
 `--follow` polls for new events until Ctrl-C.
 
@@ -27,7 +27,7 @@ from userdata.run_layout import LOG_STREAM_PREFIX, log_stream
 
 DURATION_PART = re.compile(r"(\d+)([smhdw])")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-STREAM = re.compile(rf"^{re.escape(LOG_STREAM_PREFIX)}(\d+)$")
+STREAM = re.compile(rf"(?:^|/){re.escape(LOG_STREAM_PREFIX)}(\d+)$")
 POLL_S = 2.0
 MAX_POLL_S = 60.0  # the longest wait after throttled polls, doubling from POLL_S
 OVERLAP_MS = 120_000  # the shipper's 60 s of backoff, and as much again for ingestion
@@ -55,12 +55,12 @@ def parse_since(text: str) -> timedelta | None:
     return timedelta(seconds=sum(int(number) * SECONDS[unit] for number, unit in parts))
 
 
-def stream_name(rank: int) -> str:
-    return log_stream(rank)
+def stream_name(rank: int, stack: str) -> str:
+    return log_stream(rank, stack)
 
 
 def stream_rank(name: str) -> int | None:
-    match = STREAM.match(name)
+    match = STREAM.search(name)
     return int(match.group(1)) if match else None
 
 
@@ -83,13 +83,13 @@ def _group_error(error: ClientError, group: str, region: str) -> Exception:
     return error
 
 
-def existing_streams(aws: Aws, group: str) -> set[str]:
+def existing_streams(aws: Aws, group: str, stack: str) -> set[str]:
     names: set[str] = set()
     try:
         for page in (
             aws.client("logs")
             .get_paginator("describe_log_streams")
-            .paginate(logGroupName=group, logStreamNamePrefix=LOG_STREAM_PREFIX)
+            .paginate(logGroupName=group, logStreamNamePrefix=f"{stack}/{LOG_STREAM_PREFIX}")
         ):
             names.update(stream["logStreamName"] for stream in page.get("logStreams", []))
     except ClientError as error:
@@ -158,7 +158,8 @@ def run_logs(
     num_nodes = len(stack.instance_ids)
     if node is not None and node >= num_nodes:
         raise ConsoleError(f"no node {node} in stack {stack.name} (nodes 0..{num_nodes - 1})")
-    wanted = [stream_name(rank) for rank in ([node] if node is not None else range(num_nodes))]
+    ranks = [node] if node is not None else range(num_nodes)
+    wanted = [stream_name(rank, stack.name) for rank in ranks]
     start = int((utc_now() - since).timestamp() * 1000) if since else None
     seen = Seen()
     streams: list[str] = []
@@ -167,7 +168,7 @@ def run_logs(
         while True:
             try:
                 if len(streams) < len(wanted):  # a node's stream appears with its first event
-                    present = existing_streams(aws, group)
+                    present = existing_streams(aws, group, stack.name)
                     streams = [name for name in wanted if name in present]
                     if node is not None and not streams and not follow:
                         raise ConsoleError(

@@ -1,4 +1,8 @@
-"""Builds the CDK app: settings from context, the cluster stack and cdk-nag's checks."""
+"""Builds the CDK app: settings from context, the storage and cluster stacks, cdk-nag's checks.
+
+The CLI names the stacks by these ids (`cdk deploy FabricCluster` deploys the storage first;
+`cdk destroy FabricCluster` removes the cluster only); their CloudFormation names are the
+stack_name and storage_stack settings."""
 
 from __future__ import annotations
 
@@ -13,11 +17,14 @@ from cdk_nag import AwsSolutionsChecks
 
 from stacks.cluster_stack import ClusterStack
 from stacks.config import PROJECT_DIR, ConfigError, check_known_settings, load_config
+from stacks.storage_stack import StorageStack
 
 # CloudFormation takes templates up to 1 MB (from S3, as cdk deploy uploads large ones). The user
 # data is in the template once (the launch template), but every node adds its resources and
 # outputs: a template over the limit would fail at deploy, after minutes.
 TEMPLATE_LIMIT_BYTES = 1_000_000
+CLUSTER_STACK_ID = "FabricCluster"
+STORAGE_STACK_ID = "FabricStorage"
 
 
 def cdk_json_context(**overrides: Any) -> dict[str, Any]:
@@ -50,7 +57,10 @@ def build_app(
     app = cdk.App(context=dict(context) if context is not None else None, outdir=outdir)
     check_known_settings(context_keys(context))
     config = load_config(app.node.try_get_context)
-    stack = ClusterStack(app, "FabricCluster", config=config, env=deploy_environment())
+    environment = deploy_environment()
+    storage = StorageStack(app, STORAGE_STACK_ID, config=config, env=environment)
+    stack = ClusterStack(app, CLUSTER_STACK_ID, config=config, env=environment)
+    stack.add_dependency(storage)  # deploying the cluster deploys the storage first
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack
 
@@ -62,7 +72,8 @@ def synthesize(app: cdk.App, stack: ClusterStack) -> Path:
     template = Path(assembly.directory) / assembly.get_stack_by_name(stack.stack_name).template_file
     size = template.stat().st_size
     if size > TEMPLATE_LIMIT_BYTES:
-        template.unlink()
+        for made in Path(assembly.directory).glob("*.template.json"):  # no half of an app
+            made.unlink()
         config = stack.config
         raise ConfigError(
             f"invalid settings num_nodes={config.num_nodes} with these script_args: the template "

@@ -1,4 +1,5 @@
-"""The training cluster: network, role, artifacts bucket, payload and N identical nodes."""
+"""The training cluster, disposable: network, role, payload, phases and N identical nodes; its
+runs and logs live in the storage stack (stacks/storage_stack.py), which outlives it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
+from stacks.nag import ack, checkov_skip
 from stacks.payload import payload_asset
 from stacks.run_name import run_fingerprint, run_name
+from stacks.storage_stack import bucket_export, log_group_export
 from stacks.user_data import render_boot_script
 from userdata.cluster_control import NO_STOP
 
@@ -28,11 +31,6 @@ AMI_PLACEHOLDER = "ami-00000000000000000"  # until the CLI has looked the AMI up
 VPC_CIDR = "10.42.0.0/16"
 ROOT_DEVICE = "/dev/sda1"  # Ubuntu AMIs' root device
 INITIAL_PHASE = "booting"
-NONCURRENT_VERSION_DAYS = 30
-ACCESS_LOGGING_REASON = (
-    "Only the cluster's own role reads and writes here; a log bucket per cluster would outlive "
-    "it and bill for logs nobody reads. CloudTrail data events cover access when needed."
-)
 SESSION_MANAGER_REASON = (
     "Session Manager's channel and instance-information actions take no resource; every other "
     "write names its own parameters and bucket."
@@ -52,18 +50,6 @@ SESSION_MANAGER_ACTIONS = (
     "ec2messages:GetMessages",
     "ec2messages:SendReply",
 )
-
-
-def _ack(scope: Construct, rule: str, reason: str) -> None:
-    cdk.Validations.of(scope).acknowledge(cdk.Acknowledgment(id=rule, reason=reason))
-
-
-def _checkov_skip(scope: Construct, *skips: tuple[str, str]) -> None:
-    """Findings of checkov (which reads the template) acknowledged in the template itself."""
-    resource = scope.node.default_child if not isinstance(scope, cdk.CfnResource) else scope
-    resource.add_metadata(  # type: ignore[union-attr]
-        "checkov", {"skip": [{"id": rule, "comment": reason} for rule, reason in skips]}
-    )
 
 
 @jsii.implements(ec2.IMachineImage)
@@ -106,7 +92,10 @@ class ClusterStack(cdk.Stack):
         self.bucket = self._artifacts_bucket()
         self.payload = payload_asset(self, "Payload", config)
         self.run_name = run_name(config)
-        self.logs = self._log_group()
+        # The storage stack's, by its export: it outlives this stack.
+        self.logs = logs.LogGroup.from_log_group_name(
+            self, "Logs", cdk.Fn.import_value(log_group_export(config.storage_stack))
+        )
         self.phase_parameters = [
             ssm.StringParameter(
                 self,
@@ -160,7 +149,7 @@ class ClusterStack(cdk.Stack):
                 )
             ],
         )
-        _ack(
+        ack(
             vpc,
             "AwsSolutions-VPC7",
             "The VPC holds only the short-lived training nodes; flow logs would add cost "
@@ -202,54 +191,16 @@ class ClusterStack(cdk.Stack):
                 "ssh_cidr=0.0.0.0/0 opens SSH to the whole internet; prefer your own /32 or "
                 "Session Manager (no SSH needed).",
             )
-            _ack(group, "AwsSolutions-EC23", "The user chose ssh_cidr=0.0.0.0/0 explicitly.")
+            ack(group, "AwsSolutions-EC23", "The user chose ssh_cidr=0.0.0.0/0 explicitly.")
         return group
 
     def _artifacts_bucket(self) -> s3.IBucket:
         if self.config.artifacts_bucket:
-            # A bucket a deploy before this one kept (cdk destroy keeps it): its runs go on here.
+            # The user's own bucket: its runs go on there.
             return s3.Bucket.from_bucket_name(self, "Artifacts", self.config.artifacts_bucket)
-        return self._new_artifacts_bucket()
-
-    def _new_artifacts_bucket(self) -> s3.Bucket:
-        bucket = s3.Bucket(
-            self,
-            "Artifacts",
-            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
-            encryption=s3.BucketEncryption.S3_MANAGED,
-            enforce_ssl=True,
-            # An overwritten or torn upload can be recovered; old versions expire so that
-            # rewritten checkpoints do not bill forever.
-            versioned=True,
-            lifecycle_rules=[
-                s3.LifecycleRule(
-                    noncurrent_version_expiration=cdk.Duration.days(NONCURRENT_VERSION_DAYS),
-                    abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
-                )
-            ],
-            # Checkpoints outlive the cluster: cdk destroy keeps this bucket.
-            removal_policy=cdk.RemovalPolicy.RETAIN,
+        return s3.Bucket.from_bucket_name(
+            self, "Artifacts", cdk.Fn.import_value(bucket_export(self.config.storage_stack))
         )
-        _checkov_skip(
-            bucket,
-            ("CKV_AWS_18", ACCESS_LOGGING_REASON),
-        )
-        _ack(bucket, "AwsSolutions-S1", ACCESS_LOGGING_REASON)
-        return bucket
-
-    def _log_group(self) -> logs.LogGroup:
-        """Every node's boot, agent and training output, one stream per node (node-<rank>).
-        Kept by cdk destroy (a failed cluster's logs outlive it) until its retention ends; its
-        name is CloudFormation's, so a stack made again gets a new group."""
-        group = logs.LogGroup(self, "Logs", removal_policy=cdk.RemovalPolicy.RETAIN)
-        # In days, as the setting says (CDK's RetentionDays names them instead).
-        group.node.default_child.retention_in_days = self.config.log_retention_days  # type: ignore[union-attr]
-        _checkov_skip(
-            group,
-            ("CKV_AWS_158", "Encrypted by CloudWatch Logs' own key; no customer key to manage."),
-            ("CKV_AWS_338", "Retention is the log_retention_days setting (default 30 days)."),
-        )
-        return group
 
     def _node_role(self) -> iam.Role:
         role = iam.Role(
@@ -286,7 +237,7 @@ class ClusterStack(cdk.Stack):
                 ],
             )
         )
-        _checkov_skip(
+        checkov_skip(
             role.node.find_child("DefaultPolicy"),
             ("CKV_AWS_111", SESSION_MANAGER_REASON),
         )
@@ -307,14 +258,30 @@ class ClusterStack(cdk.Stack):
                 f"Resource::{self._asset_bucket_arn_as_nag_reads_it()}/*",
                 "Read of the CDK asset bucket, where the payload zip lives.",
             ),
+            (
+                f"Resource::{self._log_group_arn_as_nag_reads_it()}",
+                "Writes its own streams in the storage stack's log group (a stream per node).",
+            ),
         ):
-            _ack(role, f"AwsSolutions-IAM5[{finding}]", reason)
+            ack(role, f"AwsSolutions-IAM5[{finding}]", reason)
         return role
 
+    def _partition_as_nag_reads_it(self) -> tuple[str, str]:
+        """The partition and region:account of an ARN as cdk-nag prints it: literal with
+        credentials at synth (an environment), intrinsics without."""
+        if cdk.Token.is_unresolved(self.account) or cdk.Token.is_unresolved(self.region):
+            return "<AWS::Partition>", "<AWS::Region>:<AWS::AccountId>"
+        return self.partition, f"{self.region}:{self.account}"
+
     def _bucket_arn_as_nag_reads_it(self) -> str:
-        if self.config.artifacts_bucket:
-            return f"arn:<AWS::Partition>:s3:::{self.config.artifacts_bucket}"
-        return f"<{self.get_logical_id(self.bucket.node.default_child)}.Arn>"  # type: ignore[arg-type]
+        # The storage stack's bucket appears by its export's name (an Fn::ImportValue).
+        name = self.config.artifacts_bucket or bucket_export(self.config.storage_stack)
+        return f"arn:{self._partition_as_nag_reads_it()[0]}:s3:::{name}"
+
+    def _log_group_arn_as_nag_reads_it(self) -> str:
+        partition, where = self._partition_as_nag_reads_it()
+        group = log_group_export(self.config.storage_stack)
+        return f"arn:{partition}:logs:{where}:log-group:{group}:*"
 
     def _asset_bucket_arn_as_nag_reads_it(self) -> str:
         """Literal with credentials at synth (an environment), intrinsics without."""
@@ -400,12 +367,12 @@ class ClusterStack(cdk.Stack):
             if config.efa:  # the template's EFA interface carries the subnet and the group
                 node.instance.add_property_deletion_override("SubnetId")
                 node.instance.add_property_deletion_override("SecurityGroupIds")
-            _ack(
+            ack(
                 node,
                 "AwsSolutions-EC28",
                 "Training nodes live for one run; detailed monitoring would bill per node.",
             )
-            _ack(
+            ack(
                 node,
                 "AwsSolutions-EC29",
                 "Nodes are disposable by design (cdk destroy); their results are in the "
@@ -475,7 +442,7 @@ class ClusterStack(cdk.Stack):
                     }
                 ],
             )
-            _checkov_skip(
+            checkov_skip(
                 template,
                 (
                     "CKV_AWS_88",
@@ -497,8 +464,9 @@ class ClusterStack(cdk.Stack):
         )
         return (
             f"After a run ({when}; every node powers off after max_hours={config.max_hours} "
-            f"anyway): {nodes}; the artifacts bucket bills its storage. cdk destroy removes "
-            "everything but the bucket."
+            f"anyway): {nodes}; the storage stack ({config.storage_stack}: the runs' bucket, the "
+            "logs) bills its storage. make destroy removes this cluster; make destroy-storage "
+            "the runs and logs."
         )
 
     def _outputs(self) -> None:
@@ -519,14 +487,17 @@ class ClusterStack(cdk.Stack):
                     ],
                 ),
             )
-        cdk.CfnOutput(self, "ArtifactsBucket", value=self.bucket.bucket_name)
+        # Where the runs and logs are: the storage stack's outputs (an output may not re-export
+        # an import); a bucket of the user's own, by its name.
+        cdk.CfnOutput(self, "StorageStack", value=self.config.storage_stack)
+        if self.config.artifacts_bucket:
+            cdk.CfnOutput(self, "ArtifactsBucket", value=self.config.artifacts_bucket)
         cdk.CfnOutput(
             self,
             "RunName",
             description="The run this deploy trains: s3://<ArtifactsBucket>/<stack>/<run>/",
             value=self.run_name,
         )
-        cdk.CfnOutput(self, "LogGroup", value=self.logs.log_group_name)
         cdk.CfnOutput(
             self,
             "RunFingerprint",

@@ -59,6 +59,7 @@ CPU_PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true")
 @dataclass(frozen=True)
 class ClusterConfig:
     stack_name: str
+    storage_stack: str  # the long-lived stack of the runs' bucket and the logs
     num_nodes: int
     devices_per_node: int
     accelerator: str
@@ -189,6 +190,18 @@ def _stack_name(value: object) -> str:
     text = _string("stack_name", value, allowed)
     if not _STACK_NAME.fullmatch(text):
         raise _invalid("stack_name", value, allowed)
+    return text
+
+
+def _storage_stack(value: object, stack_name: str) -> str:
+    allowed = (
+        "expected the name of the storage stack (the runs' bucket and the logs, shared by the "
+        "clusters of an account and region): a letter, then up to 127 letters, digits or -, "
+        "not the cluster's own stack_name"
+    )
+    text = _string("storage_stack", value, allowed)
+    if not _STACK_NAME.fullmatch(text) or text == stack_name:
+        raise _invalid("storage_stack", value, allowed)
     return text
 
 
@@ -409,6 +422,7 @@ SETTINGS = (
     "run",
     "artifacts_bucket",
     "log_retention_days",
+    "storage_stack",
 )
 
 
@@ -438,8 +452,10 @@ def load_config(
     accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
     project = load_project(raw["project"], raw["script"], project_dir, pinned_version("torch"))
     instance_type = _instance_type(raw["instance_type"], accelerator)
+    stack_name = _stack_name(raw["stack_name"])
     return ClusterConfig(
-        stack_name=_stack_name(raw["stack_name"]),
+        stack_name=stack_name,
+        storage_stack=_storage_stack(raw["storage_stack"], stack_name),
         num_nodes=_integer("num_nodes", raw["num_nodes"], 1, MAX_NODES),
         devices_per_node=_devices_per_node(raw["devices_per_node"], accelerator, instance_type),
         accelerator=accelerator,

@@ -11,7 +11,7 @@ from typing import Any
 
 from aws_cdk.assertions import Template
 
-from stacks.cluster_app import build_app, cdk_json_context, synthesize
+from stacks.cluster_app import STORAGE_STACK_ID, build_app, cdk_json_context, synthesize
 from stacks.config import PROJECT_DIR
 
 CHECKOV = PROJECT_DIR / ".venv-checkov" / "bin" / "checkov"
@@ -27,14 +27,23 @@ class Synth:
         self.template_path = outdir / f"{self.stack.artifact_id}.template.json"
         self.template_dict: dict[str, Any] = json.loads(self.template_path.read_text())
         self.template = Template.from_json(self.template_dict)
+        self.storage_dict: dict[str, Any] = json.loads(self.storage_path.read_text())
+        self.storage = Template.from_json(self.storage_dict)
         self.report = json.loads((outdir / "validation-report.json").read_text())
 
-    def resources(self, resource_type: str) -> dict[str, dict[str, Any]]:
+    def resources(
+        self, resource_type: str, template: dict[str, Any] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The cluster template's resources of a type (or another template's: storage_dict)."""
         return {
             logical_id: resource
-            for logical_id, resource in self.template_dict["Resources"].items()
+            for logical_id, resource in (template or self.template_dict)["Resources"].items()
             if resource["Type"] == resource_type
         }
+
+    @property
+    def storage_path(self) -> Path:
+        return self.outdir / f"{STORAGE_STACK_ID}.template.json"
 
     def instances_by_rank(self) -> list[dict[str, Any]]:
         def rank(resource: dict[str, Any]) -> int:

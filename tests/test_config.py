@@ -269,6 +269,15 @@ def test_gpu_instance_type_refused_for_cpu(instance_type: str) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["FabricCluster", "9storage", "with space", ""])
+def test_a_storage_stack_is_a_stack_name_other_than_the_clusters(value: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(storage_stack=value)
+    assert str(error.value).startswith(f"invalid setting storage_stack={value!r}: expected the")
+    assert "not the cluster's own stack_name" in str(error.value)
+    assert load(storage_stack="TeamStorage").storage_stack == "TeamStorage"
+
+
 def test_missing_setting_says_where_to_set_it() -> None:
     context = cdk_json_context()
     del context["num_nodes"]

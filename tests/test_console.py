@@ -76,7 +76,7 @@ class World:
 
     def log(self, rank: int, events: list[tuple[int, str]]) -> None:
         logs = self.client("logs")
-        stream = f"node-{rank}"
+        stream = f"{self.stack}/node-{rank}"  # the storage stack's group is shared
         if not logs.describe_log_streams(logGroupName=self.group, logStreamNamePrefix=stream)[
             "logStreams"
         ]:
@@ -108,7 +108,25 @@ def deploy(
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     if log_group:
         moto_client(url, "logs").create_log_group(logGroupName=group)
-    outputs = {"ArtifactsBucket": bucket, "RunName": run, "LogGroup": group}
+    # As make deploy leaves it: the bucket and the log group are the storage stack's outputs,
+    # the cluster stack names its storage stack.
+    storage = f"FabricStorage{suffix}"
+    storage_template = {
+        "Resources": {
+            "Marker": {
+                "Type": "AWS::SSM::Parameter",
+                "Properties": {"Name": f"/{storage}/marker", "Type": "String", "Value": "x"},
+            }
+        },
+        "Outputs": {
+            "ArtifactsBucket": {"Value": bucket},
+            "LogGroup": {"Value": group},
+        },
+    }
+    moto_client(url, "cloudformation").create_stack(
+        StackName=storage, TemplateBody=json.dumps(storage_template)
+    )
+    outputs = {"StorageStack": storage, "RunName": run}
     if fingerprint:
         outputs["RunFingerprint"] = fingerprint
     outputs |= {f"Node{rank}InstanceId": instance_id for rank, instance_id in enumerate(ids)}
@@ -384,7 +402,7 @@ def test_logs_merge_every_node_in_time_order(endpoint: str) -> None:
 
     silent = console("logs", "--stack", world.stack, "--node", "2")
     assert silent.exit_code == 2
-    assert silent.stderr.startswith("error: no log stream node-2 in ")
+    assert silent.stderr.startswith(f"error: no log stream {world.stack}/node-2 in ")
     absent = console("logs", "--stack", world.stack, "--node", "7")
     assert absent.stderr == f"error: no node 7 in stack {world.stack} (nodes 0..2)\n"
     old = console("logs", "--stack", world.stack, "--since", "10s")
@@ -862,7 +880,7 @@ class FakeLogs:
         class Paginator:
             def paginate(self, **arguments: object):
                 if name == "describe_log_streams":
-                    yield {"logStreams": [{"logStreamName": "node-0"}]}
+                    yield {"logStreams": [{"logStreamName": "S/node-0"}]}
                     return
                 token = None
                 while True:

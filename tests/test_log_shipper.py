@@ -164,15 +164,18 @@ def test_the_stream_is_named_by_the_rank_and_the_region_comes_from_imds(
     train.write_text("hello from rank 2\n")
     with ImdsStub(node_values("i-0abc", "127.0.0.1", 2, 3, region=region)) as imds:
         env = {**aws_env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}
-        shipper = start_shipper(env, "--log-group", group, "--file", train, "--interval", "0.2")
+        shipper = start_shipper(
+            env, "--log-group", group, "--stack", "Cluster", "--file", train, "--interval", "0.2"
+        )
         try:
-            wait_until(lambda: messages(logs, group, "node-2") != [], 20, "stream node-2")
+            wait_until(lambda: messages(logs, group, "Cluster/node-2") != [], 20, "node-2")
         finally:
             status, _, stderr = stop_shipper(shipper, timeout=15)
     assert status == 0, stderr
-    assert messages(logs, group, "node-2") == ["hello from rank 2"]
+    assert messages(logs, group, "Cluster/node-2") == ["hello from rank 2"]
     streams = logs.describe_log_streams(logGroupName=group)["logStreams"]
-    assert [stream["logStreamName"] for stream in streams] == ["node-2"]
+    # The storage stack's group is shared by its clusters: the stream names the cluster.
+    assert [stream["logStreamName"] for stream in streams] == ["Cluster/node-2"]
 
 
 WRITER = """
@@ -258,6 +261,7 @@ def shipper_unit(fabric_home: Path, log_group: str) -> dict[str, list[str]]:
         f"PAYLOAD_DIR={shlex.quote(str(PROJECT_DIR))}",  # has userdata/log_shipper.py: this one
         "VENV=/opt/fabric/venv",
         f"LOG_GROUP={shlex.quote(log_group)}",
+        "STACK_NAME=FabricTest",
         f"REGION={REGION}",
         "REHEARSAL=",
         "LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid",
@@ -328,14 +332,16 @@ def test_the_agents_last_lines_written_just_before_sigterm_arrive(
             text=True,
         )
         try:
-            wait_until(lambda: messages(logs, group, "node-1") != [], 20, "the boot log")
+            wait_until(
+                lambda: messages(logs, group, "FabricTest/node-1") != [], 20, "the boot log"
+            )
             append(agent, "".join(f"{line}\n" for line in last_lines))
             append(agent, "agent: stop_when_done: powering off")  # its newline never came
         finally:
             status, took, stderr = stop_shipper(shipper, timeout=30)
     assert status == 0, stderr
     assert took < int(unit["Service.TimeoutStopSec"][0].removesuffix("s"))
-    assert messages(logs, group, "node-1") == [
+    assert messages(logs, group, "FabricTest/node-1") == [
         *("boot: phase agent", *last_lines, "agent: stop_when_done: powering off")
     ]
     saved = Offsets(tmp_path / "log-shipper.state").load()

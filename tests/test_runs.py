@@ -121,17 +121,23 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 
 
 def test_the_stack_names_its_run_and_its_log_group(synth: Synth) -> None:
+    """The log group is the storage stack's (it outlives every cluster): the cluster imports
+    it by the storage stack's export and names that stack in its outputs."""
     outputs = synth.template_dict["Outputs"]
     assert outputs["RunName"]["Value"] == run_name(config(log_retention_days="14"))
-    groups = synth.resources("AWS::Logs::LogGroup")
+    assert synth.resources("AWS::Logs::LogGroup") == {}
+    groups = synth.resources("AWS::Logs::LogGroup", synth.storage_dict)
     assert len(groups) == 1
     (logical_id, group), *_ = groups.items()
     assert group["Properties"]["RetentionInDays"] == 14
     assert group["DeletionPolicy"] == "Retain" and "LogGroupName" not in group["Properties"]
-    assert outputs["LogGroup"]["Value"] == {"Ref": logical_id}
+    storage_outputs = synth.storage_dict["Outputs"]
+    assert storage_outputs["LogGroup"]["Value"] == {"Ref": logical_id}
+    assert storage_outputs["LogGroup"]["Export"] == {"Name": "FabricStorage-LogGroup"}
+    assert outputs["StorageStack"]["Value"] == "FabricStorage"
     user_data = json.dumps(synth.launch_template()["Properties"]["LaunchTemplateData"]["UserData"])
     assert "readonly RUN_NAME=" + outputs["RunName"]["Value"] in user_data
-    assert "readonly LOG_GROUP=" in user_data
+    assert "readonly LOG_GROUP=" in user_data and "FabricStorage-LogGroup" in user_data
 
 
 def test_nodes_write_logs_only_to_their_group_and_read_only_the_cluster_parameters(
@@ -148,7 +154,10 @@ def test_nodes_write_logs_only_to_their_group_and_read_only_the_cluster_paramete
         "logs:CreateLogStream",
         "logs:PutLogEvents",
     ]
-    assert all("Logs" in json.dumps(s["Resource"]) and s["Resource"] != "*" for s in logs)
+    # The storage stack's group, by its export: streams are per cluster (<stack>/node-<rank>).
+    assert all(
+        '"Fn::ImportValue": "FabricStorage-LogGroup"' in json.dumps(s["Resource"]) for s in logs
+    )
     reads = [s for s in statements if "ssm:GetParameters" in actions(s)]
     for statement in reads:
         resources = statement["Resource"]

@@ -13,11 +13,11 @@ from aws_cdk.assertions import Match
 
 from stacks.cluster_stack import (
     GPU_AMI_PARAMETER,
-    NONCURRENT_VERSION_DAYS,
     SESSION_MANAGER_ACTIONS,
     UBUNTU_AMI_PARAMETER,
     VPC_CIDR,
 )
+from stacks.storage_stack import NONCURRENT_VERSION_DAYS
 from tests.cfn import Synth, checkov, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
@@ -183,7 +183,9 @@ def test_main_address_parameter_is_node0_private_ip(synth: Synth) -> None:
 
 
 def test_artifacts_bucket_is_private_encrypted_tls_only_and_retained(synth: Synth) -> None:
-    ((bucket_id, bucket),) = synth.resources("AWS::S3::Bucket").items()
+    """In the storage stack: the cluster stack has no bucket of its own (it imports it)."""
+    assert synth.resources("AWS::S3::Bucket") == {}
+    ((bucket_id, bucket),) = synth.resources("AWS::S3::Bucket", synth.storage_dict).items()
     assert bucket["DeletionPolicy"] == "Retain"
     assert bucket["UpdateReplacePolicy"] == "Retain"
     props = bucket["Properties"]
@@ -199,7 +201,7 @@ def test_artifacts_bucket_is_private_encrypted_tls_only_and_retained(synth: Synt
         ]["SSEAlgorithm"]
         == "AES256"
     )
-    synth.template.has_resource_properties(
+    synth.storage.has_resource_properties(
         "AWS::S3::BucketPolicy",
         {
             "Bucket": {"Ref": bucket_id},
@@ -276,13 +278,14 @@ def test_role_is_least_privilege(synth: Synth) -> None:
     assert {
         json.dumps(r).split('"Ref": "')[-1].split('"')[0] for r in put_parameter[0]["Resource"]
     } == phase_ids | {stop_id}
-    bucket_id = next(iter(synth.resources("AWS::S3::Bucket")))
     # Nothing on a node deletes data (ec2messages:DeleteMessage only acknowledges an agent message).
     deletes = [a for s in statements for a in s["Action"] if "Delete" in a]
     assert deletes == ["ec2messages:DeleteMessage"], deletes
     writes = [s for s in statements if "s3:PutObject" in s["Action"]]
     assert len(writes) == 1
-    assert bucket_id in json.dumps(writes[0]["Resource"])
+    # The storage stack's bucket, imported by its export's name.
+    imported = '{"Fn::ImportValue": "FabricStorage-ArtifactsBucket"}'
+    assert imported in json.dumps(writes[0]["Resource"])
     assert "cdk-hnb659fds-assets" not in json.dumps(writes[0]["Resource"])
 
 
@@ -317,7 +320,8 @@ def test_outputs_name_every_node_the_bucket_and_the_parameter(synth: Synth) -> N
         assert "PrivateIp" in json.dumps(outputs[f"Node{rank}PrivateIp"])
         session = json.dumps(outputs[f"Node{rank}Session"])
         assert "aws ssm start-session --region " in session and " --target " in session
-    assert "ArtifactsBucket" in outputs
+    # The bucket and the log group are the storage stack's outputs; this one names it.
+    assert outputs["StorageStack"]["Value"] == "FabricStorage"
     assert outputs["MainAddressParameter"]["Value"] == "/fabric/FabricCluster/main-address"
 
 
@@ -332,6 +336,7 @@ def test_cfn_lint_is_clean(synth: Synth) -> None:
             "--format",
             "parseable",
             str(synth.template_path),
+            str(synth.storage_path),
         ],
         capture_output=True,
         text=True,
@@ -342,21 +347,24 @@ def test_cfn_lint_is_clean(synth: Synth) -> None:
 
 def test_checkov_is_clean_and_every_skip_names_its_reason(synth: Synth) -> None:
     results = checkov(synth.template_path)["results"]
+    storage = checkov(synth.storage_path)["results"]
     failed = [(c["check_id"], c["resource"]) for c in results["failed_checks"]]
+    failed += [(c["check_id"], c["resource"]) for c in storage["failed_checks"]]
     assert failed == []
-    skipped = results.get("skipped_checks", [])
+    skipped = results.get("skipped_checks", []) + storage.get("skipped_checks", [])
     assert {c["check_id"] for c in skipped} >= {"CKV_AWS_18", "CKV_AWS_111"}
     for check in skipped:  # the reason, as the template states it, reaches checkov
         assert len(check["check_result"].get("suppress_comment") or "") > 20, check
 
 
 def test_artifacts_bucket_keeps_versions_for_a_bounded_time(synth: Synth) -> None:
-    ((_, bucket),) = synth.resources("AWS::S3::Bucket").items()
+    ((_, bucket),) = synth.resources("AWS::S3::Bucket", synth.storage_dict).items()
     props = bucket["Properties"]
     assert props["VersioningConfiguration"] == {"Status": "Enabled"}
     (rule,) = props["LifecycleConfiguration"]["Rules"]
     assert rule["Status"] == "Enabled"
     assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": NONCURRENT_VERSION_DAYS}
+    assert synth.storage_dict["Outputs"].keys() >= {"ArtifactsBucket", "LogGroup"}
     assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
     assert bucket["DeletionPolicy"] == "Retain"
 
@@ -463,7 +471,7 @@ def test_outputs_say_what_is_still_billed(synth: Synth) -> None:
     nodes = expected(synth)["nodes"]
     volume = 150 if synth.case == "gpu4" else 50  # type: ignore[attr-defined]
     assert f"stopped nodes bill only their volumes ({nodes} x {volume} GB gp3)" in text
-    assert "max_hours=12" in text and "cdk destroy removes everything but the bucket" in text
+    assert "max_hours=12" in text and "make destroy removes this cluster" in text
 
 
 def test_boot_script_schedules_the_max_hours_power_off(synth: Synth) -> None:

@@ -74,7 +74,8 @@ LOG_SHIPPER_PID=$FABRIC_HOME/log-shipper.pid
 start_log_shipper() {
   [[ -n $LOG_GROUP && -f $PAYLOAD_DIR/userdata/log_shipper.py ]] || return 0
   local shipper=("$VENV/bin/python" -m userdata.log_shipper --log-group "$LOG_GROUP"
-    --region "$REGION" --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log"
+    --stack "$STACK_NAME" --region "$REGION"
+    --file "$FABRIC_HOME/boot.log" --file "$FABRIC_HOME/agent.log"
     --state-file "$FABRIC_HOME/log-shipper.state")
   if [[ -z $REHEARSAL ]]; then
     cat >/etc/systemd/system/fabric-logs.service <<EOF

@@ -470,8 +470,9 @@ def stream_and_region(
     imds: Imds,
     wait: float = IDENTITY_WAIT_SECONDS,
     stop: threading.Event | None = None,
+    stack: str = "",
 ) -> tuple[str, str | None]:
-    """The stream (`node-<rank>`, the rank from the instance tags) and region not given,
+    """The stream (`<stack>/node-<rank>`, the rank from the instance tags) and region not given,
     from IMDS, which is asked again for `wait` seconds (or until `stop`). A rank that cannot be
     read gives the instance id, so the logs of a node whose tags are broken still arrive."""
     stop = stop or threading.Event()
@@ -482,7 +483,8 @@ def stream_and_region(
                 region = imds.require("placement/region")
             else:
                 identity = read_identity(imds)
-                stream, region = log_stream(identity.node_rank), region or identity.region
+                stream = log_stream(identity.node_rank, stack)
+                region = region or identity.region
         except AgentError as error:
             left = deadline - time.monotonic()
             if left > 0 and not stop.wait(min(left, 2.0)):
@@ -517,7 +519,9 @@ def ship(
     try:
         stream, region = args.stream, args.region
         if not (stream and region):
-            stream, region = stream_and_region(stream, region, Imds(), stop=finishing)
+            stream, region = stream_and_region(
+                stream, region, Imds(), stop=finishing, stack=args.stack
+            )
         client = logs_client(region)
     except Exception as error:  # no region anywhere, say: the files are still read
         log(f"nothing will be sent: {error}")
@@ -534,7 +538,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-group", required=True)
     parser.add_argument(
-        "--stream", help="the stream (default: node-<rank>, the rank from the instance tags)"
+        "--stream",
+        help="the stream (default: <stack>/node-<rank>, the rank from the instance tags)",
+    )
+    parser.add_argument(
+        "--stack", default="", help="the cluster's stack: its streams in the shared log group"
     )
     parser.add_argument("--region", help="default: the instance's region, from IMDS")
     parser.add_argument(

@@ -17,11 +17,12 @@ CHECKPOINT_STEP = re.compile(r"step-(\d+)\.ckpt$")
 CHECKPOINT_GLOB = "step-*.ckpt"  # the trainer's checkpoints (trainer/train.py)
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")  # any script's, under a checkpoints/ folder
 CHECKPOINT_FOLDER = "checkpoints"
-LOG_STREAM_PREFIX = "node-"  # each node's CloudWatch Logs stream: node-<rank>
+LOG_STREAM_PREFIX = "node-"  # each node's CloudWatch Logs stream: <stack>/node-<rank>
 
 
-def log_stream(rank: int) -> str:
-    return f"{LOG_STREAM_PREFIX}{rank}"
+def log_stream(rank: int, stack: str = "") -> str:
+    """The clusters of a storage stack share its log group: a stream per node of each."""
+    return f"{stack}/{LOG_STREAM_PREFIX}{rank}" if stack else f"{LOG_STREAM_PREFIX}{rank}"
 
 
 def checkpoint_of(relative: PurePosixPath) -> str | None:
