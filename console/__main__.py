@@ -15,10 +15,19 @@ import click
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
-from console.aws import Aws, ConsoleError, Stack, connect, default_stack_name, explain, load_stack
+from console.aws import (
+    Aws,
+    ConsoleError,
+    Stack,
+    connect,
+    default_stack_name,
+    explain,
+    load_stack,
+)
 from console.logs import parse_since, run_logs
 from console.results import run_results, run_runs
 from console.status import run_status
+from console.storage import run_destroy_storage, storage_bucket
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -192,26 +201,71 @@ def results(
     ctx.exit(run_results(aws, stack_name, bucket, run_name, dest, click.echo, everything, confirm))
 
 
+def storage_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--storage",
+        "storage_name",
+        default=default_stack_name(key="storage_stack"),
+        show_default=True,
+        help="The storage stack (default: cdk.json's storage_stack).",
+    )(command)
+
+
 @cli.command()
 @stack_options
+@storage_option
 @click.option("--bucket", default=None, help="The artifacts bucket (default: the stack's).")
 @click.pass_context
-def runs(ctx: click.Context, stack_name: str, region: str | None, bucket: str | None) -> None:
-    """The runs this stack has made, newest first.
+def runs(
+    ctx: click.Context,
+    stack_name: str,
+    region: str | None,
+    storage_name: str,
+    bucket: str | None,
+) -> None:
+    """The runs this stack has made, newest first, also when the stack is gone (they are in
+    the storage stack's bucket).
 
     * marks the run the stack trains now.
     """
     aws = connect(region)
     current = None
     if bucket is None:
-        stack = _stack_or_hint(aws, stack_name, "or name the bucket: --bucket B")
-        bucket, current = stack.bucket, stack.outputs.get("RunName")
+        try:
+            stack = load_stack(aws, stack_name)
+            bucket, current = stack.bucket, stack.outputs.get("RunName")
+        except ConsoleError as gone:  # destroyed: its runs are in the storage stack's bucket
+            try:
+                bucket = storage_bucket(aws, storage_name)
+            except ConsoleError:
+                raise ConsoleError(
+                    f"{gone} (nor a storage stack {storage_name} with its runs: pass "
+                    "--storage S or --bucket B)"
+                ) from None
     else:
         try:  # only to mark the current run: the stack may be gone
             current = load_stack(aws, stack_name).outputs.get("RunName")
         except ConsoleError:
             current = None
     ctx.exit(run_runs(aws, stack_name, bucket, current, click.echo))
+
+
+@cli.command("destroy-storage")
+@storage_option
+@click.option("--region", default=None, help="AWS region (as for the other commands).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (for scripts): delete at once.")
+@click.pass_context
+def destroy_storage(ctx: click.Context, storage_name: str, region: str | None, yes: bool) -> None:
+    """Delete the storage stack and what it holds: every run of every cluster in its bucket
+    (all versions) and the nodes' logs. Says what that is first and asks; refuses while a
+    cluster stack uses it."""
+    aws = connect(region)
+    if not yes and not stdin_is_terminal():
+        raise ConsoleError(
+            "destroy-storage deletes every run and log for good: run it in a terminal to be "
+            "asked, or pass --yes"
+        )
+    ctx.exit(run_destroy_storage(aws, storage_name, click.echo, None if yes else ask))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from userdata.aws_clients import MAX_ATTEMPTS, THROTTLED_CODES, retries, retryin
 from userdata.phase import decode_phase
 
 DEFAULT_STACK = "FabricCluster"
+DEFAULT_STORAGE_STACK = "FabricStorage"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 NO_CREDENTIALS = "no AWS credentials: configure them (aws configure) or set AWS_PROFILE"
 NO_REGION = "no AWS region: set AWS_REGION (or aws configure), or pass --region"
@@ -54,14 +55,16 @@ class ConsoleError(Exception):
     """A failure the console reports as one line, `error: ...`, with exit status 2."""
 
 
-def default_stack_name(cdk_json: Path = CDK_JSON) -> str:
-    """The stack `make deploy` creates: cdk.json's context.stack_name."""
+def default_stack_name(cdk_json: Path = CDK_JSON, key: str = "stack_name") -> str:
+    """The stack `make deploy` creates: cdk.json's context.stack_name (key=storage_stack: its
+    storage stack)."""
+    fallback = DEFAULT_STORAGE_STACK if key == "storage_stack" else DEFAULT_STACK
     try:
         context = json.loads(cdk_json.read_text()).get("context", {})
     except (OSError, ValueError, AttributeError):
-        return DEFAULT_STACK
-    name = context.get("stack_name") if isinstance(context, dict) else None
-    return name if isinstance(name, str) and name else DEFAULT_STACK
+        return fallback
+    name = context.get(key) if isinstance(context, dict) else None
+    return name if isinstance(name, str) and name else fallback
 
 
 def is_throttled(error: BaseException) -> bool:

@@ -64,6 +64,7 @@ class World:
     run: str
     group: str
     instance_ids: list[str]
+    storage: str
 
     def client(self, service: str):
         return moto_client(self.url, service)
@@ -150,7 +151,7 @@ def deploy(
     for rank, phase in enumerate(phases):
         if phase is not None:
             ssm.put_parameter(Name=f"/fabric/{stack}/node-{rank}/phase", Value=phase, Type="String")
-    return World(url, stack, bucket, run, group, ids)
+    return World(url, stack, bucket, run, group, ids, storage)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -780,6 +781,63 @@ def test_results_ask_before_a_large_download(
     assert accepted.exit_code == 0, accepted.output
     assert "Download" not in accepted.stderr
     assert (run_dir / "checkpoints" / "step-00000002.ckpt").stat().st_size == 2000
+
+
+# --- the storage stack: runs outlive clusters; destroy-storage --------------------------------
+
+
+def test_runs_of_a_destroyed_cluster_are_listed_from_the_storage(endpoint: str) -> None:
+    world = deploy(endpoint, ["done", "done"])
+    world.put("summary.json", {"steps": 9})
+    world.client("cloudformation").delete_stack(StackName=world.stack)  # make destroy
+    listed = console("runs", "--stack", world.stack, "--storage", world.storage)
+    assert listed.exit_code == 0, listed.output
+    assert "run-a" in listed.stdout and "complete" not in listed.stdout.split("run-a")[0]
+
+
+def test_destroy_storage_says_what_it_deletes_asks_and_refuses_while_a_cluster_uses_it(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = deploy(endpoint, ["done", "done"])
+    world.put("checkpoints/step-00000002.ckpt", b"x" * 2048)
+    world.put("summary.json", {"steps": 2}, run="run-b")
+    world.log(0, [(int(time.time() * 1000), "boot")])
+    args = ["destroy-storage", "--storage", world.storage]
+
+    used = console(*args, "--yes")
+    assert used.exit_code == 2
+    assert used.stderr == (
+        f"error: storage stack {world.storage} is used by cluster stack(s) {world.stack}: "
+        "destroy them first (make destroy), then run this again\n"
+    )
+    world.client("cloudformation").delete_stack(StackName=world.stack)  # make destroy
+
+    piped = CliRunner().invoke(cli, args, input="")  # no terminal to ask, no --yes: nothing
+    assert piped.exit_code == 2 and "pass --yes" in piped.stderr
+    monkeypatch.setattr(console_main, "stdin_is_terminal", lambda: True)
+    declined = CliRunner().invoke(cli, args, input="n\n")
+    assert declined.exit_code == 1, declined.output
+    assert declined.stdout.splitlines() == [
+        f"storage stack {world.storage} (us-east-1):",
+        f"  bucket s3://{world.bucket}: 2 run(s), 2.0 KB (every version)",
+        f"    {world.stack}/run-a: 1 object version(s), 2.0 KB",
+        f"    {world.stack}/run-b: 1 object version(s), 12 B",
+        f"  log group {world.group}: 4 B stored",
+        "nothing deleted",
+    ]
+    assert world.client("s3").head_bucket(Bucket=world.bucket)  # all still there
+
+    accepted = CliRunner().invoke(cli, args, input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert accepted.stdout.splitlines()[-3:] == [
+        f"deleted stack {world.storage}",
+        f"deleted s3://{world.bucket} (2 object version(s))",
+        f"deleted log group {world.group}",
+    ]
+    names = [b["Name"] for b in world.client("s3").list_buckets()["Buckets"]]
+    assert world.bucket not in names
+    groups = world.client("logs").describe_log_groups(logGroupNamePrefix=world.group)
+    assert groups["logGroups"] == []
 
 
 def test_checkpoints_are_files_or_folders_of_shards() -> None:
