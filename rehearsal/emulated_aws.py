@@ -72,6 +72,8 @@ class EmulatedAws:
         self._unix.stop()
         self.socket_path.unlink(missing_ok=True)
 
+    region = REGION  # as console.aws.Aws has it: the console's commands run against this too
+
     def client(self, service: str) -> Any:
         return boto3.client(
             service, endpoint_url=self.url, region_name=REGION, config=CHECK_CONFIG, **CREDENTIALS
@@ -121,6 +123,18 @@ def bootstrap_and_upload(aws: EmulatedAws, assembly: Path, stack_artifact: str) 
             s3.put_object(Bucket=bucket, Key=destination["objectKey"], Body=body)
             uploaded += 1
     return uploaded
+
+
+def ensure_stack(
+    aws: EmulatedAws, template_path: Path, stack_name: str
+) -> tuple[bool, dict[str, str]]:
+    """The long-lived storage stack, as `cdk deploy` of a cluster deploys it first: created
+    when it does not exist yet, kept as it is otherwise; (created, its outputs)."""
+    try:
+        stack = aws.client("cloudformation").describe_stacks(StackName=stack_name)["Stacks"][0]
+    except ClientError:
+        return True, deploy(aws, template_path, stack_name)
+    return False, {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
 
 
 def deploy(aws: EmulatedAws, template_path: Path, stack_name: str) -> dict[str, str]:

@@ -48,12 +48,13 @@ from rehearsal.emulated_aws import (
     bootstrap_and_upload,
     deploy,
     destroy,
+    ensure_stack,
     remaining,
     stack_instances,
 )
 from rehearsal.imds_stub import node_values
 from rehearsal.namespaces import EmulatedNetwork, namespaces_available
-from stacks.cluster_app import build_app, cdk_json_context, synthesize
+from stacks.cluster_app import STORAGE_STACK_ID, build_app, cdk_json_context, synthesize
 from stacks.cluster_stack import VPC_CIDR
 from stacks.config import PROJECT_DIR
 from stacks.project import load_project, pinned_version
@@ -667,10 +668,21 @@ class Rehearsal:
             "bootstrap, upload assets", lambda: bootstrap_and_upload(aws, assembly, artifact)
         )
         log(f"{count} asset(s) uploaded to the emulated S3 at {aws.url}")
-        outputs = phases.run(
+        created, storage = phases.run(
+            "the storage stack",
+            lambda: ensure_stack(
+                aws, assembly / f"{STORAGE_STACK_ID}.template.json", config.storage_stack
+            ),
+        )
+        log(
+            f"storage stack {config.storage_stack} {'created' if created else 'kept as it is'}: "
+            f"s3://{storage['ArtifactsBucket']}, log group {storage['LogGroup']}"
+        )
+        cluster = phases.run(
             "create the stack",
             lambda: deploy(aws, assembly / f"{artifact}.template.json", config.stack_name),
         )
+        outputs = {**storage, **cluster}  # what the console merges the same way
         nodes = stack_instances(aws, config.stack_name)
         main = aws.client("ssm").get_parameter(Name=config.main_address_parameter)
         if main["Parameter"]["Value"] != nodes[0].private_ip:
@@ -712,7 +724,8 @@ class Rehearsal:
         return Deployment(folder, config, outputs, nodes)
 
     def destroy(self, deployment: Deployment) -> None:
-        """`cdk destroy`, and a check that only the artifacts bucket (and logs) remain."""
+        """`make destroy` (the cluster stack only), and a check that only the storage stack's
+        artifacts bucket (and logs) remain of it."""
         self.processes.stop_all()
         config, outputs = deployment.config, deployment.outputs
         notes = self.phases.run(
@@ -865,7 +878,10 @@ def check_interrupted(rehearsal: Rehearsal, deployment: Deployment) -> None:
 def check_resumed(rehearsal: Rehearsal, first: Deployment) -> None:
     """The interrupted run goes on with a new cluster, from its checkpoint in S3, to the end."""
     run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
-    second = rehearsal.deploy(f"run {run} again on a new cluster", run=run, artifacts_bucket=bucket)
+    # No artifacts_bucket: the storage stack outlived the destroyed cluster, its runs with it.
+    second = rehearsal.deploy(f"run {run} again on a new cluster", run=run)
+    if second.outputs["ArtifactsBucket"] != bucket:
+        raise RehearsalError(f"the new cluster's bucket is not {bucket}: {second.outputs}")
     resumed = re.search(r"training \(resumed from step (\d+)\)", agent_output(second, 0))
     if not resumed or int(resumed.group(1)) == 0:
         raise RehearsalError("node 0 of the new cluster did not resume the interrupted run")
@@ -956,7 +972,7 @@ def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any])
     change of arguments is a new run beside the old one."""
     run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
     more, total = train_on(rehearsal.args.script_args, summary["steps"])
-    again = {"run": run, "artifacts_bucket": bucket, "script_args": shlex.join(more)}
+    again = {"run": run, "script_args": shlex.join(more)}  # no flag: the storage stayed
     second = rehearsal.deploy(f"run {run} again, to train on, on a new cluster", **again)
     s3 = rehearsal.aws.client("s3")
     key = f"{first.config.stack_name}/{run}/summary.json"
@@ -983,15 +999,47 @@ def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any])
     rehearsal.destroy(third)
 
     changed = shlex.join([*rehearsal.args.script_args, "--seed", "7"])
-    fourth = rehearsal.deploy(
-        "changed arguments: a new run", artifacts_bucket=bucket, script_args=changed
-    )
+    fourth = rehearsal.deploy("changed arguments: a new run", script_args=changed)
     new_run = fourth.outputs["RunName"]
     listed = console(rehearsal, "runs", "--stack", fourth.config.stack_name)
     if new_run == run or run not in listed.stdout or new_run not in listed.stdout:
         raise RehearsalError(f"make runs: {listed.stdout[-600:]} {listed.stderr[-300:]}")
     log(f"changed arguments trained a new run {new_run} beside {run} (make runs lists both)")
     rehearsal.destroy(fourth)
+    check_storage_outlives_clusters(rehearsal, fourth, [run, new_run])
+
+
+def check_storage_outlives_clusters(
+    rehearsal: Rehearsal, last: Deployment, runs: list[str]
+) -> None:
+    """The cluster is gone, its runs are not (make runs finds them through the storage
+    stack); make destroy-storage says what it deletes, then deletes exactly that."""
+    config, outputs = last.config, last.outputs
+    listed = console(rehearsal, "runs", "--stack", config.stack_name)
+    if listed.returncode != 0 or not all(name in listed.stdout for name in runs):
+        raise RehearsalError(f"make runs of a destroyed cluster: {listed.stdout} {listed.stderr}")
+    log(f"make runs after destroy: the runs of cluster {config.stack_name} are still listed")
+    destroyed = console(rehearsal, "destroy-storage", "--storage", config.storage_stack, "--yes")
+    said = destroyed.stdout
+    if destroyed.returncode != 0 or not all(
+        f"{config.stack_name}/{name}:" in said for name in runs
+    ):
+        raise RehearsalError(f"make destroy-storage: {said} {destroyed.stderr}")
+    aws = rehearsal.aws
+    buckets = [b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]]
+    groups = aws.client("logs").describe_log_groups(logGroupNamePrefix=outputs["LogGroup"])
+    stacks = [
+        stack["StackName"]
+        for stack in aws.client("cloudformation").describe_stacks()["Stacks"]
+        if stack["StackStatus"] != "DELETE_COMPLETE"
+    ]
+    if (
+        outputs["ArtifactsBucket"] in buckets
+        or groups["logGroups"]
+        or config.storage_stack in stacks
+    ):
+        raise RehearsalError(f"after destroy-storage: {buckets} {groups['logGroups']} {stacks}")
+    log(f"make destroy-storage deleted what it said: {said.strip().splitlines()[-2]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,6 +161,9 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
             "a new cluster resumed run",
             "every node says it is complete, and nothing trained",
             "(make runs lists both)",
+            # The storage outlives the cluster: found after destroy, then deleted on request.
+            "the runs of cluster FabricCluster are still listed",
+            "make destroy-storage deleted what it said",
         ):
             assert check in out
     if "--project" in project:
