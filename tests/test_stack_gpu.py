@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from stacks.cluster_stack import GPU_AMI_PARAMETER
 from stacks.instance_types import GPU_DEFAULT_VOLUME_GB
+from stacks.nodes import GPU_AMI_PARAMETER
 from tests.cfn import Synth, checkov, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {

@@ -21,7 +21,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 def test_open_ssh_is_allowed_with_a_warning(synth: Synth) -> None:
     ((_, group),) = synth.resources("AWS::EC2::SecurityGroup").items()
     assert group["Properties"]["SecurityGroupIngress"][0]["CidrIp"] == "0.0.0.0/0"
-    warnings = synth.stack.node.find_child("Nodes").node.metadata
+    warnings = synth.stack.security_group.node.metadata
     assert any(
         "ssh_cidr=0.0.0.0/0 opens SSH to the whole internet" in str(entry.data)
         for entry in warnings

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from stacks.cluster_stack import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
 from stacks.config import PROJECT_DIR
+from stacks.nodes import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
 from tests.cfn import Synth
 
 ACCOUNT, REGION = "123456789012", "us-east-1"

@@ -11,12 +11,9 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Match
 
-from stacks.cluster_stack import (
-    GPU_AMI_PARAMETER,
-    SESSION_MANAGER_ACTIONS,
-    UBUNTU_AMI_PARAMETER,
-    VPC_CIDR,
-)
+from stacks.network import VPC_CIDR
+from stacks.node_role import SESSION_MANAGER_ACTIONS
+from stacks.nodes import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
 from stacks.storage_stack import NONCURRENT_VERSION_DAYS
 from tests.cfn import Synth, checkov, user_data_text
 
