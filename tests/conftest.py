@@ -20,6 +20,17 @@ FAKE_CREDENTIALS = {
     "AWS_DEFAULT_REGION": REGION,
 }
 
+# Modules that are slow as a whole (see the `slow` marker in pyproject.toml) but are not marked
+# in their own file: their files are another change's, so the mark is given here, by module
+# name. A module that can carry its own `pytestmark` belongs there, not in this set.
+SLOW_MODULES = frozenset({"test_rehearsal.py"})  # the whole deploy in network namespaces
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ from userdata.fabric_command import LAUNCH_SCRIPT, fabric_environment, fabric_ru
 from userdata.phase import decode_phase
 
 MAIN_IP = "127.0.0.2"  # routed through lo, like a peer's address through eth0 on EC2
-INITIAL_PHASE = "booting"  # what the stack writes in every phase parameter (cluster_stack.py)
+INITIAL_PHASE = "booting"  # what the stack writes in every phase parameter (cluster_parameters.py)
 NO_PHASE = "no phase recorded: this node's phase parameter is named by its rank"
 
 
@@ -565,6 +565,7 @@ sys.exit(int(sys.argv[1]))
 
 
 @pytest.mark.parametrize("exit_status", [0, 3])
+@pytest.mark.slow
 def test_real_run_records_phases_and_uploads_artifacts(
     aws_env, ssm, s3, tmp_path: Path, exit_status: int
 ) -> None:
@@ -642,6 +643,7 @@ if not marker.exists():
 )
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Path) -> None:
     parameters = StackParameters.put(ssm, "127.0.0.1")
     script = tmp_path / "flaky.py"
@@ -679,6 +681,7 @@ Fabric().launch()
 """
 
 
+@pytest.mark.slow
 def test_a_script_error_is_not_restarted_and_the_phase_says_why(aws_env, ssm, tmp_path) -> None:
     """Lightning's own mistake (launch() under fabric run) before any training step: one
     attempt, not four, and the phase names the cause and its fix, not only an exit status."""
@@ -717,6 +720,7 @@ atexit.register(os.abort)  # as a gloo thread torn down at interpreter exit does
 )
 
 
+@pytest.mark.slow
 def test_a_script_that_finished_is_done_whatever_its_exit(aws_env, ssm, tmp_path) -> None:
     """Every rank finished its script, then died at interpreter exit (-6): the run is done,
     never restarted (a restart would train nothing and overwrite the run's summary)."""
@@ -747,6 +751,7 @@ def test_a_script_that_finished_is_done_whatever_its_exit(aws_env, ssm, tmp_path
 FABRIC_RUN_SLACK = 60
 
 
+@pytest.mark.slow
 def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, ssm) -> None:
     """With a restart, as deployed (max_restarts defaults to 3): every attempt waits for the
     rendezvous (torchrun's store client tries twice, each up to the timeout), and the whole is
@@ -790,6 +795,7 @@ def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, s
     assert "would stop now" in result.stdout  # on EC2 the node stops itself here
 
 
+@pytest.mark.slow
 def test_a_late_main_node_is_waited_for(aws_env, ssm, tmp_path: Path) -> None:
     """Node 1 first: it waits for the main address, then in the rendezvous for node 0, which
     starts only after node 1 is running fabric run; one run of 2 nodes, no restart."""
@@ -944,6 +950,7 @@ def test_gpus_that_never_show_up_fail_clearly(aws_env, ssm, tmp_path: Path, gpus
 SPOT_SAMPLES = 32_000
 
 
+@pytest.mark.slow
 def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_path: Path) -> None:
     """The payload stops where the notice found it, mid-epoch, and the next run resumes there:
     not from an end-of-epoch checkpoint (the notice comes after the first step of a long first
@@ -1003,6 +1010,7 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
     assert parameters.phase_of(ssm, 0) == "done"
 
 
+@pytest.mark.slow
 def test_a_notice_on_node_1_interrupts_the_run_and_never_completes_it(
     throttled_aws_env, throttled_moto, ssm, s3, tmp_path: Path
 ) -> None:
@@ -1123,6 +1131,7 @@ pathlib.Path("config.yaml").write_text("changed: true\\n")
 """
 
 
+@pytest.mark.slow
 def test_outputs_and_the_script_arguments_are_kept_with_the_run(aws_env, ssm, s3, tmp_path) -> None:
     """What the script writes by relative path on node 0 goes to outputs/ (the shipped files
     that it leaves alone do not); a run continued without arguments gets the ones it was
@@ -1175,6 +1184,7 @@ def test_outputs_and_the_script_arguments_are_kept_with_the_run(aws_env, ssm, s3
     assert not (tmp_path / "run" / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:
     """Node 1 waits in the rendezvous for a node 0 that will never come (it failed in its
     boot): without the watch, every restart would wait the whole rendezvous timeout."""
@@ -1234,6 +1244,7 @@ def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:
     assert "would stop now" in agent.output
 
 
+@pytest.mark.slow
 def test_a_stop_from_another_deploy_is_ignored(aws_env, ssm) -> None:
     """CloudFormation runs a redeploy's old and new nodes side by side: an old node's stop (its
     instance is not among the members) does not stop the new cluster."""
@@ -1267,6 +1278,7 @@ def test_a_stop_from_another_deploy_is_ignored(aws_env, ssm) -> None:
     assert "the cluster stops" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_stop_from_outside_is_recorded_as_what_it_was(aws_env, ssm) -> None:
     """max_hours' power-off (systemd's SIGTERM to the whole unit): not `failed: fabric run
     exited with status ... after 3 restart(s)`, but what happened, and the cluster is told, so

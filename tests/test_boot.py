@@ -13,6 +13,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from local.project_venv import torch_source, uv_binary
 from rehearsal.emulated_aws import zip_directory
 from rehearsal.imds_stub import ImdsStub, node_values
@@ -21,6 +23,8 @@ from stacks.config import load_config
 from stacks.payload import stage_payload
 from stacks.user_data import render_boot_script
 from userdata.phase import decode_phase
+
+pytestmark = pytest.mark.slow  # boot.sh's real install phase
 
 
 def test_a_dependency_that_cannot_be_installed_fails_the_boot_in_phase_install(

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stacks.config import PROJECT_DIR
+
+pytestmark = pytest.mark.slow  # each case trains: the payload, fabric run, the local cluster
 
 CASES = ("payload alone", "fabric run ddp", "local cluster", "resume")
 

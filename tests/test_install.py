@@ -175,6 +175,7 @@ def install_environment(cache_dir: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_a_dependency_that_cannot_be_installed_fails_with_the_installers_own_message(
     uv: Path, uv_cache: Path, tmp_path: Path
 ) -> None:
@@ -233,6 +234,7 @@ print(json.dumps({
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_the_torch_family_comes_from_torchs_source_and_a_package_is_installed(
     uv: Path, uv_cache: Path, tmp_path: Path
 ) -> None:

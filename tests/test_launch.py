@@ -58,6 +58,7 @@ def script(folder: Path, text: str, name: str = "script.py") -> str:
          "leave out fabric.launch() (fabric run has started the processes already))"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_an_error_before_the_first_step_is_a_script_error(
     tmp_path: Path, text: str, args: list[str], error: str
 ) -> None:
@@ -71,6 +72,7 @@ def test_an_error_before_the_first_step_is_a_script_error(
     assert "Traceback" in result.stderr or "error:" in result.stderr  # its own output, as ever
 
 
+@pytest.mark.slow
 def test_an_error_after_the_first_step_is_a_fault(tmp_path: Path) -> None:
     result = launch(tmp_path, script(tmp_path, ONE_STEP + "raise OSError('disk full')\n"))
     assert result.returncode == 1
@@ -79,6 +81,7 @@ def test_an_error_after_the_first_step_is_a_fault(tmp_path: Path) -> None:
     assert (ended.finished, ended.script_error, ended.error) == (False, "", "OSError: disk full")
 
 
+@pytest.mark.slow
 def test_torch_distributed_errors_are_faults_even_before_a_step(tmp_path: Path) -> None:
     text = "import torch.distributed as d\nraise d.DistNetworkError('peer gone')\n"
     launch(tmp_path, script(tmp_path, text))
@@ -97,6 +100,7 @@ print("argv", sys.argv[1:], "path0", sys.path[1], "name", __name__, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_script_runs_as_python_runs_it_and_ends_with_its_group_destroyed(
     tmp_path: Path,
 ) -> None:
@@ -108,6 +112,7 @@ def test_a_script_runs_as_python_runs_it_and_ends_with_its_group_destroyed(
     assert outcome(tmp_path / "status", ranks=1).finished
 
 
+@pytest.mark.slow
 def test_a_module_runs_as_python_dash_m_runs_it(tmp_path: Path) -> None:
     package = tmp_path / "src" / "mypkg"
     package.mkdir(parents=True)

@@ -74,6 +74,7 @@ def run(
     return result
 
 
+@pytest.mark.slow
 def test_two_nodes_by_two_devices_train_and_the_loss_falls(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run(run_dir, script_args=["--epochs", "3", *SMALL])
@@ -91,6 +92,7 @@ def test_two_nodes_by_two_devices_train_and_the_loss_falls(tmp_path: Path) -> No
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_failing_node_stops_the_cluster(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     started = time.monotonic()
@@ -130,6 +132,7 @@ def final_weights(summary: dict[str, Any]) -> dict[str, torch.Tensor]:
     return torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_ends_with_the_same_steps(tmp_path: Path) -> None:
     base = [*SMALL_2, "--checkpoint-every", "5"]  # checkpoints within epochs too
     run_dir = tmp_path / "run"
@@ -228,6 +231,7 @@ print("precision", os.environ["LT_PRECISION"])
 @pytest.mark.parametrize(
     ("args", "expected"), [((), "32-true"), (("--precision", "bf16-mixed"), "bf16-mixed")]
 )
+@pytest.mark.slow
 def test_precision_reaches_the_script(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
     script = tmp_path / "show.py"
     script.write_text(SHOW_PRECISION)
@@ -248,6 +252,7 @@ def test_gpu_precision_is_bf16_where_the_gpu_has_it(
 
 
 @pytest.mark.parametrize("nodes", [4])
+@pytest.mark.slow
 def test_four_nodes_by_one_device(tmp_path: Path, nodes: int) -> None:
     run_dir = tmp_path / "run"
     result = run(
@@ -263,6 +268,7 @@ def test_four_nodes_by_one_device(tmp_path: Path, nodes: int) -> None:
     assert (summary["world_size"], summary["num_nodes"]) == (4, 4)
 
 
+@pytest.mark.slow
 def test_past_max_restarts_it_fails_clearly(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run(
@@ -279,6 +285,7 @@ def test_past_max_restarts_it_fails_clearly(tmp_path: Path) -> None:
     assert result.stderr.strip().endswith("stopped the other nodes; gave up after 1 restart(s)")
 
 
+@pytest.mark.slow
 def test_late_main_node(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run(
@@ -324,6 +331,7 @@ def node_pids(run_dir: Path, node_rank: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_frozen_worker_fails_the_survivors_within_the_pg_timeout_and_the_run_resumes(
     tmp_path: Path,
 ) -> None:
@@ -408,6 +416,7 @@ def runs_command(runs: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_make_local_is_a_new_run_and_a_complete_run_is_not_trained_again(
     tmp_path: Path,
 ) -> None:
@@ -448,6 +457,7 @@ def test_every_make_local_is_a_new_run_and_a_complete_run_is_not_trained_again(
     assert f"[cluster] run {trained[0]} is complete already" in last.stdout, last.stdout
 
 
+@pytest.mark.slow
 def test_a_script_error_stops_the_cluster_at_once_and_is_its_last_line(tmp_path: Path) -> None:
     script = tmp_path / "broken.py"
     script.write_text("import not_a_module_of_anyone\n")
@@ -485,6 +495,7 @@ if sys.argv[1:] == ["--abort-at-exit"]:
 """
 
 
+@pytest.mark.slow
 def test_a_finished_script_is_never_restarted_whatever_its_exit(tmp_path: Path) -> None:
     """A script that does not tear down its process group, run again and again; and one that
     aborts at exit after every rank finished (as a gloo thread does, now and then): done,
@@ -514,6 +525,7 @@ pathlib.Path("lightning_logs/version_0/rank%s.txt" % os.environ["RANK"]).write_t
 """
 
 
+@pytest.mark.slow
 def test_the_local_cluster_runs_what_ships_and_keeps_what_the_script_writes(
     tmp_path: Path,
 ) -> None:

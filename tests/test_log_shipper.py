@@ -332,9 +332,7 @@ def test_the_agents_last_lines_written_just_before_sigterm_arrive(
             text=True,
         )
         try:
-            wait_until(
-                lambda: messages(logs, group, "FabricTest/node-1") != [], 20, "the boot log"
-            )
+            wait_until(lambda: messages(logs, group, "FabricTest/node-1") != [], 20, "the boot log")
             append(agent, "".join(f"{line}\n" for line in last_lines))
             append(agent, "agent: stop_when_done: powering off")  # its newline never came
         finally:

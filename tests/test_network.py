@@ -15,9 +15,10 @@ from rehearsal.namespaces import namespaces_available
 from stacks.config import PROJECT_DIR
 
 REASON = namespaces_available()
-pytestmark = pytest.mark.skipif(
-    REASON == "this platform has no network namespaces", reason=str(REASON)
-)
+pytestmark = [
+    pytest.mark.slow,  # makes network namespaces
+    pytest.mark.skipif(REASON == "this platform has no network namespaces", reason=str(REASON)),
+]
 NODE0, NODE1 = "10.251.0.10", "10.251.0.11"  # inside the namespaces only
 
 PROBE = """

@@ -93,6 +93,7 @@ def venv_packages(output: str) -> tuple[list[str], Path]:
         ("names-torch", "main.py", "tabulate"),  # requirements.txt says torch>=2 and lightning
     ],
 )
+@pytest.mark.slow
 def test_a_project_installs_and_trains_on_two_nodes(
     environment: dict[str, str], tmp_path: Path, name: str, script: str, dependency: str
 ) -> None:
@@ -134,6 +135,7 @@ def test_a_bad_project_is_one_line_and_starts_nothing(
     assert "[fabric-install]" not in result.stdout and "starting node" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_dependency_that_cannot_be_installed_shows_the_installers_message(
     environment: dict[str, str], tmp_path: Path
 ) -> None:
@@ -150,6 +152,7 @@ def test_a_dependency_that_cannot_be_installed_shows_the_installers_message(
     assert not [v for v in os.listdir(environment["FABRIC_VENVS_DIR"]) if v.startswith("broken")]
 
 
+@pytest.mark.slow
 def test_a_package_whose_script_is_a_module_is_installed_and_runs(
     environment: dict[str, str], tmp_path: Path
 ) -> None:

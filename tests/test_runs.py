@@ -163,7 +163,7 @@ def test_nodes_write_logs_only_to_their_group_and_read_only_the_cluster_paramete
         resources = statement["Resource"]
         resources = resources if isinstance(resources, list) else [resources]
         assert all(
-            json.dumps(resource).endswith(("/main-address\"]]}", "/members\"]]}", "/stop\"]]}"))
+            json.dumps(resource).endswith(('/main-address"]]}', '/members"]]}', '/stop"]]}'))
             for resource in resources
         ), resources
 

@@ -33,6 +33,7 @@ def train(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_trains_on_data_from_a_local_file(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=generator)
@@ -54,6 +55,7 @@ def test_trains_on_data_from_a_local_file(tmp_path: Path) -> None:
     assert summary["final_loss"] < summary["first_loss"]
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
     result = train("--data", str(tmp_path / "nope.pt"), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 1
@@ -61,6 +63,7 @@ def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
     assert f"error: cannot read --data {tmp_path / 'nope.pt'}: " in result.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_data_is_one_clear_error(tmp_path: Path) -> None:
     garbage = tmp_path / "data.pt"
     garbage.write_bytes(b"\x00not a torch file" * 10)
@@ -73,6 +76,7 @@ def test_unreadable_data_is_one_clear_error(tmp_path: Path) -> None:
         assert f"error: cannot read --data {location}: " in result.stderr
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_skipped_not_resumed(tmp_path: Path) -> None:
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -94,6 +98,7 @@ def test_a_corrupt_checkpoint_is_skipped_not_resumed(tmp_path: Path) -> None:
     assert summary["steps"] == summary["steps_this_run"] == 16  # trained from the start
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_width_fails_with_one_line(tmp_path: Path) -> None:
     run = ["--epochs", "1", "--samples", "512", "--batch-size", "32", "--run-dir", str(tmp_path)]
     assert train(*run, "--hidden", "32").returncode == 0
