@@ -349,7 +349,10 @@ class KeptOutputs:
         workdir = Path(args.workdir)
         before = snapshot(workdir)
         uri = f"{args.artifacts_uri}/{OUTPUTS}"
-        files = lambda: outputs(workdir, before).files  # noqa: E731
+
+        def files() -> list[Path]:
+            return outputs(workdir, before).files
+
         kept = cls(workdir, before, ArtifactSync(s3, uri, workdir, args.sync_interval, files=files))
         kept.sync.start()
         return kept
