@@ -43,7 +43,7 @@ from typing import IO
 
 from local import runs
 from local.process_groups import stop_groups
-from stacks.errors import ConfigError
+from training_project.errors import ProjectError
 from userdata.fabric_command import (
     PRECISIONS,
     fabric_environment,
@@ -227,7 +227,8 @@ def prepare_project(args: argparse.Namespace) -> None:
         return
     # Here only: a GPU machine's python (make gpu-check) has none of what projects need.
     from local.staging import Stage
-    from stacks.project import load_project, pinned_version
+    from training_project.load import load_project
+    from training_project.torch_pins import pinned_version
 
     folder = args.project if args.project is not None else str(DEFAULT_PROJECT)
     script = args.script or DEFAULT_SCRIPT
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         prepare_project(args)
-    except ConfigError as error:
+    except ProjectError as error:
         print(f"[cluster] error: {error}", file=sys.stderr, flush=True)
         return 2
     except ProjectInstallFailed as error:

@@ -20,13 +20,22 @@ from pathlib import Path
 from local.staging import copy_shipped
 from local.torch_source import torch_source
 from stacks.config import PROJECT_DIR
-from stacks.project import NODE_REQUIREMENTS, Project, shipped_files
-from userdata.dependencies import DEPENDENCY_FILES, installable
+from training_project.dependencies import DEPENDENCY_FILES, installable
+from training_project.load import Project
+from training_project.shipping import shipped_files
+from training_project.torch_pins import NODE_REQUIREMENTS
 
 # Where project venvs live (a test points it elsewhere).
 VENVS_DIR = Path(os.environ.get("FABRIC_VENVS_DIR") or PROJECT_DIR / ".venvs")
 INSTALL_SCRIPT = PROJECT_DIR / "userdata" / "install.sh"
-INSTALL_CODE = (INSTALL_SCRIPT, PROJECT_DIR / "userdata" / "dependencies.py", NODE_REQUIREMENTS)
+# The install step's code that decides what a venv holds: install.sh, the dependencies step and
+# the torch family rule it imports (errors.py only words its failures), the agent's needs.
+INSTALL_CODE = (
+    INSTALL_SCRIPT,
+    PROJECT_DIR / "training_project" / "dependencies.py",
+    PROJECT_DIR / "training_project" / "torch_family.py",
+    NODE_REQUIREMENTS,
+)
 DONE_MARKER = ".fabric-installed"
 
 

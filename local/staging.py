@@ -1,7 +1,8 @@
 """The local cluster runs what ships: a staged copy of the project's shipped files (the same
-list the payload asset holds, stacks/project.shipped_files), so that a file the script needs
-but that does not ship (a .gitignore'd config) fails here as it would on every node. What the
-script writes into that copy is kept in the run folder's outputs/, as node 0 keeps it in S3."""
+list the payload asset holds, training_project/shipping.shipped_files), so that a file the
+script needs but that does not ship (a .gitignore'd config) fails here as it would on every
+node. What the script writes into that copy is kept in the run folder's outputs/, as node 0
+keeps it in S3."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stacks.project import shipped_files
+from training_project.shipping import shipped_files
 from userdata.outputs import OUTPUTS, Snapshot, outputs, snapshot
 
 

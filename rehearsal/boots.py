@@ -19,7 +19,8 @@ from rehearsal.namespaces import EmulatedNetwork
 from rehearsal.processes import NodeProcesses, run_environment
 from rehearsal.report import Manifest, RehearsalError, log
 from stacks.config import PROJECT_DIR
-from stacks.project import load_project, pinned_version
+from training_project.load import load_project
+from training_project.torch_pins import pinned_version
 
 IMDS_PORT = 1338
 

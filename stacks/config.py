@@ -29,7 +29,9 @@ from stacks.instance_types import (
     supports_bf16,
     supports_cluster_placement_group,
 )
-from stacks.project import load_project, pinned_version
+from training_project.errors import ProjectError
+from training_project.load import load_project
+from training_project.torch_pins import pinned_version
 from userdata.fabric_command import PRECISIONS
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
 from userdata.run_layout import RUN_NAME
@@ -450,7 +452,10 @@ def load_config(
             )
         raw[key] = value
     accelerator = _choice("accelerator", raw["accelerator"], ("cpu", "gpu"))
-    project = load_project(raw["project"], raw["script"], project_dir, pinned_version("torch"))
+    try:
+        project = load_project(raw["project"], raw["script"], project_dir, pinned_version("torch"))
+    except ProjectError as error:  # a setting like any other: one line, as ConfigError
+        raise ConfigError(str(error)) from None
     instance_type = _instance_type(raw["instance_type"], accelerator)
     stack_name = _stack_name(raw["stack_name"])
     return ClusterConfig(

@@ -1,5 +1,6 @@
-"""The node payload, one S3 asset: the user's project (under project/) and the node agent (under
-userdata/). Only shipped files are staged, so nothing else changes the asset's hash."""
+"""The node payload, one S3 asset: the user's project (under project/), the node agent (under
+userdata/) and what its install step reads the project with (under training_project/). Only
+shipped files are staged, so nothing else changes the asset's hash."""
 
 from __future__ import annotations
 
@@ -10,24 +11,32 @@ from pathlib import Path
 from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
-from stacks.config import PROJECT_DIR, ClusterConfig
-from stacks.project import check_size, shipped_files
+from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
+from training_project.errors import ProjectError
+from training_project.shipping import check_size, shipped_files
 
 AGENT_DIR = PROJECT_DIR / "userdata"
+TRAINING_PROJECT_DIR = PROJECT_DIR / "training_project"
 PAYLOAD_PROJECT = "project"  # where the project lies in the payload: fabric run's working dir
 PAYLOAD_AGENT = "userdata"
+# Beside userdata/ (the payload's root is install.sh's PYTHONPATH): its dependencies step.
+PAYLOAD_TRAINING_PROJECT = "training_project"
 _AGENT_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def stage_payload(config: ClusterConfig, root: Path) -> list[Path]:
     """Copies what ships into root; returns the project's files (relative to the project)."""
     files = shipped_files(config.project)
-    check_size(config.project, files)
+    try:
+        check_size(config.project, files)
+    except ProjectError as error:  # one line at synth, as every bad setting is
+        raise ConfigError(str(error)) from None
     for relative in files:
         target = root / PAYLOAD_PROJECT / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(config.project / relative, target)
     shutil.copytree(AGENT_DIR, root / PAYLOAD_AGENT, ignore=_AGENT_IGNORED)
+    shutil.copytree(TRAINING_PROJECT_DIR, root / PAYLOAD_TRAINING_PROJECT, ignore=_AGENT_IGNORED)
     return files
 
 

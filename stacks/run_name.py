@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from stacks.config import ClusterConfig
-from stacks.project import shipped_files
+from training_project.shipping import shipped_files
 
 
 def project_fingerprint(config: ClusterConfig) -> str:

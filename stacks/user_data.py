@@ -6,7 +6,7 @@ import re
 import shlex
 
 from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
-from stacks.project import pinned_version
+from training_project.torch_pins import pinned_version
 
 BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
 SETTINGS_MARKER = "# @@SETTINGS@@"

@@ -12,8 +12,8 @@ from stacks.instance_types import (
     GPU_MIN_VOLUME_GB,
     supports_cluster_placement_group,
 )
-from stacks.project import pinned_version
 from tests.cfn import cdk_json_context
+from training_project.torch_pins import pinned_version
 
 
 def load(**overrides: Any):

@@ -30,9 +30,9 @@ from local import project_venv
 from local.torch_source import CPU_TORCH_INDEX, pip_arguments, torch_source
 from stacks.cluster_app import cdk_json_context
 from stacks.config import PROJECT_DIR, load_config
-from stacks.project import NODE_REQUIREMENTS, pinned_version
 from stacks.user_data import UV_VERSION, UV_WHEEL_SHA256, UV_WHEEL_URL, render_boot_script
 from tests.wheels import build_wheel
+from training_project.torch_pins import NODE_REQUIREMENTS, pinned_version
 
 INSTALL_SCRIPT = PROJECT_DIR / "userdata" / "install.sh"
 EXAMPLE_PROJECT = PROJECT_DIR / "trainer"

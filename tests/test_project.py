@@ -11,25 +11,14 @@ from typing import Any
 import pytest
 
 from stacks.config import ConfigError, load_config
-from stacks.payload import PAYLOAD_AGENT, PAYLOAD_PROJECT
-from stacks.project import (
-    MAX_PROJECT_BYTES,
-    check_size,
-    load_project,
-    node_torch_version,
-    pinned_version,
-    project_script,
-    shipped_files,
-    torch_specifiers,
-)
+from stacks.payload import PAYLOAD_AGENT, PAYLOAD_PROJECT, PAYLOAD_TRAINING_PROJECT
 from tests.cfn import Synth, cdk_json_context, user_data_text
-from userdata.dependencies import (
-    DependencyError,
-    family_versions,
-    installable,
-    main,
-    node_requirements,
-)
+from training_project.dependencies import installable, main, node_requirements
+from training_project.errors import DependencyError, ProjectError
+from training_project.load import load_project, project_script
+from training_project.shipping import MAX_PROJECT_BYTES, check_size, shipped_files
+from training_project.torch_family import family_versions
+from training_project.torch_pins import node_torch_version, pinned_version, torch_specifiers
 
 PROJECTS = Path(__file__).parent / "projects"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "charlm"
@@ -363,7 +352,7 @@ def test_what_ships_and_what_never_does(tmp_path: Path) -> None:
 def test_a_project_over_the_size_limit_names_what_is_big(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("print()\n")
     (tmp_path / "weights.bin").write_bytes(b"\0" * 3000)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ProjectError) as error:
         check_size(tmp_path, shipped_files(tmp_path), limit=2000)
     message = str(error.value)
     assert message.startswith("invalid setting project=") and "\n" not in message
@@ -493,7 +482,9 @@ def test_synth_ships_the_project_and_the_agent_and_nothing_else(
     zips = [a for a in assets["files"].values() if a["source"]["packaging"] == "zip"]
     assert len(zips) == 1
     folder = synth.outdir / zips[0]["source"]["path"]
-    assert sorted(p.name for p in folder.iterdir()) == [PAYLOAD_PROJECT, PAYLOAD_AGENT]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [PAYLOAD_PROJECT, PAYLOAD_AGENT, PAYLOAD_TRAINING_PROJECT]
+    )
     project = folder / PAYLOAD_PROJECT
     shipped = sorted(p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file())
     assert shipped == [
@@ -504,8 +495,11 @@ def test_synth_ships_the_project_and_the_agent_and_nothing_else(
         "src/words.py",
     ]
     agent = sorted(p.name for p in (folder / PAYLOAD_AGENT).iterdir())
-    assert "agent.py" in agent and "install.sh" in agent and "dependencies.py" in agent
-    assert not [name for name in agent if name.endswith(".pyc") or name == "__pycache__"]
+    assert "agent.py" in agent and "install.sh" in agent
+    code = sorted(p.name for p in (folder / PAYLOAD_TRAINING_PROJECT).iterdir())
+    assert "dependencies.py" in code and "torch_family.py" in code and "errors.py" in code
+    for names in (agent, code):
+        assert not [name for name in names if name.endswith(".pyc") or name == "__pycache__"]
 
 
 def test_synth_runs_the_script_in_the_project_folder(project_synth: tuple[Synth, Path]) -> None:

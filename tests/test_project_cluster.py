@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from stacks.config import PROJECT_DIR
-from stacks.project import pinned_version
+from training_project.torch_pins import pinned_version
 
 PROJECTS = Path(__file__).parent / "projects"
 TORCH = pinned_version("torch")

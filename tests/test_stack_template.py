@@ -305,7 +305,8 @@ def test_payload_is_an_s3_asset_with_the_project_and_the_agent(synth: Synth) -> 
     assert project == ["__init__.py", "requirements.txt", "train.py"]  # the example project
     assert (folder / "userdata" / "agent.py").is_file()
     assert (folder / "userdata" / "requirements-node.txt").is_file()
-    assert sorted(p.name for p in folder.iterdir()) == ["project", "userdata"]
+    assert (folder / "training_project" / "dependencies.py").is_file()  # install.sh's step
+    assert sorted(p.name for p in folder.iterdir()) == ["project", "training_project", "userdata"]
     text = user_data_text(synth.launch_template())
     assert ".zip" in text and "PAYLOAD_URL=" in text
 

@@ -68,7 +68,7 @@ done
 [[ -f $requirements ]] || die "--requirements $requirements is not a file"
 # Absolute: the install runs from the project folder.
 uv=$(realpath "$uv") venv=$(realpath -m "$venv") requirements=$(realpath "$requirements")
-# The folder that holds userdata/ (the payload on a node, the repository here).
+# Holds userdata/ and training_project/: the payload on a node, the repository here.
 agent_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -121,7 +121,8 @@ else
 fi
 
 log "requirements: the project's ($project) and the agent's ($requirements)"
-step dependencies env PYTHONPATH="$agent_root" "$venv/bin/python" -m userdata.dependencies \
+step dependencies env PYTHONPATH="$agent_root" "$venv/bin/python" \
+  -m training_project.dependencies \
   --project "$project" --agent-requirements "$requirements" --uv "$uv" \
   --torch-version "$torch_version" --family-pins "$work/family.txt" \
   --family-named "$work/family-named.txt" >"$work/requirements.txt"

@@ -1,14 +1,16 @@
 """A project's dependencies as a node installs them: which file declares them, and the one
 requirements list that install.sh hands to uv (the project's, then the agent's own needs).
 
-    python -m userdata.dependencies --project DIR --agent-requirements FILE --uv UV \
+    python -m training_project.dependencies --project DIR --agent-requirements FILE --uv UV \
         [--torch-version 2.13.0 --family-pins FILE --family-named FILE]
 
-Standard library only: it runs on a node before anything but boto3 is installed, and on the
-user's machine for the local cluster. torch and its family (TORCH_FAMILY) are never in the list:
-install.sh installs the accelerator's build of them first, from torch's source, and holds them
-with constraints, whatever the project names. --family-pins gets the family's versions for
-that torch (name==version, one a line), --family-named those of them the project names.
+The node's install step (userdata/install.sh runs it). Standard library only, as are the
+modules it imports (torch_family.py, errors.py): it runs on a node before anything but boto3 is
+installed, and on the user's machine for the local cluster. torch and its family (TORCH_FAMILY)
+are never in the list: install.sh installs the accelerator's build of them first, from torch's
+source, and holds them with constraints, whatever the project names. --family-pins gets the
+family's versions for that torch (name==version, one a line), --family-named those of them the
+project names.
 An installable project (a package) is in the list itself, as `.` (install.sh installs from the
 project folder): not editable, so its modules import from any working directory.
 """
@@ -23,23 +25,14 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from training_project.errors import DependencyError
+from training_project.torch_family import TORCH_FAMILY, family_version, family_versions
+
 # In this order: the first one a project has is what it declares (as uv and pip users expect).
 DEPENDENCY_FILES = ("uv.lock", "pyproject.toml", "requirements.txt")
-# Released with torch, one version for each torch version, and built per accelerator like torch
-# (PyPI's Linux torchvision carries CUDA libraries): a node takes them from torch's source.
-TORCH_FAMILY = ("torchvision", "torchaudio")
-# torch 2.0.x came out with other versions than the rule of family_versions gives.
-_FAMILY_RELEASES = {
-    "2.0.0": {"torchvision": "0.15.1", "torchaudio": "2.0.1"},
-    "2.0.1": {"torchvision": "0.15.2", "torchaudio": "2.0.2"},
-}
 # A project line that already installs the project itself.
 _SELF = frozenset({".", "./", "-e .", "-e ./", "--editable .", "--editable ./"})
 _NAME = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-
-
-class DependencyError(ValueError):
-    """A dependency file that cannot be used; the message is one line."""
 
 
 def normalized(name: str) -> str:
@@ -64,30 +57,6 @@ def declares_dependencies(pyproject: Path) -> bool:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return True  # and reading it says what is wrong
     return isinstance(project, dict) and "dependencies" not in project.get("dynamic", [])
-
-
-def family_versions(torch_version: str) -> dict[str, str]:
-    """The torch family's versions released with a torch 2.x (local label ignored): torchvision
-    0.(minor+15).patch, torchaudio torch's own version; none known for another torch."""
-    public = torch_version.split("+", 1)[0]
-    if public in _FAMILY_RELEASES:
-        return dict(_FAMILY_RELEASES[public])
-    match = re.fullmatch(r"2\.(\d+)\.(\d+)", public)
-    if not match:
-        return {}
-    minor, patch = (int(part) for part in match.groups())
-    return {"torchvision": f"0.{minor + 15}.{patch}", "torchaudio": public}
-
-
-def family_version(package: str, torch_version: str) -> str:
-    """The version of a family member that goes with the nodes' torch."""
-    version = family_versions(torch_version).get(package)
-    if version is None:
-        raise DependencyError(
-            f"it names {package}, but no {package} is known to go with the nodes' torch "
-            f"{torch_version} (only torch 2.x): leave it out or pin torch 2.x"
-        )
-    return version
 
 
 def installable(project: Path) -> bool:
@@ -242,7 +211,9 @@ def write_family(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m userdata.dependencies", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m training_project.dependencies", description=__doc__
+    )
     parser.add_argument("--project", type=Path, required=True)
     parser.add_argument("--agent-requirements", type=Path, required=True)
     parser.add_argument("--uv", default="uv")
