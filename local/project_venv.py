@@ -8,6 +8,7 @@ exactly what ships, and a change to any shipped file makes a new venv."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -86,9 +87,20 @@ def project_venv(project: Project, accelerator: str) -> Path:
     source = torch_source()
     key = venv_key(project, accelerator, source)
     venv = VENVS_DIR / f"{project.path.name}-{key[:16]}"
-    if (venv / DONE_MARKER).is_file():
-        print(f"[cluster] project venv: {venv} (cached)", flush=True)
-        return venv
+    VENVS_DIR.mkdir(parents=True, exist_ok=True)
+    # Two runs at once (two `make local`, a test beside a rehearsal) would install into one
+    # folder: the second waits for the first and then finds its venv made.
+    with (VENVS_DIR / f"{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / DONE_MARKER).is_file():
+            print(f"[cluster] project venv: {venv} (cached)", flush=True)
+            return venv
+        install(project, accelerator, source, venv)
+    return venv
+
+
+def install(project: Project, accelerator: str, source: str, venv: Path) -> None:
+    """install.sh into venv, from scratch; the marker says it is whole."""
     shutil.rmtree(venv, ignore_errors=True)  # what an interrupted install left
     print(f"[cluster] project venv: installing {project.path} into {venv}", flush=True)
     folder = project.path
@@ -114,4 +126,3 @@ def project_venv(project: Project, accelerator: str) -> Path:
             message = error_file.read_text().strip() if error_file.is_file() else ""
             raise InstallError(message or f"install.sh exited with status {result.returncode}")
     (venv / DONE_MARKER).write_text(json.dumps({"project": str(project.path)}) + "\n")
-    return venv

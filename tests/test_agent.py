@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from local.cluster import free_port
 from rehearsal.imds_stub import ImdsStub, node_values
 from stacks.config import (
     PROJECT_DIR,
@@ -107,6 +108,12 @@ class StackParameters:
             "--stop-parameter",
             self.stop,
         ]
+
+
+def main_port() -> str:
+    """A free port for a test's rendezvous: tests run side by side (pytest-xdist) on one loopback,
+    as two clusters in one VPC would not."""
+    return str(free_port())
 
 
 def run_agent(
@@ -585,7 +592,7 @@ def test_real_run_records_phases_and_uploads_artifacts(
             "--devices-per-node",
             "1",
             "--main-port",
-            "29581",
+            main_port(),
             "--run-dir",
             str(tmp_path / "run"),
             "--artifacts-uri",
@@ -656,7 +663,7 @@ def test_a_failed_run_is_restarted_and_then_succeeds(aws_env, ssm, tmp_path: Pat
             "--devices-per-node",
             "1",
             "--main-port",
-            "29582",
+            main_port(),
             "--max-restarts",
             "2",
             "--restart-delay",
@@ -693,7 +700,7 @@ def test_a_script_error_is_not_restarted_and_the_phase_says_why(aws_env, ssm, tm
             aws_env,
             imds,
             *parameters.agent_options,
-            *("--devices-per-node", "2", "--main-port", "29583", "--max-restarts", "3"),
+            *("--devices-per-node", "2", "--main-port", main_port(), "--max-restarts", "3"),
             *("--restart-delay", "0", str(script)),
             timeout=120,
         )
@@ -733,7 +740,7 @@ def test_a_script_that_finished_is_done_whatever_its_exit(aws_env, ssm, tmp_path
             aws_env,
             imds,
             *parameters.agent_options,
-            *("--devices-per-node", "2", "--main-port", "29584", "--max-restarts", "3"),
+            *("--devices-per-node", "2", "--main-port", main_port(), "--max-restarts", "3"),
             *("--restart-delay", "0", str(script), "--", str(tmp_path / "trained")),
             timeout=120,
         )
@@ -767,7 +774,7 @@ def test_main_node_that_never_comes_fails_within_the_rendezvous_bound(aws_env, s
             "--devices-per-node",
             "1",
             "--main-port",
-            "29583",
+            main_port(),
             "--rendezvous-timeout",
             str(rendezvous),
             "--max-restarts",
@@ -806,7 +813,7 @@ def test_a_late_main_node_is_waited_for(aws_env, ssm, tmp_path: Path) -> None:
         return [
             *parameters.agent_options,
             "--main-port",
-            "29585",
+            main_port(),
             "--rendezvous-timeout",
             "180",
             "--run-dir",
@@ -962,7 +969,7 @@ def test_spot_notice_makes_the_payload_checkpoint_and_stop(aws_env, ssm, tmp_pat
         "--devices-per-node",
         "2",
         "--main-port",
-        "29584",
+        main_port(),
         "--spot-poll-interval",
         "0.2",
         "--run-dir",
@@ -1026,7 +1033,7 @@ def test_a_notice_on_node_1_interrupts_the_run_and_never_completes_it(
         "--devices-per-node",
         "1",
         "--main-port",
-        "29589",
+        main_port(),
         "--spot-poll-interval",
         "0.2",
         "--peer-poll-interval",
@@ -1151,7 +1158,7 @@ def test_outputs_and_the_script_arguments_are_kept_with_the_run(aws_env, ssm, s3
                 aws_env,
                 imds,
                 *parameters.agent_options,
-                *("--devices-per-node", "1", "--main-port", "29585", "--run-name", "r1"),
+                *("--devices-per-node", "1", "--main-port", main_port(), "--run-name", "r1"),
                 *("--run-dir", str(tmp_path / "run"), "--workdir", str(project)),
                 *("--artifacts-uri", f"s3://{bucket}/{stack}", "--run-fingerprint", "f" * 64),
                 "train.py",
@@ -1198,7 +1205,7 @@ def test_a_failed_peer_stops_this_node_at_once(aws_env, ssm) -> None:
             "--devices-per-node",
             "1",
             "--main-port",
-            "29587",
+            main_port(),
             "--rendezvous-timeout",
             "600",
             "--max-restarts",
@@ -1261,7 +1268,7 @@ def test_a_stop_from_another_deploy_is_ignored(aws_env, ssm) -> None:
             imds,
             *parameters.agent_options,
             "--main-port",
-            "29588",
+            main_port(),
             "--peer-poll-interval",
             "1",
             "--rendezvous-timeout",
@@ -1291,7 +1298,7 @@ def test_a_stop_from_outside_is_recorded_as_what_it_was(aws_env, ssm) -> None:
             imds,
             *parameters.agent_options,
             "--main-port",
-            "29590",
+            main_port(),
             "--max-hours",
             "0.001",
             "--max-restarts",

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,28 @@ def test_a_package_whose_script_is_a_module_is_installed_and_runs(
         "rank1.txt",
     ]
     assert not (project / "build").exists() and not list(project.rglob("*.egg-info"))
+
+
+def test_two_runs_at_once_install_a_projects_venv_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `make local` (or a test beside a rehearsal) asking for one project's venv at the same
+    time: the second waits for the first install and takes its venv, not a half-made one."""
+    from local import project_venv
+    from training_project.load import load_project
+
+    monkeypatch.setattr(project_venv, "VENVS_DIR", tmp_path / "venvs")
+    installs: list[str] = []
+
+    def slow_install(project: object, accelerator: str, source: str, venv: Path) -> None:
+        installs.append(venv.name)
+        time.sleep(0.5)  # the window in which the other run looks
+        venv.mkdir(parents=True)
+        (venv / project_venv.DONE_MARKER).write_text("{}\n")
+
+    monkeypatch.setattr(project_venv, "install", slow_install)
+    project = load_project(str(PROJECTS / "with-lock"), "train.py", PROJECT_DIR, TORCH)
+    with ThreadPoolExecutor(2) as pool:
+        venvs = list(pool.map(lambda _: project_venv.project_venv(project, "cpu"), range(2)))
+    assert len(installs) == 1 and venvs[0] == venvs[1]
+    assert (venvs[0] / project_venv.DONE_MARKER).is_file()
