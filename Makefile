@@ -48,15 +48,20 @@ cli: $(CDK)
 lint: dev
 	$(VENV)/bin/ruff check .
 
+# Two workers (this machine's cores), each taking one scope at a time, longest first
+# (tests/conftest.py); a fast module is one scope. E.g. make test PYTEST_WORKERS=4.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: dev cli
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL)
 
 # The edit-run loop: every test but those marked slow (training processes, the local cluster,
 # real installs, network namespaces, the rehearsal; see the marker in pyproject.toml).
 test-fast: dev cli
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 # Two stacks: FabricStorage (the runs' bucket and the logs, long-lived) and FabricCluster
 # (disposable). Deploying the cluster deploys the storage first; destroy removes the cluster only.

@@ -66,6 +66,18 @@ class Synth:
         ]
 
 
+_SYNTHS: dict[str, Synth] = {}
+
+
+def synthesized(tmp_path_factory: Any, **overrides: Any) -> Synth:
+    """The app synthesized with these settings once for the whole test run (in each pytest-xdist
+    worker): for tests that only read what it made."""
+    key = json.dumps(overrides, sort_keys=True)
+    if key not in _SYNTHS:
+        _SYNTHS[key] = Synth(tmp_path_factory.mktemp("synth"), **overrides)
+    return _SYNTHS[key]
+
+
 def join_text(value: Any, placeholder: str = "PLACEHOLDER") -> str:
     """Flattens an Fn::Join (as used for user data) into text, intrinsics as a placeholder."""
     if isinstance(value, str):

@@ -26,10 +26,39 @@ FAKE_CREDENTIALS = {
 SLOW_MODULES = frozenset({"test_rehearsal.py"})  # the whole deploy in network namespaces
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup), which take the
+# tests in this order, one scope at a time: the longest first, so that both end together.
+LONGEST_FIRST = (
+    "test_rehearsal.py",
+    "test_project_cluster.py",
+    "test_local_cluster.py",
+    "test_agent.py",
+    "test_gpu_check.py",
+    "test_trainer.py",
+    "test_launch.py",
+    "test_install.py",
+    "test_boot.py",
+)
+# Modules whose slow tests share what is costly to make (a project's venv, uv as a node gets
+# it): one worker runs them one after the other. Every other slow test is a scope of its own.
+SHARED_SLOW = frozenset({"test_project_cluster.py", "test_install.py"})
+
+
+def _order(item: pytest.Item) -> tuple[int, int]:
+    slow = item.get_closest_marker("slow") is not None
+    module = item.path.name
+    rank = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+    return (0 if slow else 1, rank)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        # A fast module is one scope (its module fixtures, a synth, are made once).
+        if item.get_closest_marker("slow") is None or item.path.name in SHARED_SLOW:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=_order)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(autouse=True)

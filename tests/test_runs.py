@@ -14,7 +14,7 @@ import torch
 
 from stacks.config import PROJECT_DIR, ConfigError, load_config
 from stacks.run_name import run_name
-from tests.cfn import Synth, cdk_json_context
+from tests.cfn import Synth, cdk_json_context, synthesized
 from trainer.train import newest_checkpoint
 from userdata.run_state import COMPLETE_MARKER, completed, mark_complete, restore
 
@@ -117,7 +117,7 @@ def test_a_new_run_restores_nothing_and_a_complete_one_says_so(s3: Any, tmp_path
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    return Synth(tmp_path_factory.mktemp("runs"), log_retention_days="14")
+    return synthesized(tmp_path_factory, log_retention_days="14")
 
 
 def test_the_stack_names_its_run_and_its_log_group(synth: Synth) -> None:

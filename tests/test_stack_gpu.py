@@ -12,7 +12,7 @@ import pytest
 
 from stacks.instance_types import GPU_DEFAULT_VOLUME_GB
 from stacks.nodes import GPU_AMI_PARAMETER
-from tests.cfn import Synth, checkov, user_data_text
+from tests.cfn import Synth, checkov, synthesized, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
     # 4 GPUs per g5.12xlarge, found by devices_per_node=auto
@@ -34,7 +34,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module", params=list(CASES))
 def synth(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    synth = Synth(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+    synth = synthesized(tmp_path_factory, **CASES[request.param])
     synth.case = request.param  # type: ignore[attr-defined]
     return synth
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cfn import Synth
+from tests.cfn import Synth, synthesized
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    return Synth(
-        tmp_path_factory.mktemp("options"),
+    return synthesized(
+        tmp_path_factory,
         ssh_cidr="0.0.0.0/0",
         key_pair="my-key",
         volume_gb="100",

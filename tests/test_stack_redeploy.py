@@ -12,7 +12,7 @@ import pytest
 
 from stacks.config import PROJECT_DIR
 from stacks.nodes import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
-from tests.cfn import Synth
+from tests.cfn import Synth, synthesized
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
 PINNED = "ami-0123456789abcdef0"
@@ -24,7 +24,7 @@ def instance_ids(synth: Synth) -> list[str]:
 
 @pytest.fixture(scope="module")
 def defaults(tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    return Synth(tmp_path_factory.mktemp("defaults"))
+    return synthesized(tmp_path_factory)
 
 
 def test_a_redeploy_with_nothing_changed_is_the_same_template_byte_for_byte(

@@ -10,7 +10,7 @@ import pytest
 from stacks.cluster_app import TEMPLATE_LIMIT_BYTES, build_app, cdk_json_context, synthesize
 from stacks.config import ConfigError
 from stacks.user_data import EC2_USER_DATA_LIMIT, LONGEST_RESOLVED_VALUE
-from tests.cfn import Synth, user_data_text
+from tests.cfn import Synth, synthesized, user_data_text
 
 # https://docs.aws.amazon.com/AWSCloudFormation/latest/UserGuide/cloudformation-limits.html
 RESOURCES_LIMIT = 500
@@ -20,8 +20,8 @@ PARAMETERS_LIMIT = 200
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    return Synth(
-        tmp_path_factory.mktemp("scale"),
+    return synthesized(
+        tmp_path_factory,
         num_nodes=64,
         accelerator="gpu",
         instance_type="p4d.24xlarge",

@@ -15,7 +15,7 @@ from stacks.network import VPC_CIDR
 from stacks.node_role import SESSION_MANAGER_ACTIONS
 from stacks.nodes import GPU_AMI_PARAMETER, UBUNTU_AMI_PARAMETER
 from stacks.storage_stack import NONCURRENT_VERSION_DAYS
-from tests.cfn import Synth, checkov, user_data_text
+from tests.cfn import Synth, checkov, synthesized, user_data_text
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -55,7 +55,7 @@ RENDERED = {
 
 @pytest.fixture(scope="module", params=list(CASES))
 def synth(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    synth = Synth(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+    synth = synthesized(tmp_path_factory, **CASES[request.param])
     synth.case = request.param  # type: ignore[attr-defined]
     return synth
 
