@@ -66,7 +66,9 @@ class Rehearsal:
     ) -> None:
         self.args, self.folder, self.phases, self.run_id = args, folder, phases, run_id
         self.manifest = manifest
-        self.aws = EmulatedAws(folder / "aws.sock", args.throttle).start()
+        self.aws = EmulatedAws(args.throttle)
+        manifest.update(socket_folder=str(self.aws.socket_folder))
+        self.aws.start()
         # From the run's id: two runs at once never share a name; short, as interface names are.
         self.network = EmulatedNetwork(f"fr{run_id[:6]}", SUBNET_PREFIX_LENGTH)
         self.processes = NodeProcesses()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ CREDENTIAL_ENV = {
 BOOTSTRAP_VERSION_PARAMETER = "/cdk-bootstrap/hnb659fds/version"
 # moto reserves /aws/... parameters: the template's AMI parameter is pointed here instead.
 AMI_PARAMETER = "/rehearsal/ubuntu-ami"
+SOCKET_PARENT = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,14 @@ class EmulatedAws:
     """throttle_share: the share of SSM and CloudWatch Logs calls refused with
     ThrottlingException, on both servers, as a busy account refuses them."""
 
-    def __init__(self, socket_path: Path, throttle_share: float = 0.0) -> None:
-        self.socket_path = socket_path
+    def __init__(self, throttle_share: float = 0.0) -> None:
+        # A unix socket's path must fit in 108 bytes (sun_path), which a deep TMPDIR (pytest's,
+        # one per xdist worker) exceeds: the socket gets a short folder of its own.
+        self.socket_folder = Path(tempfile.mkdtemp(prefix="fabric-aws-", dir=SOCKET_PARENT))
+        self.socket_path = self.socket_folder / "aws.sock"
         self._tcp = ThrottledMotoServer("127.0.0.1", 0, random_share(throttle_share, seed=1))
         self._unix = ThrottledMotoServer(
-            f"unix://{socket_path}", 0, random_share(throttle_share, seed=2)
+            f"unix://{self.socket_path}", 0, random_share(throttle_share, seed=2)
         )
 
     def start(self) -> EmulatedAws:
@@ -70,7 +76,7 @@ class EmulatedAws:
     def stop(self) -> None:
         self._tcp.stop()
         self._unix.stop()
-        self.socket_path.unlink(missing_ok=True)
+        shutil.rmtree(self.socket_folder, ignore_errors=True)
 
     region = REGION  # as console.aws.Aws has it: the console's commands run against this too
 

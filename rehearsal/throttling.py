@@ -123,8 +123,25 @@ class ThrottledMotoServer(ThreadedMotoServer):
         self.throttle = Throttle(DomainDispatcherApplication(create_backend_app), policy)
 
     def _server_entry(self) -> None:
-        self._server = make_server(
-            self._ip_address, self._port, self.throttle, True, request_handler=MotoRequestHandler
-        )
+        try:
+            self._server = make_server(
+                self._ip_address,
+                self._port,
+                self.throttle,
+                True,
+                request_handler=MotoRequestHandler,
+            )
+        except (OSError, SystemExit) as error:  # werkzeug exits when it cannot bind; start()
+            self.failed = error  # would wait for a server that never comes
+            self._server_ready_event.set()
+            return
         self._server_ready_event.set()
         self._server.serve_forever()
+
+    def start(self) -> None:
+        self.failed: BaseException | None = None
+        super().start()
+        if self.failed is not None:
+            where, failed = self._ip_address, self.failed
+            reason = failed if isinstance(failed, OSError) else "the bind failed (reason above)"
+            raise RuntimeError(f"the emulated AWS cannot listen on {where}: {reason}")

@@ -101,8 +101,9 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
     root_links = {line.split(": ")[1].split("@")[0] for line in links.stdout.splitlines()}
     found["links"] = sorted(root_links & set(manifest.get("links", [])))
     found["files"] = [str(path) for path in manifest_path.parent.joinpath("tmp").iterdir()]
-    if Path(manifest["work_folder"]).exists():
-        found["files"].append(manifest["work_folder"])
+    for folder in (manifest["work_folder"], manifest.get("socket_folder")):
+        if folder and Path(folder).exists():
+            found["files"].append(folder)
     return {kind: items for kind, items in found.items() if items}
 
 
