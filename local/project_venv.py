@@ -89,8 +89,9 @@ def project_venv(project: Project, accelerator: str) -> Path:
     venv = VENVS_DIR / f"{project.path.name}-{key[:16]}"
     VENVS_DIR.mkdir(parents=True, exist_ok=True)
     # Two runs at once (two `make local`, a test beside a rehearsal) would install into one
-    # folder: the second waits for the first and then finds its venv made.
-    with (VENVS_DIR / f"{venv.name}.lock").open("w") as lock:
+    # folder: the second waits for the first and then finds its venv made. One lock for the
+    # folder: installs are rare, and a lock per venv would stay behind a failed one.
+    with (VENVS_DIR / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (venv / DONE_MARKER).is_file():
             print(f"[cluster] project venv: {venv} (cached)", flush=True)

@@ -808,12 +808,13 @@ def test_a_late_main_node_is_waited_for(aws_env, ssm, tmp_path: Path) -> None:
     starts only after node 1 is running fabric run; one run of 2 nodes, no restart."""
     parameters = StackParameters.put(ssm, None, num_nodes=2)
     payload = ["trainer/train.py", "--", "--epochs", "1", "--samples", "512", "--batch-size", "64"]
+    port = main_port()  # the cluster's one
 
     def options(rank: int) -> list[str]:
         return [
             *parameters.agent_options,
             "--main-port",
-            main_port(),
+            port,
             "--rendezvous-timeout",
             "180",
             "--run-dir",
