@@ -1324,9 +1324,9 @@ def test_a_stop_from_outside_is_recorded_as_what_it_was(aws_env, ssm) -> None:
 
 
 def test_sigterm_before_max_hours_is_a_stop_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    from userdata import agent
+    from userdata import stop_handling
 
-    monkeypatch.setattr(agent, "AGENT_STARTED", time.monotonic() - 3600)  # an hour in
-    assert agent.stopped_from_outside(4).startswith("stopped from outside (SIGTERM")
-    assert agent.stopped_from_outside(0).startswith("stopped from outside (SIGTERM")
-    assert agent.stopped_from_outside(1).startswith("max_hours=1 reached")
+    monkeypatch.setattr(stop_handling, "AGENT_STARTED", time.monotonic() - 3600)  # an hour in
+    assert stop_handling.stopped_from_outside(4).startswith("stopped from outside (SIGTERM")
+    assert stop_handling.stopped_from_outside(0).startswith("stopped from outside (SIGTERM")
+    assert stop_handling.stopped_from_outside(1).startswith("max_hours=1 reached")

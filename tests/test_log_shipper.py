@@ -24,24 +24,24 @@ from botocore.exceptions import EndpointConnectionError
 from rehearsal.imds_stub import ImdsStub, node_values
 from tests.conftest import REGION, moto_client
 from userdata.imds import Imds
-from userdata.log_shipper import (
-    CUT_MARKER,
-    EVENT_OVERHEAD,
-    FLUSH_SECONDS,
+from userdata.log_sender import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
     MAX_BATCH_SPAN_MS,
-    MAX_EVENT_BYTES,
     Buffer,
+    Shipper,
+    drop_note,
+    next_batch,
+)
+from userdata.log_shipper import FLUSH_SECONDS, parse_args, stream_and_region
+from userdata.log_tail import (
+    CUT_MARKER,
+    EVENT_OVERHEAD,
+    MAX_EVENT_BYTES,
     Event,
     Offsets,
-    Shipper,
     Tail,
-    drop_note,
     event_size,
-    next_batch,
-    parse_args,
-    stream_and_region,
     to_message,
 )
 

@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from userdata.agent import Records, cluster_control, identify
 from userdata.aws_clients import aws_client
 from userdata.errors import AgentError
 from userdata.imds import Imds
+from userdata.node_records import Records, cluster_control, identify
 from userdata.phase import PhaseReporter
 
 FAILED_PREFIX = "failed: "
