@@ -79,6 +79,8 @@ def boot_nodes(
         **run_environment(work, run_id),
     }
     cpus = sorted(os.sched_getaffinity(0))
+    shared = folder / "shared"  # each node's disk is its own home; this one they all mount
+    shared.mkdir(exist_ok=True)
     boots = []
     for node in nodes:
         prefix = network.exec_prefix(node.rank)
@@ -134,6 +136,8 @@ def boot_nodes(
             **install_environment,
             **(broken_install if node.rank == fail_node else {}),
             "FABRIC_REHEARSAL_HOME": str(home / "fabric"),
+            # shared_fs=efs: the cluster's file system, one folder every node of it sees.
+            "FABRIC_REHEARSAL_SHARED_DIR": str(shared),
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{aws.port}",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{IMDS_PORT}",
         }

@@ -43,6 +43,7 @@ def check_training(
         ):
             raise RehearsalError(f"node {node.rank} recorded the phases {recorded}")
     check_socket_interfaces(folder, nodes)
+    check_run_directory(folder, config, nodes)
     bucket, prefix = outputs["ArtifactsBucket"], f"{config.stack_name}/{outputs['RunName']}"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     checkpoints = [key for key in keys if key.endswith(".ckpt")]
@@ -61,6 +62,23 @@ def check_training(
         f"and the summary in s3://{bucket}/{prefix}/"
     )
     return summary
+
+
+def check_run_directory(folder: Path, config: Any, nodes: list[EmulatedInstance]) -> None:
+    """shared_fs=efs: every node mounted the cluster's one folder (its disk holds no run) and
+    the run's files are there; none: each node's run is on its own disk."""
+    shared = folder / "shared" / "run"
+    on_disks = [n.rank for n in nodes if (folder / f"node-{n.rank}" / "fabric" / "run").exists()]
+    if config.shared_fs == "efs":
+        for node in nodes:
+            console = (folder / f"node-{node.rank}" / "console.log").read_text()
+            if f"phase sharedfs: REHEARSAL: {folder / 'shared'} stands for fs-" not in console:
+                raise RehearsalError(f"node {node.rank} did not mount the shared run directory")
+        if on_disks or not any(path.is_file() for path in shared.rglob("*")):
+            raise RehearsalError(f"the run is not (only) in {shared}: on the disks of {on_disks}")
+        log(f"every node's run directory is the cluster's shared one ({shared})")
+    elif len(on_disks) != len(nodes) or shared.exists():
+        raise RehearsalError(f"shared_fs=none, but the run directories are {on_disks}, {shared}")
 
 
 def phase_of(ssm: Any, config: Any, node: EmulatedInstance) -> str:

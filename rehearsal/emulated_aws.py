@@ -268,4 +268,8 @@ def remaining(
             r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(stack_name)
         ],
         "buckets": [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"] == bucket],
+        # shared_fs=efs: the cluster's file system goes with it (the runs are in the bucket).
+        "file systems": [
+            f["FileSystemId"] for f in aws.client("efs").describe_file_systems()["FileSystems"]
+        ],
     }

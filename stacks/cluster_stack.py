@@ -1,8 +1,9 @@
 """The training cluster, disposable: network, role, payload, phases and N identical nodes; its
 runs and logs live in the storage stack (stacks/storage_stack.py), which outlives it.
 
-What each part is lives in a module of its own (network.py, node_role.py, nodes.py,
-cluster_parameters.py, cluster_outputs.py); this stack makes them and grants between them."""
+What each part is lives in a module of its own (network.py, shared_fs.py, node_role.py,
+nodes.py, cluster_parameters.py, cluster_outputs.py); this stack makes them and grants between
+them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from stacks.node_role import NodeRole
 from stacks.nodes import Nodes, ami_parameter
 from stacks.payload import payload_asset
 from stacks.run_name import run_fingerprint, run_name
+from stacks.shared_fs import SharedFileSystem
 from stacks.storage_stack import bucket_export, log_group_export
 from stacks.user_data import render_boot_script
 
@@ -48,6 +50,13 @@ class ClusterStack(cdk.Stack):
         self.config = config
         network = Network(self, "Network", ssh_cidr=config.ssh_cidr, efa=config.efa)
         self.vpc, self.security_group = network.vpc, network.security_group
+        self.shared = (
+            SharedFileSystem(
+                self, "SharedRunDir", vpc=self.vpc, nodes_security_group=self.security_group
+            )
+            if config.shared_fs == "efs"
+            else None
+        )
         # The storage stack's bucket (or the user's own) and log group: they outlive this stack.
         self.bucket = s3.Bucket.from_bucket_name(
             self,
@@ -71,6 +80,9 @@ class ClusterStack(cdk.Stack):
             role=self.role,
             user_data=self._boot_script(),
         ).instances  # by rank
+        if self.shared:  # the mount target exists before a node boots and mounts it
+            for node in self.nodes:
+                node.node.add_dependency(self.shared.mount_targets)
         self.main_address, self.members = membership_parameters(self, config, self.nodes)
         add_outputs(self, config, self.nodes, self.run_name)
 
@@ -97,6 +109,7 @@ class ClusterStack(cdk.Stack):
                 run_name=self.run_name,
                 run_fingerprint=run_fingerprint(self.config),
                 log_group=self.logs.log_group_name,
+                shared_fs=self.shared.dns_name if self.shared else "",
             )
         )
 

@@ -39,6 +39,8 @@ from training_project.torch_pins import pinned_version
 from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The run directory: on a file system every node mounts (efs), or on each node's own disk.
+SHARED_FS = ("efs", "none")
 # The tag contract, defined where nodes read it; ConfigError, where settings are read.
 __all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES", "ConfigError"]
 
@@ -72,6 +74,7 @@ class ClusterConfig:
     run: str | None  # None: named after what the nodes run (stacks/run_name.py)
     artifacts_bucket: str | None  # None: the stack makes its own (and cdk destroy keeps it)
     log_retention_days: int
+    shared_fs: str  # "efs": the run directory on a file system every node mounts; "none": disks
 
     @property
     def instance_family(self) -> str:
@@ -158,6 +161,7 @@ SETTINGS = (
     "artifacts_bucket",
     "log_retention_days",
     "storage_stack",
+    "shared_fs",
 )
 
 
@@ -218,4 +222,5 @@ def load_config(
         run=run_setting(raw["run"]),
         artifacts_bucket=artifacts_bucket_setting(raw["artifacts_bucket"]),
         log_retention_days=log_retention_days_setting(raw["log_retention_days"]),
+        shared_fs=choice_setting("shared_fs", raw["shared_fs"], SHARED_FS),
     )

@@ -6,6 +6,7 @@ import re
 import shlex
 
 from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
+from stacks.shared_fs import MOUNT_POINT
 from training_project.torch_pins import pinned_version
 
 BOOT_SCRIPT = PROJECT_DIR / "userdata" / "boot.sh"
@@ -46,6 +47,7 @@ def render_boot_script(
     run_name: str = "run",
     run_fingerprint: str = "",
     log_group: str = "",
+    shared_fs: str = "",
 ) -> str:
     """boot.sh with its settings block filled in; region/url/bucket may be CDK tokens."""
     settings = {
@@ -66,6 +68,8 @@ def render_boot_script(
         "RUN_NAME": run_name,
         "RUN_FINGERPRINT": run_fingerprint,
         "LOG_GROUP": log_group,
+        "SHARED_FS": shared_fs,  # the file system's DNS name; "" when each node has its own
+        "SHARED_MOUNT": MOUNT_POINT,
         "SCRIPT": config.script,
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
         "MAX_RESTARTS": str(config.max_restarts),

@@ -52,6 +52,26 @@ class Synth:
 
         return sorted(self.resources("AWS::EC2::Instance").values(), key=rank)
 
+    def nodes_security_group(self) -> tuple[str, dict[str, Any]]:
+        """The security group every node is in (the file system has one of its own): the
+        instance's, or with EFA its launch template's network interface's."""
+        properties = self.instances_by_rank()[0]["Properties"]
+        if "SecurityGroupIds" in properties:
+            (group,) = properties["SecurityGroupIds"]
+        else:
+            data = self.launch_template()["Properties"]["LaunchTemplateData"]
+            (group,) = data["NetworkInterfaces"][0]["Groups"]
+        group_id = group["Fn::GetAtt"][0]
+        return group_id, self.template_dict["Resources"][group_id]
+
+    def ingress_rules(self, group_id: str) -> list[dict[str, Any]]:
+        """The separate ingress rules (AWS::EC2::SecurityGroupIngress) of one group."""
+        return [
+            rule["Properties"]
+            for rule in self.resources("AWS::EC2::SecurityGroupIngress").values()
+            if rule["Properties"]["GroupId"] == {"Fn::GetAtt": [group_id, "GroupId"]}
+        ]
+
     def launch_template(self) -> dict[str, Any]:
         """The one launch template every node starts from (it carries the user data)."""
         (template,) = self.resources("AWS::EC2::LaunchTemplate").values()

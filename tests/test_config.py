@@ -148,6 +148,8 @@ BAD = [
     ("max_hours", "169", "from 1 to 168"),
     ("max_hours", "1.5", "from 1 to 168"),
     ("spot", "maybe", "true or false"),
+    ("shared_fs", "nfs", "expected one of efs, none"),
+    ("shared_fs", "", "expected one of efs, none"),
     ("efa", "on", "true or false"),
     ("efa", "true", "t2.large has no EFA"),
     ("devices_per_node", "auto", "auto needs accelerator=gpu and a GPU type it knows"),

@@ -102,6 +102,27 @@ def test_restore_takes_complete_files_and_the_newest_readable_checkpoint_wins(
     assert (run_dir / "checkpoints" / "step-00000024.ckpt.unreadable").exists()
 
 
+def test_a_shared_run_directory_that_holds_the_run_is_not_overwritten(
+    s3: Any, tmp_path: Path
+) -> None:
+    """The shared file system outlives a node's restart: what the ranks wrote there since the
+    last upload is newer than S3's copy, so a restarted node 0 restores nothing over it."""
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    put(s3, bucket, "Stack/run-3/checkpoints/step-00000008.ckpt", checkpoint_bytes(8))
+    run_dir = tmp_path / "shared" / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    newer = run_dir / "checkpoints" / "step-00000012.ckpt"
+    newer.write_bytes(checkpoint_bytes(12))
+    (run_dir / "checkpoints" / "step-00000016.ckpt.tmp").write_bytes(b"being written")
+    restored = restore(s3, f"s3://{bucket}/Stack/run-3", run_dir)
+    assert not (run_dir / "checkpoints" / "step-00000008.ckpt").exists()
+    assert restored.paths == [] and restored.step == 12
+    assert restored.describe() == (
+        "continued in the shared run directory (2 file(s), newest checkpoint step 12)"
+    )
+
+
 def test_a_new_run_restores_nothing_and_a_complete_one_says_so(s3: Any, tmp_path: Path) -> None:
     bucket = f"runs-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)

@@ -69,8 +69,8 @@ def test_devices_auto_is_the_gpu_count(synth: Synth) -> None:
 
 
 def test_efa_interfaces_and_all_traffic_within_the_group(synth: Synth) -> None:
-    ((group_id, group),) = synth.resources("AWS::EC2::SecurityGroup").items()
-    rules = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupIngress").values()]
+    group_id, group = synth.nodes_security_group()
+    rules = synth.ingress_rules(group_id)
     assert len(rules) == 1 and rules[0]["SourceSecurityGroupId"] == {
         "Fn::GetAtt": [group_id, "GroupId"]
     }

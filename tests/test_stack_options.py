@@ -19,7 +19,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 
 
 def test_open_ssh_is_allowed_with_a_warning(synth: Synth) -> None:
-    ((_, group),) = synth.resources("AWS::EC2::SecurityGroup").items()
+    _, group = synth.nodes_security_group()
     assert group["Properties"]["SecurityGroupIngress"][0]["CidrIp"] == "0.0.0.0/0"
     warnings = synth.stack.security_group.node.metadata
     assert any(

@@ -76,7 +76,7 @@ def test_vpc_has_one_public_subnet_and_no_nat(synth: Synth) -> None:
 
 
 def test_security_group_allows_ssh_from_vpc_and_all_tcp_between_nodes(synth: Synth) -> None:
-    ((group_id, group),) = synth.resources("AWS::EC2::SecurityGroup").items()
+    group_id, group = synth.nodes_security_group()
     inline = group["Properties"]["SecurityGroupIngress"]
     assert inline == [
         {
@@ -87,7 +87,7 @@ def test_security_group_allows_ssh_from_vpc_and_all_tcp_between_nodes(synth: Syn
             "ToPort": 22,
         }
     ]
-    separate = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupIngress").values()]
+    separate = synth.ingress_rules(group_id)
     assert len(separate) == 1
     rule = separate[0]
     assert rule["IpProtocol"] == "tcp"

@@ -5,7 +5,7 @@
 #
 # Phases: uv -> venv -> payload (the user's project under payload/project, the node agent under
 # payload/userdata) -> install (userdata/install.sh: torch, the project's dependencies, the
-# agent's) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
+# agent's) -> sharedfs (shared_fs=efs: the run directory's file system mounted) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
 # timestamp to $FABRIC_HOME/boot.log and stdout (cloud-init copies stdout to the console and
 # /var/log/cloud-init-output.log).
 # -E: a failure inside a function runs the ERR trap too (phase recorded, node powered off).
@@ -121,6 +121,29 @@ stop_log_shipper() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+# NFS v4.1 with AWS's options for EFS, from the distribution's client. In fstab (_netdev,
+# nofail): a stopped and started node mounts it again before the agent's unit starts.
+readonly SHARED_FS_OPTIONS=nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport
+readonly SHARED_FS_WAIT=300 # seconds; a new mount target's name takes up to 90 s to resolve
+mount_shared_fs() {
+  if ! command -v mount.nfs4 >/dev/null; then
+    log "sharedfs: installing nfs-common (this image has no NFS client)"
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update
+    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install nfs-common
+  fi
+  mkdir -p "$SHARED_MOUNT"
+  grep -q " $SHARED_MOUNT " /etc/fstab ||
+    echo "$SHARED_FS:/ $SHARED_MOUNT nfs4 $SHARED_FS_OPTIONS,_netdev,nofail 0 0" >>/etc/fstab
+  local deadline=$((SECONDS + SHARED_FS_WAIT))
+  until mountpoint -q "$SHARED_MOUNT" || mount "$SHARED_MOUNT"; do
+    if ((SECONDS >= deadline)); then
+      log "sharedfs: $SHARED_FS did not mount within $SHARED_FS_WAIT s (NFS 2049 from the nodes?)"
+      return 1
+    fi
+    sleep 10
+  done
+}
+
 on_error() {
   local status=$?
   log "FAILED in phase $phase (exit status $status)"
@@ -205,6 +228,18 @@ else
   begin install "REHEARSAL: skipped, the venv $REHEARSAL_VENV is used as it is"
 fi
 
+# The run directory on the file system that every node mounts (shared_fs=efs): every rank
+# reads what any rank wrote. Else each node's own disk.
+if [[ -n $SHARED_FS && -n $REHEARSAL ]]; then
+  : "${FABRIC_REHEARSAL_SHARED_DIR:?a rehearsal of shared_fs=efs needs FABRIC_REHEARSAL_SHARED_DIR}"
+  begin sharedfs "REHEARSAL: $FABRIC_REHEARSAL_SHARED_DIR stands for $SHARED_FS"
+  RUN_DIR=$FABRIC_REHEARSAL_SHARED_DIR/run
+elif [[ -n $SHARED_FS ]]; then
+  begin sharedfs "mounting $SHARED_FS at $SHARED_MOUNT"
+  mount_shared_fs
+  RUN_DIR=$SHARED_MOUNT/run
+fi
+
 begin agent "starting the node agent"
 mkdir -p "$RUN_DIR"
 stop_flag=()
@@ -281,6 +316,7 @@ cat >/etc/systemd/system/fabric-agent.service <<EOF
 Description=Fabric cluster node agent (finds the main node, runs fabric run)
 Wants=network-online.target
 After=network-online.target
+RequiresMountsFor=$RUN_DIR
 
 [Service]
 Type=exec

@@ -23,12 +23,16 @@ KEEP_CHECKPOINTS = 2  # the newest, and the one before in case the newest is tor
 class Restored:
     paths: list[Path]
     step: int | None  # of the newest checkpoint restored (step-N.ckpt), if any
+    kept: int = 0  # files of a shared run directory that already held the run, left as they are
 
     @property
     def files(self) -> int:
         return len(self.paths)
 
     def describe(self) -> str:
+        if self.kept:
+            newest = f", newest checkpoint step {self.step}" if self.step is not None else ""
+            return f"continued in the shared run directory ({self.kept} file(s){newest})"
         if self.step is not None:
             return f"resumed from step {self.step}"
         return f"restored {self.files} file(s)" if self.files else "new run"
@@ -98,9 +102,19 @@ def record_args(s3: Any, uri: str, script_args: list[str]) -> None:
 
 
 def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
-    """The run's complete files (no temporary or set-aside name) into run_dir, of its
+    """The run's complete files (no temporary or set-aside name) into an empty run_dir, of its
     checkpoints only the newest two (S3 keeps every one ever saved); each file lands under a
-    temporary name first, so a restore cut short leaves nothing half-written."""
+    temporary name first, so a restore cut short leaves nothing half-written. A run_dir that
+    holds files already (the shared one, after a node's restart) is left as it is."""
+    present = [path for path in run_dir.rglob("*") if path.is_file()]
+    if present:  # a shared run directory this cluster wrote already: newer than S3's copy
+        steps = [
+            int(match.group(1))
+            for path in present
+            if (match := CHECKPOINT_STEP.search(path.relative_to(run_dir).as_posix()))
+            and is_complete(path)
+        ]
+        return Restored([], max(steps) if steps else None, kept=len(present))
     bucket, prefix = split_s3_uri(uri)
     start = _key(prefix, "")
     wanted: dict[str, str] = {}  # relative path -> key
