@@ -60,7 +60,7 @@ def build_app(
     environment = deploy_environment()
     storage = StorageStack(app, STORAGE_STACK_ID, config=config, env=environment)
     stack = ClusterStack(app, CLUSTER_STACK_ID, config=config, env=environment)
-    stack.add_dependency(storage)  # deploying the cluster deploys the storage first
+    stack.add_stack_dependency(storage)  # deploying the cluster deploys the storage first
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack
 

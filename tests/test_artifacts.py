@@ -51,3 +51,39 @@ def test_a_newest_checkpoint_that_cannot_be_uploaded_is_said(s3: Any, tmp_path: 
     sync = ArtifactSync(s3, f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", run_dir)
     said = sync.stop_now()
     assert said.startswith("newest checkpoint checkpoints/step-00000001.ckpt NOT in S3 ("), said
+
+
+def test_a_sharded_checkpoint_reaches_s3_whole_and_comes_back_whole(
+    s3: Any, tmp_path: Path
+) -> None:
+    """torch.distributed.checkpoint writes every rank's shards, then .metadata: S3 gets a
+    folder only once its .metadata is written, and that last; a new cluster restores whole
+    folders only, and the checkpoint loads."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from userdata.run_state import restore
+
+    bucket = f"dcp-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    run_dir = tmp_path / "run"
+    saved = {"weight": torch.arange(6.0).reshape(2, 3)}
+    dcp.save(saved, checkpoint_id=run_dir / "checkpoints" / "sharded-8")
+    dcp.save(saved, checkpoint_id=run_dir / "checkpoints" / "sharded-9")
+    (run_dir / "checkpoints" / "sharded-9" / ".metadata").unlink()  # its ranks still writing
+    sync = ArtifactSync(s3, f"s3://{bucket}/run", run_dir)
+    order: list[str] = []
+    upload = sync.upload
+    sync.upload = lambda path: order.append(path.name) or upload(path)  # type: ignore[method-assign]
+    sync.sync_once()
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / "sharded-8").iterdir())
+    assert ".metadata" in shards and any(name.endswith(".distcp") for name in shards)
+    assert keys(s3, bucket) == {f"run/checkpoints/sharded-8/{name}" for name in shards}
+    assert order[-1] == ".metadata"  # a reader that finds it finds every shard
+
+    new_cluster = tmp_path / "new-cluster" / "run"
+    restore(s3, f"s3://{bucket}/run", new_cluster)
+    loaded = {"weight": torch.zeros(2, 3)}
+    dcp.load(loaded, checkpoint_id=new_cluster / "checkpoints" / "sharded-8")
+    assert torch.equal(loaded["weight"], saved["weight"])
+    assert not (new_cluster / "checkpoints" / "sharded-9").exists()

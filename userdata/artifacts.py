@@ -34,6 +34,33 @@ def is_complete(path: Path) -> bool:
     )
 
 
+# torch.distributed.checkpoint (and Lightning's sharded FSDP checkpoints on top of it): every
+# rank writes its shards (__<rank>_<n>.distcp) into one folder, then the coordinator writes the
+# folder's .metadata, after all of them. A folder without it is not a checkpoint yet.
+SHARD_SUFFIX = ".distcp"
+SHARDED_MARKER = ".metadata"
+
+
+def in_upload_order(relatives: list[PurePosixPath]) -> list[PurePosixPath]:
+    """The complete files of a run, in an order that leaves S3 readable at every moment: a
+    sharded checkpoint's files only once its .metadata is written, and that .metadata after
+    them (a reader that finds it finds every shard)."""
+    present = set(relatives)
+    sharded = {relative.parent for relative in relatives if relative.suffix == SHARD_SUFFIX}
+    files, markers = [], []
+    for relative in relatives:
+        if relative.parent not in sharded:
+            if is_complete(Path(relative.name)):
+                files.append(relative)
+        elif relative.parent / SHARDED_MARKER not in present:
+            continue  # its ranks are still writing it
+        elif relative.name == SHARDED_MARKER:
+            markers.append(relative)
+        elif is_complete(Path(relative.name)):
+            files.append(relative)
+    return files + markers
+
+
 def recency(name: str, files: list[Path]) -> tuple[int, float]:
     """How new a checkpoint is: its step where its name says it (step-N.ckpt), else when its
     files were last written."""
@@ -117,14 +144,19 @@ class ArtifactSync:
             return []
         if self.files is not None:
             return [path for path in self.files() if is_complete(path)]
-        return [p for p in sorted(self.run_dir.rglob("*")) if p.is_file() and is_complete(p)]
+        relatives = [
+            PurePosixPath(path.relative_to(self.run_dir).as_posix())
+            for path in sorted(self.run_dir.rglob("*"))
+            if path.is_file()
+        ]
+        return [self.run_dir / relative for relative in in_upload_order(relatives)]
 
     def sync_once(self, only: str | None = None) -> int:
         """Uploads what changed (only: just the file of that name at the run dir's top)."""
         uploaded = 0
         paths = [self.run_dir / only] if only else self.complete_files()
         for path in paths:
-            if not path.is_file() or not is_complete(path) or self._cancel.is_set():
+            if not path.is_file() or (only and not is_complete(path)) or self._cancel.is_set():
                 continue
             before = self._seen.get(path)
             error = self.upload(path)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from userdata.artifacts import is_complete, split_s3_uri
+from userdata.artifacts import in_upload_order, is_complete, split_s3_uri
 from userdata.outputs import OUTPUTS
 from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER, RUN_ARGS_FILE
 
@@ -117,24 +117,27 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
         return Restored([], max(steps) if steps else None, kept=len(present))
     bucket, prefix = split_s3_uri(uri)
     start = _key(prefix, "")
-    wanted: dict[str, str] = {}  # relative path -> key
-    checkpoints: list[tuple[int, str]] = []
+    listed: dict[str, str] = {}  # relative path -> key
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
             relative = item["Key"][len(start) :]
-            if relative in ("", COMPLETE_MARKER, RUN_ARGS_FILE) or not is_complete(
-                run_dir / relative
-            ):
+            if relative in ("", COMPLETE_MARKER, RUN_ARGS_FILE):
                 continue
             if relative.startswith(f"{OUTPUTS}/"):  # the working directory's: kept, not restored
                 continue
-            wanted[relative] = item["Key"]
-            if match := CHECKPOINT_STEP.search(relative):
-                checkpoints.append((int(match.group(1)), relative))
+            listed[relative] = item["Key"]
+    # Complete files only; a sharded checkpoint only whole, its .metadata last.
+    order = [r.as_posix() for r in in_upload_order([PurePosixPath(r) for r in sorted(listed)])]
+    wanted = {relative: listed[relative] for relative in order}
+    checkpoints = [
+        (int(match.group(1)), relative)
+        for relative in order
+        if (match := CHECKPOINT_STEP.search(relative))
+    ]
     for _, old in sorted(checkpoints)[:-KEEP_CHECKPOINTS]:
         del wanted[old]
     paths = []
-    for relative, key in sorted(wanted.items()):
+    for relative, key in wanted.items():
         target = run_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
