@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from userdata.artifacts import ArtifactSync
 
 BIG = 64 * 1024 * 1024  # an older checkpoint, mid-upload when the notice comes
@@ -53,6 +55,7 @@ def test_a_newest_checkpoint_that_cannot_be_uploaded_is_said(s3: Any, tmp_path: 
     assert said.startswith("newest checkpoint checkpoints/step-00000001.ckpt NOT in S3 ("), said
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process
 def test_a_sharded_checkpoint_reaches_s3_whole_and_comes_back_whole(
     s3: Any, tmp_path: Path
 ) -> None:
