@@ -51,6 +51,10 @@ def rehearse(
                 rehearsal.aws, first.config, first.outputs, first.folder, first.nodes
             ),
         )
+        if args.train_on:
+            rehearsal.destroy(first)
+            check_every_rank_resumed(rehearsal, first, summary)
+            return
         local = phases.run(
             "local cluster, same settings",
             lambda: local_cluster_summary(folder, first.config, run_id),
@@ -220,6 +224,34 @@ def train_on(script_args: list[str], steps: int) -> tuple[list[str], int]:
         more[at] = str(epochs + 1)
         return more, steps + steps // epochs
     raise RehearsalError("--runs needs --epochs or --max-steps in the script's arguments")
+
+
+def check_every_rank_resumed(
+    rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any]
+) -> None:
+    """A new cluster trains the run on: every rank (each node's too) resumes from the step the
+    first cluster ended at, and every replica ends with the same weights. With the run
+    directory on node 0's disk only, node 1's ranks would start from step 0."""
+    run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
+    more, total = train_on(rehearsal.args.script_args, summary["steps"])
+    second = rehearsal.deploy(
+        f"run {run} again, to train on, on a new cluster", run=run, script_args=shlex.join(more)
+    )
+    key = f"{first.config.stack_name}/{run}/summary.json"
+    body = rehearsal.aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    resumed = json.loads(body)
+    world = first.config.num_nodes * first.config.devices_per_node
+    if resumed["resumed_from"] != [summary["steps"]] * world or resumed["steps"] != total:
+        raise RehearsalError(
+            f"every rank should resume from step {summary['steps']} and end at {total}: {resumed}"
+        )
+    if not resumed["replicas_identical"]:
+        raise RehearsalError(f"the replicas differ after the resume: {resumed}")
+    log(
+        f"a new cluster resumed run {run} on all {world} ranks from step {summary['steps']} to "
+        f"{total}; every replica ends with the same weights"
+    )
+    rehearsal.destroy(second)
 
 
 def check_runs(rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any]) -> None:

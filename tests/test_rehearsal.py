@@ -181,6 +181,32 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     assert leftovers(manifest) == {}
 
 
+def test_every_rank_of_a_new_cluster_resumes_a_run_that_loads_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """examples/guide_resume checkpoints as Fabric's guide does: rank 0 saves, every rank
+    loads the newest checkpoint. Each node has its own disk; the cluster's file system (one
+    folder in every node's namespace) is where the run directory lives, so on a new cluster
+    both nodes' ranks resume from the step the first ended at, and the replicas stay equal."""
+    assert REASON is None, REASON
+    command, env, manifest = rehearsal(
+        tmp_path,
+        *("--num-nodes", "2", "--devices-per-node", "1"),
+        *("--project", "examples/guide_resume", "--script", "train.py", "--train-on"),
+        *("--", "--max-steps", "10"),
+    )
+    result = subprocess.run(
+        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    assert "every node's run directory is the cluster's shared one" in out
+    assert "on all 2 ranks from step 10 to 20; every replica ends with the same weights" in out
+    for rank in range(2):  # the script's own words, on each node
+        assert f"[node {rank}] rank {rank}: resumed from step 10" in out
+    assert leftovers(manifest) == {}
+
+
 def wait_for_workers(
     manifest_path: Path, process: subprocess.Popen[str], count: int, timeout: float = 240
 ) -> dict[int, Process]:
