@@ -107,6 +107,16 @@ def leftovers(manifest_path: Path) -> dict[str, list[str]]:
     return {kind: items for kind, items in found.items() if items}
 
 
+def rehearse(tmp_path: Path, *args: str) -> tuple[str, Path]:
+    """A rehearsal run to its end, which must pass: its output and its manifest."""
+    command, env, manifest = rehearsal(tmp_path, *args)
+    result = subprocess.run(
+        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout, manifest
+
+
 @pytest.mark.parametrize(
     ("nodes", "devices", "main_delay", "project"),
     [
@@ -189,17 +199,12 @@ def test_every_rank_of_a_new_cluster_resumes_a_run_that_loads_on_every_rank(
     folder in every node's namespace) is where the run directory lives, so on a new cluster
     both nodes' ranks resume from the step the first ended at, and the replicas stay equal."""
     assert REASON is None, REASON
-    command, env, manifest = rehearsal(
+    out, manifest = rehearse(
         tmp_path,
         *("--num-nodes", "2", "--devices-per-node", "1"),
         *("--project", "examples/guide_resume", "--script", "train.py", "--train-on"),
         *("--", "--max-steps", "10"),
     )
-    result = subprocess.run(
-        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
-    )
-    out = result.stdout
-    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
     assert "every node's run directory is the cluster's shared one" in out
     assert "on all 2 ranks from step 10 to 20; every replica ends with the same weights" in out
     for rank in range(2):  # the script's own words, on each node
@@ -292,16 +297,11 @@ def test_a_node_whose_install_fails_stops_the_others_at_once(tmp_path: Path) -> 
     """Node 1's install step finds no torch: it records the installer's message; node 0, which
     would wait out the rendezvous for it on every restart, stops within the bound instead."""
     assert REASON is None, REASON
-    command, env, manifest = rehearsal(
+    out, manifest = rehearse(
         tmp_path,
         *("--num-nodes", "2", "--devices-per-node", "1", "--fail-node", "1"),
         *("--project", "examples/charlm", "--script", "train.py", "--", "--max-steps", "30"),
     )
-    result = subprocess.run(
-        command, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
-    )
-    out = result.stdout
-    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
     assert "node 1's install failed (failed: install: torch: " in out
     assert "every other node stopped within" in out
     assert "[node 0] [fabric-agent] phase: failed: node 1 failed (install: torch: " in out
