@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rehearsal.emulated_aws import EmulatedAws, EmulatedInstance
@@ -16,6 +16,7 @@ from rehearsal.processes import run_environment
 from rehearsal.report import RehearsalError, log
 from stacks.config import PROJECT_DIR
 from userdata.phase import decode_phase
+from userdata.run_layout import checkpoint_of
 
 EXAMPLE_PROJECT = PROJECT_DIR / "trainer"
 
@@ -46,7 +47,12 @@ def check_training(
     check_run_directory(folder, config, nodes)
     bucket, prefix = outputs["ArtifactsBucket"], f"{config.stack_name}/{outputs['RunName']}"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    checkpoints = [key for key in keys if key.endswith(".ckpt")]
+    # A file each, or a folder of shards (sharded checkpoints): one entry per checkpoint.
+    checkpoints = {
+        name
+        for key in keys
+        if (name := checkpoint_of(PurePosixPath(key.removeprefix(f"{prefix}/"))))
+    }
     if not checkpoints or f"{prefix}/summary.json" not in keys:
         raise RehearsalError(f"artifacts missing in s3://{bucket}/{prefix}/: {keys}")
     summary = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/summary.json")["Body"].read())

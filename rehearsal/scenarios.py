@@ -10,7 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rehearsal.boots import SPOT_NOTICE, install_here, spot_notice_file
@@ -26,7 +26,7 @@ from rehearsal.emulated_aws import CREDENTIAL_ENV, REGION
 from rehearsal.processes import run_environment
 from rehearsal.report import Manifest, Phases, RehearsalError, log
 from stacks.config import PROJECT_DIR
-from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER
+from userdata.run_layout import COMPLETE_MARKER, checkpoint_of
 
 
 def rehearse(
@@ -128,7 +128,7 @@ def check_interrupted(rehearsal: Rehearsal, deployment: Deployment) -> None:
     names = {key.removeprefix(prefix) for key in keys}
     if COMPLETE_MARKER in names or "summary.json" in names:
         raise RehearsalError(f"an interrupted run was marked complete: {sorted(names)}")
-    if not any(CHECKPOINT_STEP.search(name) for name in names):
+    if not any(checkpoint_of(PurePosixPath(name)) for name in names):
         raise RehearsalError(f"no checkpoint of the interrupted run in S3: {sorted(names)}")
     check_socket_interfaces(deployment.folder, deployment.nodes)
     log(f"a notice on node {spot} interrupted every node; no node said done; checkpoint in S3")

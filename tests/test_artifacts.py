@@ -90,3 +90,90 @@ def test_a_sharded_checkpoint_reaches_s3_whole_and_comes_back_whole(
     dcp.load(loaded, checkpoint_id=new_cluster / "checkpoints" / "sharded-8")
     assert torch.equal(loaded["weight"], saved["weight"])
     assert not (new_cluster / "checkpoints" / "sharded-9").exists()
+
+
+def dcp_folder(folder: Path, step: int) -> None:
+    """A checkpoint as Lightning's sharded save writes it: the shards and .metadata
+    (torch.distributed.checkpoint), then meta.pt (rank 0)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"weight": torch.full((2, 3), float(step))}, checkpoint_id=folder)
+    torch.save({"step": step}, folder / "meta.pt")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process
+def test_a_sharded_folder_goes_up_only_with_every_shard_its_metadata_names(
+    s3: Any, tmp_path: Path
+) -> None:
+    """On the shared file system node 0 may list a folder before it sees another node's shard:
+    the .metadata says which shards there are, and the folder waits for all of them."""
+    bucket = f"named-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints" / "step-00000010.ckpt"
+    dcp_folder(folder, 10)
+    shard = next(folder.glob("*.distcp"))
+    shard.rename(tmp_path / shard.name)  # not seen here yet
+    sync = ArtifactSync(s3, f"s3://{bucket}/run", run_dir)
+    sync.sync_once()
+    assert keys(s3, bucket) == set()
+    (tmp_path / shard.name).rename(shard)
+    sync.sync_once()
+    names = {f"run/checkpoints/step-00000010.ckpt/{p.name}" for p in folder.iterdir()}
+    assert keys(s3, bucket) == names and len(names) == 3
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_during_training_a_sharded_folder_goes_up_once_a_round_finds_it_unchanged(
+    s3: Any, tmp_path: Path
+) -> None:
+    """Lightning writes meta.pt after .metadata: a round that finds a folder new or changed
+    leaves it to the next one; at the end (the script has exited) it goes at once."""
+    bucket = f"quiet-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints" / "step-00000005.ckpt"
+    dcp_folder(folder, 5)
+    (folder / "meta.pt").unlink()  # rank 0 has not written it yet
+    sync = ArtifactSync(s3, f"s3://{bucket}/run", run_dir)
+    sync.sync_once(settled=False)
+    assert keys(s3, bucket) == set()
+    import torch
+
+    torch.save({"step": 5}, folder / "meta.pt")
+    sync.sync_once(settled=False)
+    assert keys(s3, bucket) == set()  # changed since the round before
+    sync.sync_once(settled=False)
+    assert "run/checkpoints/step-00000005.ckpt/meta.pt" in keys(s3, bucket)
+    later = run_dir / "checkpoints" / "step-00000010.ckpt"
+    dcp_folder(later, 10)
+    assert sync.stop() == 3  # the end: settled, the new folder's three files go up
+    assert "run/checkpoints/step-00000010.ckpt/.metadata" in keys(s3, bucket)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_new_cluster_restores_the_newest_two_sharded_folders_whole(
+    s3: Any, tmp_path: Path
+) -> None:
+    from userdata.run_state import KEEP_CHECKPOINTS, restore
+
+    bucket = f"restore-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    run_dir = tmp_path / "run"
+    for step in (5, 10, 15):
+        dcp_folder(run_dir / "checkpoints" / f"step-{step:08d}.ckpt", step)
+    ArtifactSync(s3, f"s3://{bucket}/run", run_dir).sync_once()
+    new_cluster = tmp_path / "new-cluster" / "run"
+    restored = restore(s3, f"s3://{bucket}/run", new_cluster)
+    assert KEEP_CHECKPOINTS == 2
+    assert restored.describe() == "resumed from step 15"
+    assert sorted(p.name for p in (new_cluster / "checkpoints").iterdir()) == [
+        "step-00000010.ckpt",
+        "step-00000015.ckpt",
+    ]
+    for step in (10, 15):
+        name = f"checkpoints/step-{step:08d}.ckpt"
+        assert sorted(p.name for p in (new_cluster / name).iterdir()) == sorted(
+            p.name for p in (run_dir / name).iterdir()
+        )

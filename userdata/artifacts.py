@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import pickletools
 import sys
 import threading
 import time
@@ -34,25 +36,51 @@ def is_complete(path: Path) -> bool:
     )
 
 
-# torch.distributed.checkpoint (and Lightning's sharded FSDP checkpoints on top of it): every
-# rank writes its shards (__<rank>_<n>.distcp) into one folder, then the coordinator writes the
-# folder's .metadata, after all of them. A folder without it is not a checkpoint yet.
+# torch.distributed.checkpoint (and Lightning's sharded checkpoints on top of it): every rank
+# writes its shards (__<rank>_<n>.distcp) into one folder, then the coordinator writes the
+# folder's .metadata, which names every shard file, after all of them (Lightning's meta.pt, from
+# rank 0, comes just after). A folder without it is not a checkpoint yet.
 SHARD_SUFFIX = ".distcp"
 SHARDED_MARKER = ".metadata"
 
 
-def in_upload_order(relatives: list[PurePosixPath]) -> list[PurePosixPath]:
+def shards_named(metadata: bytes) -> set[str] | None:
+    """The shard files a .metadata names; None when it cannot be read. Read with pickletools,
+    which parses the pickle without running any of it (and needs no torch)."""
+    try:
+        return {
+            argument
+            for _, argument, _ in pickletools.genops(metadata)
+            if isinstance(argument, str) and argument.endswith(SHARD_SUFFIX)
+        }
+    except (ValueError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def in_upload_order(
+    relatives: list[PurePosixPath], whole: Callable[[PurePosixPath], bool] | None = None
+) -> list[PurePosixPath]:
     """The complete files of a run, in an order that leaves S3 readable at every moment: a
-    sharded checkpoint's files only once its .metadata is written, and that .metadata after
-    them (a reader that finds it finds every shard)."""
+    sharded checkpoint's files only once its .metadata is written (and `whole` says the
+    folder is: every shard it names is there, nothing is still being added), and that
+    .metadata after them (a reader that finds it finds every shard)."""
     present = set(relatives)
-    sharded = {relative.parent for relative in relatives if relative.suffix == SHARD_SUFFIX}
+    sharded = {
+        relative.parent
+        for relative in relatives
+        if relative.suffix == SHARD_SUFFIX or relative.name == SHARDED_MARKER
+    }
+    ready = {
+        folder
+        for folder in sharded
+        if folder / SHARDED_MARKER in present and (whole is None or whole(folder))
+    }
     files, markers = [], []
     for relative in relatives:
         if relative.parent not in sharded:
             if is_complete(Path(relative.name)):
                 files.append(relative)
-        elif relative.parent / SHARDED_MARKER not in present:
+        elif relative.parent not in ready:
             continue  # its ranks are still writing it
         elif relative.name == SHARDED_MARKER:
             markers.append(relative)
@@ -91,6 +119,8 @@ class ArtifactSync:
         self.interval = interval
         self.progress_interval = progress_interval or interval
         self._seen: dict[Path, tuple[int, int]] = {}
+        # A sharded folder as the last round saw it: uploaded once a round finds it unchanged.
+        self._folders: dict[PurePosixPath, tuple[tuple[str, int, int], ...]] = {}
         self._stop = threading.Event()
         self._cancel = threading.Event()  # the sync gives way to the newest checkpoint
         self._thread: threading.Thread | None = None
@@ -139,7 +169,10 @@ class ArtifactSync:
             if self._in_flight is not None:
                 self._in_flight.cancel()
 
-    def complete_files(self) -> list[Path]:
+    def complete_files(self, settled: bool = True) -> list[Path]:
+        """settled: nothing writes in the run directory any more (the script has ended);
+        during training a sharded folder must also be unchanged since the round before
+        (Lightning's meta.pt comes after .metadata; another node's shards through NFS)."""
         if not self.run_dir.is_dir():
             return []
         if self.files is not None:
@@ -149,12 +182,32 @@ class ArtifactSync:
             for path in sorted(self.run_dir.rglob("*"))
             if path.is_file()
         ]
-        return [self.run_dir / relative for relative in in_upload_order(relatives)]
+        folders = dict(self._folders)
+        self._folders = {}
 
-    def sync_once(self, only: str | None = None) -> int:
-        """Uploads what changed (only: just the file of that name at the run dir's top)."""
+        def whole(folder: PurePosixPath) -> bool:
+            path = self.run_dir / folder
+            try:
+                named = shards_named((path / SHARDED_MARKER).read_bytes())
+                listing = tuple(
+                    (each.name, (stat := each.stat()).st_size, stat.st_mtime_ns)
+                    for each in sorted(path.iterdir())
+                )
+            except OSError:
+                return False
+            self._folders[folder] = listing
+            names = {name for name, _, _ in listing}
+            if named is None or not named <= names:
+                return False  # a torn .metadata, or shards not (yet) seen
+            return settled or folders.get(folder) == listing
+
+        return [self.run_dir / relative for relative in in_upload_order(relatives, whole)]
+
+    def sync_once(self, only: str | None = None, settled: bool = True) -> int:
+        """Uploads what changed (only: just the file of that name at the run dir's top;
+        settled: see complete_files)."""
         uploaded = 0
-        paths = [self.run_dir / only] if only else self.complete_files()
+        paths = [self.run_dir / only] if only else self.complete_files(settled)
         for path in paths:
             if not path.is_file() or (only and not is_complete(path)) or self._cancel.is_set():
                 continue
@@ -213,7 +266,7 @@ class ArtifactSync:
             since_full += step
             if since_full >= self.interval:
                 since_full = 0.0
-                self.sync_once()
+                self.sync_once(settled=False)
             else:
                 self.sync_once(only=PROGRESS_FILE)
 

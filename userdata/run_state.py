@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from userdata.artifacts import in_upload_order, is_complete, split_s3_uri
 from userdata.outputs import OUTPUTS
-from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER, RUN_ARGS_FILE
+from userdata.run_layout import CHECKPOINT_STEP, COMPLETE_MARKER, RUN_ARGS_FILE, checkpoint_of
 
 KEEP_CHECKPOINTS = 2  # the newest, and the one before in case the newest is torn
 
@@ -108,13 +108,13 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
     holds files already (the shared one, after a node's restart) is left as it is."""
     present = [path for path in run_dir.rglob("*") if path.is_file()]
     if present:  # a shared run directory this cluster wrote already: newer than S3's copy
-        steps = [
-            int(match.group(1))
+        relatives = [
+            PurePosixPath(path.relative_to(run_dir).as_posix())
             for path in present
-            if (match := CHECKPOINT_STEP.search(path.relative_to(run_dir).as_posix()))
-            and is_complete(path)
+            if is_complete(path)
         ]
-        return Restored([], max(steps) if steps else None, kept=len(present))
+        steps = checkpoint_steps(relatives)
+        return Restored([], max(steps.values()) if steps else None, kept=len(present))
     bucket, prefix = split_s3_uri(uri)
     start = _key(prefix, "")
     listed: dict[str, str] = {}  # relative path -> key
@@ -127,15 +127,14 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
                 continue
             listed[relative] = item["Key"]
     # Complete files only; a sharded checkpoint only whole, its .metadata last.
-    order = [r.as_posix() for r in in_upload_order([PurePosixPath(r) for r in sorted(listed)])]
-    wanted = {relative: listed[relative] for relative in order}
-    checkpoints = [
-        (int(match.group(1)), relative)
+    order = in_upload_order([PurePosixPath(r) for r in sorted(listed)])
+    steps = checkpoint_steps(order)
+    older = set(sorted(steps, key=steps.__getitem__)[:-KEEP_CHECKPOINTS])
+    wanted = {
+        relative.as_posix(): listed[relative.as_posix()]
         for relative in order
-        if (match := CHECKPOINT_STEP.search(relative))
-    ]
-    for _, old in sorted(checkpoints)[:-KEEP_CHECKPOINTS]:
-        del wanted[old]
+        if checkpoint_of(relative) not in older
+    }
     paths = []
     for relative, key in wanted.items():
         target = run_dir / relative
@@ -144,4 +143,15 @@ def restore(s3: Any, uri: str, run_dir: Path) -> Restored:
         s3.download_file(bucket, key, str(partial))
         partial.replace(target)
         paths.append(target)
-    return Restored(paths, max(checkpoints)[0] if checkpoints else None)
+    return Restored(paths, max(steps.values()) if steps else None)
+
+
+def checkpoint_steps(relatives: list[PurePosixPath]) -> dict[str, int]:
+    """The run's checkpoints whose name says their step (step-N.ckpt, a file or a sharded
+    folder), each with its step."""
+    steps = {}
+    for relative in relatives:
+        name = checkpoint_of(relative)
+        if name and (match := CHECKPOINT_STEP.search(name)):
+            steps[name] = int(match.group(1))
+    return steps
