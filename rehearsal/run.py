@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(a script that writes resumed_from and replicas_identical in its summary)",
     )
     parser.add_argument(
+        "--restarted",
+        action="store_true",
+        help="the script fails once on a node mid-run (the example's --fail-once-at): every "
+        "node must restart it, and every rank resume from the same newest checkpoint",
+    )
+    parser.add_argument(
         "--fail-node",
         type=int,
         help="with --project: this node's install fails (no package to be had); the others "
@@ -111,8 +117,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--spot-node must be from 0 to {args.num_nodes - 1}")
     if args.spot_node is not None and (args.runs or args.fail_node is not None):
         parser.error("--spot-node goes without --runs and --fail-node")
-    if args.train_on and (args.runs or args.fail_node is not None or args.spot_node is not None):
-        parser.error("--train-on goes without --runs, --fail-node and --spot-node")
+    for flag in ("train_on", "restarted"):
+        if getattr(args, flag) and (
+            args.runs or args.fail_node is not None or args.spot_node is not None
+        ):
+            parser.error(
+                f"--{flag.replace('_', '-')} goes without --runs, --fail-node and --spot-node"
+            )
     if not 0.0 <= args.throttle < 1.0:
         parser.error("--throttle must be at least 0 and below 1")
     if not args.script_args and args.project is None:

@@ -51,6 +51,8 @@ def rehearse(
                 rehearsal.aws, first.config, first.outputs, first.folder, first.nodes
             ),
         )
+        if args.restarted:
+            phases.run("check the restart", lambda: check_restarted(first, summary))
         if args.train_on:
             rehearsal.destroy(first)
             check_every_rank_resumed(rehearsal, first, summary)
@@ -226,13 +228,57 @@ def train_on(script_args: list[str], steps: int) -> tuple[list[str], int]:
     raise RehearsalError("--runs needs --epochs or --max-steps in the script's arguments")
 
 
+def check_restarted(deployment: Deployment, summary: dict[str, Any]) -> None:
+    """A node's ranks failed mid-run: every node restarted fabric run, and every rank (the
+    other node's too) resumed from the same newest checkpoint, none from step 0."""
+    for node in deployment.nodes:
+        if "restart 1 of" not in agent_output(deployment, node.rank):
+            raise RehearsalError(f"node {node.rank} did not restart its fabric run")
+    starts = summary["resumed_from"]
+    if len(set(starts)) != 1 or starts[0] == 0 or not summary["replicas_identical"]:
+        raise RehearsalError(f"after the restart every rank should resume alike: {summary}")
+    log(
+        f"a node failed mid-run; every node restarted, all {len(starts)} ranks resumed from "
+        f"step {starts[0]} and ended at {summary['steps']} with the same weights"
+    )
+
+
+def check_shards_in_s3(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    """A sharded checkpoint in S3 holds a shard of every rank (each node's) and its .metadata:
+    from node 0's disk alone it would hold node 0's ranks' shards only."""
+    config, outputs = deployment.config, deployment.outputs
+    prefix = f"{config.stack_name}/{outputs['RunName']}/"
+    pages = rehearsal.aws.client("s3").get_paginator("list_objects_v2")
+    names = [
+        PurePosixPath(item["Key"].removeprefix(prefix))
+        for page in pages.paginate(Bucket=outputs["ArtifactsBucket"], Prefix=prefix)
+        for item in page.get("Contents", [])
+    ]
+    folders: dict[str, set[str]] = {}
+    for name in names:
+        checkpoint = checkpoint_of(name)
+        if checkpoint and name.parent.as_posix() == checkpoint:
+            folders.setdefault(checkpoint, set()).add(name.name)
+    world = config.num_nodes * config.devices_per_node
+    for folder, files in sorted(folders.items()):
+        ranks = {int(file.split("_")[2]) for file in files if file.endswith(".distcp")}
+        if ".metadata" not in files or ranks != set(range(world)):
+            raise RehearsalError(f"sharded checkpoint {folder} in S3 is not whole: {sorted(files)}")
+    if not folders:
+        raise RehearsalError(f"no sharded checkpoint in s3://.../{prefix}: {names}")
+    log(f"{len(folders)} sharded checkpoint(s) in S3, each with the shards of all {world} ranks")
+
+
 def check_every_rank_resumed(
     rehearsal: Rehearsal, first: Deployment, summary: dict[str, Any]
 ) -> None:
     """A new cluster trains the run on: every rank (each node's too) resumes from the step the
     first cluster ended at, and every replica ends with the same weights. With the run
-    directory on node 0's disk only, node 1's ranks would start from step 0."""
+    directory on node 0's disk only, node 1's ranks would start from step 0 (or, sharded,
+    find node 1's shards missing in S3)."""
     run, bucket = first.outputs["RunName"], first.outputs["ArtifactsBucket"]
+    if summary.get("sharded"):
+        rehearsal.phases.run("check the shards in S3", lambda: check_shards_in_s3(rehearsal, first))
     more, total = train_on(rehearsal.args.script_args, summary["steps"])
     second = rehearsal.deploy(
         f"run {run} again, to train on, on a new cluster", run=run, script_args=shlex.join(more)

@@ -191,24 +191,33 @@ def test_rehearsal_trains_across_namespaces_and_destroys(
     assert leftovers(manifest) == {}
 
 
-def test_every_rank_of_a_new_cluster_resumes_a_run_that_loads_on_every_rank(
-    tmp_path: Path,
+@pytest.mark.parametrize("sharded", [[], ["--sharded"]], ids=["one-file", "sharded"])
+def test_every_rank_resumes_after_a_restart_and_on_a_new_cluster(
+    sharded: list[str], tmp_path: Path
 ) -> None:
-    """examples/guide_resume checkpoints as Fabric's guide does: rank 0 saves, every rank
-    loads the newest checkpoint. Each node has its own disk; the cluster's file system (one
-    folder in every node's namespace) is where the run directory lives, so on a new cluster
-    both nodes' ranks resume from the step the first ended at, and the replicas stay equal."""
+    """examples/guide_resume checkpoints as Fabric's guide does: fabric.save, and every rank
+    loads the newest checkpoint; one file from rank 0, or (--sharded, FSDP2) a shard of every
+    rank in one folder. Each node has its own disk; the cluster's file system (one folder in
+    every node's namespace) holds the run directory. Node 1 fails at step 7: after the
+    cluster's restart both nodes' ranks resume from step 5. A new cluster then resumes the run
+    from S3 at step 10 on every rank, with the replicas equal (sharded: every rank's shard in
+    S3)."""
     assert REASON is None, REASON
     out, manifest = rehearse(
         tmp_path,
-        *("--num-nodes", "2", "--devices-per-node", "1"),
-        *("--project", "examples/guide_resume", "--script", "train.py", "--train-on"),
-        *("--", "--max-steps", "10"),
+        *("--num-nodes", "2", "--devices-per-node", "1", "--restarted", "--train-on"),
+        *("--project", "examples/guide_resume", "--script", "train.py"),
+        *("--", "--max-steps", "10", "--fail-once-at", "7", *sharded),
     )
     assert "every node's run directory is the cluster's shared one" in out
+    assert "[node 1] rank 1: node 1 fails at step 7" in out
+    assert "every node restarted, all 2 ranks resumed from step 5 and ended at 10" in out
     assert "on all 2 ranks from step 10 to 20; every replica ends with the same weights" in out
     for rank in range(2):  # the script's own words, on each node
-        assert f"[node {rank}] rank {rank}: resumed from step 10" in out
+        for step in (5, 10):
+            assert f"[node {rank}] rank {rank}: resumed from step {step}" in out
+    if sharded:
+        assert "sharded checkpoint(s) in S3, each with the shards of all 2 ranks" in out
     assert leftovers(manifest) == {}
 
 

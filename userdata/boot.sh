@@ -5,7 +5,8 @@
 #
 # Phases: uv -> venv -> payload (the user's project under payload/project, the node agent under
 # payload/userdata) -> install (userdata/install.sh: torch, the project's dependencies, the
-# agent's) -> sharedfs (shared_fs=efs: the run directory's file system mounted) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
+# agent's) -> sharedfs (shared_fs=efs: the run directory's file system mounted, by
+# userdata/shared_fs.sh) -> agent (a systemd unit, so it survives and logs to the journal). Every phase is logged with a UTC
 # timestamp to $FABRIC_HOME/boot.log and stdout (cloud-init copies stdout to the console and
 # /var/log/cloud-init-output.log).
 # -E: a failure inside a function runs the ERR trap too (phase recorded, node powered off).
@@ -121,29 +122,6 @@ stop_log_shipper() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
-# NFS v4.1 with AWS's options for EFS, from the distribution's client. In fstab (_netdev,
-# nofail): a stopped and started node mounts it again before the agent's unit starts.
-readonly SHARED_FS_OPTIONS=nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport
-readonly SHARED_FS_WAIT=300 # seconds; a new mount target's name takes up to 90 s to resolve
-mount_shared_fs() {
-  if ! command -v mount.nfs4 >/dev/null; then
-    log "sharedfs: installing nfs-common (this image has no NFS client)"
-    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update
-    DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 install nfs-common
-  fi
-  mkdir -p "$SHARED_MOUNT"
-  grep -q " $SHARED_MOUNT " /etc/fstab ||
-    echo "$SHARED_FS:/ $SHARED_MOUNT nfs4 $SHARED_FS_OPTIONS,_netdev,nofail 0 0" >>/etc/fstab
-  local deadline=$((SECONDS + SHARED_FS_WAIT))
-  until mountpoint -q "$SHARED_MOUNT" || mount "$SHARED_MOUNT"; do
-    if ((SECONDS >= deadline)); then
-      log "sharedfs: $SHARED_FS did not mount within $SHARED_FS_WAIT s (NFS 2049 from the nodes?)"
-      return 1
-    fi
-    sleep 10
-  done
-}
-
 on_error() {
   local status=$?
   log "FAILED in phase $phase (exit status $status)"
@@ -229,19 +207,24 @@ else
 fi
 
 # The run directory on the file system that every node mounts (shared_fs=efs): every rank
-# reads what any rank wrote. Else each node's own disk.
+# reads what any rank wrote. Else each node's own disk. run-agent.sh checks the mount again
+# at every start of the agent and creates the run directory on it.
+shared_check=()
 if [[ -n $SHARED_FS && -n $REHEARSAL ]]; then
   : "${FABRIC_REHEARSAL_SHARED_DIR:?a rehearsal of shared_fs=efs needs FABRIC_REHEARSAL_SHARED_DIR}"
   begin sharedfs "REHEARSAL: $FABRIC_REHEARSAL_SHARED_DIR stands for $SHARED_FS"
   RUN_DIR=$FABRIC_REHEARSAL_SHARED_DIR/run
+  shared_check=(test -d "$FABRIC_REHEARSAL_SHARED_DIR") # the folder is the mount
 elif [[ -n $SHARED_FS ]]; then
   begin sharedfs "mounting $SHARED_FS at $SHARED_MOUNT"
-  mount_shared_fs
+  shared_check=(bash "$PAYLOAD_DIR/userdata/shared_fs.sh" "$SHARED_FS" "$SHARED_MOUNT")
+  "${shared_check[@]}"
   RUN_DIR=$SHARED_MOUNT/run
+else
+  mkdir -p "$RUN_DIR"
 fi
 
 begin agent "starting the node agent"
-mkdir -p "$RUN_DIR"
 stop_flag=()
 [[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
 efa_flag=()
@@ -276,6 +259,26 @@ agent=("$VENV/bin/python" -m userdata.agent
   echo 'else'
   printf '  echo %q\n' "max_hours: would power off in $MAX_HOURS h (power-off not allowed here)"
   echo 'fi'
+  # shellcheck disable=SC2016  # written literally: run-agent.sh expands them
+  if ((${#shared_check[@]})); then
+    # After a stop and start fstab's mount may have failed (nofail): mounted again here, or
+    # the node says why, stops the cluster (report) and powers off instead of idling.
+    printf 'if ! %s; then\n' "$(printf '%q ' "${shared_check[@]}")"
+    printf '  failed=%q\n' "failed: sharedfs: $SHARED_FS is not mounted (the run directory $RUN_DIR)"
+    echo '  echo "[fabric-agent] $failed"'
+    printf '  (cd %q && %q -m userdata.report --phase-parameter %q --members-parameter %q --stop-parameter %q "$failed")\n' \
+      "$PAYLOAD_DIR" "$VENV/bin/python" "$PHASE_PARAMETER" "$MEMBERS_PARAMETER" "$STOP_PARAMETER"
+    if [[ $STOP_WHEN_DONE == true ]]; then
+      echo '  if [[ ${FABRIC_POWEROFF:-} == allowed ]]; then'
+      echo '    systemctl poweroff'
+      echo '  else'
+      echo '    echo "stop_when_done: would power off now (not a real EC2 instance)"'
+      echo '  fi'
+    fi
+    echo '  exit 1'
+    echo 'fi'
+    printf 'mkdir -p %q\n' "$RUN_DIR"
+  fi
   # The agent's and the training's output also goes to agent.log, for the log shipper.
   # shellcheck disable=SC2016  # written literally: run-agent.sh expands them
   printf 'cd %q || exit 1\n' "$PAYLOAD_DIR"
@@ -315,8 +318,10 @@ cat >/etc/systemd/system/fabric-agent.service <<EOF
 [Unit]
 Description=Fabric cluster node agent (finds the main node, runs fabric run)
 Wants=network-online.target
-After=network-online.target
-RequiresMountsFor=$RUN_DIR
+# After fstab's mounts, but started whether or not the shared one came up: run-agent.sh
+# mounts it again, or records why it cannot and powers off (a unit that never starts would
+# leave the node idle and billing).
+After=network-online.target remote-fs.target
 
 [Service]
 Type=exec
