@@ -1,13 +1,17 @@
 """`make gpu-check`: the payload's GPU paths, which no CPU test can reach, in about a minute.
 
     python3 -m gpu.check [--accelerator cuda|cpu] [--script trainer/train.py]
+                         [--sharded-script examples/guide_resume/train.py]
 
-Four short trainings, each its own process of this very python (a GPU machine brings its own
+Six short trainings, each its own process of this very python (a GPU machine brings its own
 python3 with a CUDA torch: no project venv, no boto3, no network needed):
   a. the payload alone, `python trainer/train.py`;
   b. `fabric run --strategy=ddp --devices=1`: a real process group (NCCL on a GPU);
   c. the local cluster, 1 node x 1 device (its default GPU precision, bf16-mixed or 16-mixed);
-  d. (a)'s run again with more epochs: it must resume from (a)'s checkpoint.
+  d. (a)'s run again with more epochs: it must resume from (a)'s checkpoint;
+  e. examples/guide_resume --sharded under `fabric run` (up to 2 GPUs): FSDP2 through Fabric's
+     ModelParallelStrategy, every rank saving its own shard (torch.distributed.checkpoint);
+  f. (e)'s run again with more steps: every rank loads the sharded checkpoint and goes on.
 Each must exit 0 and write a summary.json whose loss fell (on cuda: trained on a GPU). Prints
 PASS or FAIL per case with its seconds (and the tail of its output on failure); exits 1 if any
 failed. `--accelerator cpu` runs the same cases on CPU (gloo), which is how the tests run it.
@@ -30,6 +34,7 @@ from pathlib import Path
 from local.process_groups import stop_groups
 
 ROOT = Path(__file__).resolve().parent.parent
+GUIDE_EXAMPLE = ROOT / "examples" / "guide_resume" / "train.py"
 TAIL_LINES = 40
 
 
@@ -40,6 +45,7 @@ class Case:
     run_dir: Path
     env: dict[str, str]
     expect: str = ""  # a line of the output must contain this
+    shards: int = 0  # the newest checkpoint is a folder with a shard of this many ranks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,10 +56,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--script", default=str(ROOT / "trainer" / "train.py"))
+    parser.add_argument(
+        "--sharded-script", default=str(GUIDE_EXAMPLE), help="the FSDP cases' script (e, f)"
+    )
     parser.add_argument("--samples", type=int, default=4096, help="synthetic samples per run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     args = parser.parse_args(argv)
     args.script = str(Path(args.script).resolve())
+    args.sharded_script = str(Path(args.sharded_script).resolve())
     return args
 
 
@@ -63,6 +73,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def sharded_devices(accelerator: str) -> int:
+    """Two ranks where there are two devices: a shard each (one GPU still runs FSDP2 and
+    torch.distributed.checkpoint on NCCL)."""
+    if accelerator == "cpu":
+        return 2
+    import torch
+
+    return max(1, min(2, torch.cuda.device_count()))
+
+
 def cases(args: argparse.Namespace, work: Path) -> list[Case]:
     python, script, accelerator = sys.executable, args.script, args.accelerator
     short = ["--samples", str(args.samples), "--epochs"]  # followed by the number of epochs
@@ -70,13 +90,17 @@ def cases(args: argparse.Namespace, work: Path) -> list[Case]:
     # The payload alone picks its device itself: pinned here, so that a torch without CUDA
     # fails the check instead of quietly training on the CPU.
     alone_env = {**env, "LT_ACCELERATOR": accelerator, "LT_DEVICES": "1"}
-    alone, ddp, cluster = work / "alone", work / "ddp", work / "cluster"
+    alone, ddp, cluster, sharded = (work / name for name in ("alone", "ddp", "cluster", "sharded"))
     # The CLI as a module: this python's lightning, whether or not a `fabric` is on PATH.
     fabric_run = [python, "-m", "lightning.fabric.cli", "--strategy=ddp", "--devices=1"]
     fabric_run += [f"--accelerator={accelerator}", f"--main-port={free_port()}"]
     local_cluster = [python, "-m", "local.cluster", "--num-nodes", "1", "--devices-per-node", "1"]
     local_cluster += ["--accelerator", "gpu" if accelerator == "cuda" else "cpu"]
     local_cluster += ["--max-restarts", "0", "--script", script, "--run-dir", str(cluster), "--"]
+    devices = sharded_devices(accelerator)
+    fsdp = [python, "-m", "lightning.fabric.cli", f"--devices={devices}"]
+    fsdp += [f"--accelerator={accelerator}", f"--main-port={free_port()}", args.sharded_script]
+    fsdp_env = {**env, "FABRIC_RUN_DIR": str(sharded)}
     return [
         Case(
             "payload alone",
@@ -92,6 +116,21 @@ def cases(args: argparse.Namespace, work: Path) -> list[Case]:
             alone,
             alone_env,
             expect="resumed from",
+        ),
+        Case(
+            f"FSDP sharded save ({devices} rank(s))",
+            [*fsdp, "--sharded", "--max-steps", "20"],
+            sharded,
+            fsdp_env,
+            shards=devices,
+        ),
+        Case(
+            "FSDP sharded load",
+            [*fsdp, "--sharded", "--max-steps", "30"],
+            sharded,
+            fsdp_env,
+            expect="rank 0: resumed from step 20",
+            shards=devices,
         ),
     ]
 
@@ -111,6 +150,21 @@ def verdict(case: Case, status: int, output: str, accelerator: str) -> str:
         return f"the loss did not fall: first {first}, final {final}"
     if accelerator == "cuda" and not str(summary.get("device", "")).startswith("cuda"):
         return f"trained on {summary.get('device')!r}, not on a GPU"
+    if case.shards:
+        return shards_problem(case.run_dir / "checkpoints", case.shards)
+    return ""
+
+
+def shards_problem(checkpoints: Path, ranks: int) -> str:
+    """What is wrong with the newest sharded checkpoint ("" when nothing is): a folder with
+    the shard files of every rank, the .metadata that names them and Lightning's meta.pt."""
+    folders = sorted(path for path in checkpoints.glob("step-*.ckpt") if path.is_dir())
+    if not folders:
+        return f"no sharded checkpoint (a folder) in {checkpoints}"
+    names = {path.name for path in folders[-1].iterdir()}
+    written = {name.split("_")[2] for name in names if name.endswith(".distcp")}
+    if written != {str(rank) for rank in range(ranks)} or not {".metadata", "meta.pt"} <= names:
+        return f"{folders[-1].name} is not a whole sharded checkpoint of {ranks} rank(s): {names}"
     return ""
 
 
