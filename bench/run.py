@@ -121,7 +121,9 @@ def rehearsal_phases() -> dict[str, float]:
         "synth": table["synth the app"],
         "create the stack": table["create the stack"],
         "payload fetch": at("phase install:") - at("phase payload:"),
-        "install (rehearsal: skipped)": at("phase agent:") - at("phase install:"),
+        "install (rehearsal: skipped)": at("phase sharedfs:") - at("phase install:"),
+        # On EC2 an NFS mount (boot.log's phase sharedfs); here the folder standing for it.
+        "sharedfs (rehearsal: a folder)": at("phase agent:") - at("phase sharedfs:"),
         "agent start to waiting-for-main": at("[fabric-agent] node 0 of") - at("phase agent:"),
         "waiting for main + resolve": at("[fabric-agent] running:")
         - at("[fabric-agent] node 0 of"),
