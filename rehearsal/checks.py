@@ -73,7 +73,7 @@ def check_training(
 def check_run_directory(folder: Path, config: Any, nodes: list[EmulatedInstance]) -> None:
     """shared_fs=efs: every node mounted the cluster's one folder (its disk holds no run) and
     the run's files are there; none: each node's run is on its own disk."""
-    shared = folder / "shared" / "run"
+    shared = folder / "shared" / "runs"  # a folder per run in it
     on_disks = [n.rank for n in nodes if (folder / f"node-{n.rank}" / "fabric" / "run").exists()]
     if config.shared_fs == "efs":
         for node in nodes:

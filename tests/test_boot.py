@@ -110,6 +110,7 @@ def test_an_agent_start_without_the_shared_file_system_records_why_and_powers_of
             region="us-east-1",
             payload_url=f"s3://{bucket}/payload.zip",
             artifacts_bucket=bucket,
+            run_name="run-a1",
             shared_fs=EFS_NAME,
         )
     )
@@ -130,7 +131,9 @@ def test_an_agent_start_without_the_shared_file_system_records_why_and_powers_of
     phase = decode_phase(
         ssm.get_parameter(Name=config.phase_parameter(0))["Parameter"]["Value"]
     ).text
-    assert phase == f"failed: sharedfs: {EFS_NAME} is not mounted (the run directory {missing}/run)"
+    # A folder per run: a redeploy that starts a new run keeps the file system, not the run.
+    run_dir = missing / "runs" / "run-a1"
+    assert phase == f"failed: sharedfs: {EFS_NAME} is not mounted (the run directory {run_dir})"
     stop = ssm.get_parameter(Name=config.stop_parameter)["Parameter"]["Value"]
     assert "failed" in stop and "sharedfs" in stop  # node 1 stops too
     assert "stop_when_done: would power off now" in boot.stdout

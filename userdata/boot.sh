@@ -208,18 +208,19 @@ fi
 
 # The run directory on the file system that every node mounts (shared_fs=efs): every rank
 # reads what any rank wrote. Else each node's own disk. run-agent.sh checks the mount again
-# at every start of the agent and creates the run directory on it.
+# at every start of the agent and creates the run directory on it: a folder per run, since a
+# redeploy that starts a new run (changed code or arguments) keeps the file system.
 shared_check=()
 if [[ -n $SHARED_FS && -n $REHEARSAL ]]; then
   : "${FABRIC_REHEARSAL_SHARED_DIR:?a rehearsal of shared_fs=efs needs FABRIC_REHEARSAL_SHARED_DIR}"
   begin sharedfs "REHEARSAL: $FABRIC_REHEARSAL_SHARED_DIR stands for $SHARED_FS"
-  RUN_DIR=$FABRIC_REHEARSAL_SHARED_DIR/run
+  RUN_DIR=$FABRIC_REHEARSAL_SHARED_DIR/runs/$RUN_NAME
   shared_check=(test -d "$FABRIC_REHEARSAL_SHARED_DIR") # the folder is the mount
 elif [[ -n $SHARED_FS ]]; then
   begin sharedfs "mounting $SHARED_FS at $SHARED_MOUNT"
   shared_check=(bash "$PAYLOAD_DIR/userdata/shared_fs.sh" "$SHARED_FS" "$SHARED_MOUNT")
   "${shared_check[@]}"
-  RUN_DIR=$SHARED_MOUNT/run
+  RUN_DIR=$SHARED_MOUNT/runs/$RUN_NAME
 else
   mkdir -p "$RUN_DIR"
 fi
