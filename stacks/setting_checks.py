@@ -292,3 +292,60 @@ def script_args_setting(value: object) -> tuple[str, ...]:
         return tuple(shlex.split(text))
     except ValueError as error:
         raise _invalid("script_args", value, f"{allowed} ({error})") from None
+
+
+def recover_setting(value: object, spot: bool) -> bool:
+    """auto: replace lost nodes when they are spot (spot reclaims them), keep plain instances
+    otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return spot
+    if isinstance(value, bool) or (
+        isinstance(value, str) and value.strip().lower() in ("true", "false")
+    ):
+        return boolean_setting("recover", value)
+    raise _invalid("recover", value, "expected auto (true with spot=true), true or false")
+
+
+def instance_types_setting(
+    value: object, accelerator: str, instance_type: str, *, spot: bool, recover: bool, efa: bool
+) -> tuple[str, ...]:
+    """The types a spot group may launch, instance_type first: the same accelerator, and on
+    GPUs the same GPU and count (devices_per_node holds for every one of them)."""
+    allowed = (
+        'expected "" (instance_type only) or instance types separated by commas, '
+        "such as g5.12xlarge,g6.12xlarge"
+    )
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    else:
+        items = [item.strip() for item in _string("instance_types", value, allowed).split(",")]
+    items = [item.lower() for item in items if item]
+    if not items:
+        return (instance_type,)
+    if not (spot and recover):
+        raise _invalid(
+            "instance_types",
+            value,
+            "needs spot=true and recover=true (each rank's group picks among them, "
+            "price-capacity-optimized)",
+        )
+    types = list(dict.fromkeys([instance_type, *items]))  # instance_type first, no repeats
+    for name in types[1:]:
+        try:
+            instance_type_setting(name, accelerator)
+        except ConfigError as error:
+            reason = str(error).split(": ", 1)[1]
+            raise _invalid("instance_types", value, f"{name}: {reason}") from None
+        if accelerator == "gpu" and (
+            GPUS_PER_TYPE.get(name) != GPUS_PER_TYPE.get(instance_type)
+            or GPU_MODEL.get(name.split(".")[0], ("",))[0]
+            != GPU_MODEL.get(instance_type.split(".")[0], ("",))[0]
+        ):
+            raise _invalid(
+                "instance_types",
+                value,
+                f"{name} must have the GPUs of {instance_type} (the same model and count)",
+            )
+        if efa and name not in EFA_TYPES:
+            raise _invalid("instance_types", value, f"{name} has no EFA (efa=true)")
+    return tuple(types)

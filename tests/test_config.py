@@ -309,3 +309,73 @@ def test_gpu_cross_checks(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load(**overrides)
     assert str(error.value).startswith(message)
+
+
+SPOT_GROUPS = {"spot": True, "recover": True, "efa": False}
+
+
+@pytest.mark.parametrize(
+    ("value", "accelerator", "instance_type", "expected"),
+    [
+        ("", "cpu", "c7i.2xlarge", ("c7i.2xlarge",)),
+        ("c6i.2xlarge, C7a.2xlarge", "cpu", "c7i.2xlarge",
+         ("c7i.2xlarge", "c6i.2xlarge", "c7a.2xlarge")),
+        (["p5en.48xlarge", "p5e.48xlarge"], "gpu", "p5e.48xlarge",
+         ("p5e.48xlarge", "p5en.48xlarge")),
+        ("p4de.24xlarge", "gpu", "p4d.24xlarge", ("p4d.24xlarge", "p4de.24xlarge")),
+    ],
+)  # fmt: skip
+def test_instance_types_start_with_instance_type(
+    value: Any, accelerator: str, instance_type: str, expected: tuple[str, ...]
+) -> None:
+    from stacks.setting_checks import instance_types_setting
+
+    found = instance_types_setting(value, accelerator, instance_type, **SPOT_GROUPS)
+    assert found == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "accelerator", "instance_type", "groups", "allowed"),
+    [
+        ("c6i.2xlarge", "cpu", "c7i.2xlarge", {"spot": False, "recover": False},
+         "needs spot=true and recover=true"),
+        ("c6i.2xlarge", "cpu", "c7i.2xlarge", {"spot": True, "recover": False},
+         "needs spot=true and recover=true"),
+        ("g5.xlarge", "cpu", "c7i.2xlarge", {}, "g5.xlarge: g5 is a GPU type"),
+        ("large", "cpu", "c7i.2xlarge", {}, "large: expected an EC2 instance type name"),
+        ("g6.xlarge", "gpu", "g5.12xlarge", {}, "g6.xlarge must have the GPUs of g5.12xlarge"),
+        ("g6.12xlarge", "gpu", "g5.12xlarge", {}, "the same model and count"),
+        ("c6i.2xlarge", "gpu", "g5.12xlarge", {}, "c6i.2xlarge: accelerator=gpu needs an NVIDIA"),
+        ("p5.48xlarge", "gpu", "p4d.24xlarge", {"efa": True}, "must have the GPUs of p4d"),
+        ("g6e.12xlarge", "gpu", "g6.12xlarge", {}, "must have the GPUs of g6.12xlarge"),
+        (7, "cpu", "c7i.2xlarge", {}, "instance types separated by commas"),
+    ],
+)  # fmt: skip
+def test_bad_instance_types_name_the_type_and_what_is_allowed(
+    value: Any, accelerator: str, instance_type: str, groups: dict[str, bool], allowed: str
+) -> None:
+    from stacks.setting_checks import instance_types_setting
+
+    with pytest.raises(ConfigError) as error:
+        instance_types_setting(value, accelerator, instance_type, **(SPOT_GROUPS | groups))
+    message = str(error.value)
+    assert message.startswith(f"invalid setting instance_types={value!r}: "), message
+    assert allowed in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "spot", "expected"),
+    [("auto", True, True), ("auto", False, False), ("true", False, True), (False, True, False)],
+)
+def test_recover_is_auto_with_spot(value: Any, spot: bool, expected: bool) -> None:
+    from stacks.setting_checks import recover_setting
+
+    assert recover_setting(value, spot) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "", 1, None])
+def test_a_bad_recover_is_one_line(value: Any) -> None:
+    from stacks.setting_checks import recover_setting
+
+    with pytest.raises(ConfigError, match=r"^invalid setting recover=.*: expected auto \(true"):
+        recover_setting(value, True)
