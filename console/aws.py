@@ -49,6 +49,7 @@ CONNECT_TIMEOUT_S = 5
 # The parameter the node agent writes (userdata/phase.py); get_parameters takes 10 names a call.
 GET_PARAMETERS_MAX = 10
 NODE_OUTPUT = re.compile(r"^Node(\d+)InstanceId$")
+GROUP_OUTPUT = re.compile(r"^Node(\d+)Group$")  # recover: the rank's group, its instance changes
 
 
 class ConsoleError(Exception):
@@ -244,7 +245,34 @@ def load_stack(aws: Aws, name: str) -> Stack:
         # A cluster's runs and logs live in its storage stack: its bucket (unless the cluster
         # names its own) and its log group.
         outputs = {**load_stack(aws, storage).outputs, **outputs}
+    outputs.update(group_instances(aws, outputs))
     return Stack(name=name, region=aws.region, status=stack["StackStatus"], outputs=outputs)
+
+
+def group_instances(aws: Aws, outputs: dict[str, str]) -> dict[str, str]:
+    """recover: the instance each rank's group holds now, as Node<rank>InstanceId ("" while it
+    has none: a replacement launching, or the group at zero after the run)."""
+    groups = {
+        value: int(m.group(1)) for key, value in outputs.items() if (m := GROUP_OUTPUT.match(key))
+    }
+    if not groups:
+        return {}
+    found = {f"Node{rank}InstanceId": "" for rank in groups.values()}
+    pages = (
+        aws.client("autoscaling")
+        .get_paginator("describe_auto_scaling_groups")
+        .paginate(AutoScalingGroupNames=list(groups))
+    )
+    for page in pages:
+        for group in page.get("AutoScalingGroups", []):
+            live = [
+                instance["InstanceId"]
+                for instance in group.get("Instances", [])
+                if not instance.get("LifecycleState", "").startswith("Terminat")
+            ]
+            if group["AutoScalingGroupName"] in groups and live:
+                found[f"Node{groups[group['AutoScalingGroupName']]}InstanceId"] = live[0]
+    return found
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,21 @@ def check_training(
         raise RehearsalError(f"world size {summary['world_size']}, expected {expected}")
     for node in nodes:
         console = (folder / f"node-{node.rank}" / "console.log").read_text()
-        if config.stop_when_done and "would stop now" not in console:
+        if config.stop_when_done and final_stop(config, node.rank) not in console:
             raise RehearsalError(f"node {node.rank} did not record its final stop")
     log(
         f"every node done; world size {summary['world_size']}; {len(checkpoints)} checkpoint(s) "
         f"and the summary in s3://{bucket}/{prefix}/"
     )
     return summary
+
+
+def final_stop(config: Any, rank: int) -> str:
+    """What a node whose run is over says last (stop_when_done): it would power off, or
+    (recover) it scaled its group to zero, which terminates it."""
+    if config.recover:
+        return f"the group(s) of rank(s) {rank} scaled to zero"
+    return "would stop now"
 
 
 def check_run_directory(folder: Path, config: Any, nodes: list[EmulatedInstance]) -> None:

@@ -18,6 +18,7 @@ from rehearsal.emulated_aws import (
     destroy,
     ensure_stack,
     remaining,
+    stack_groups,
     stack_instances,
 )
 from rehearsal.namespaces import EmulatedNetwork
@@ -35,6 +36,7 @@ def synth(folder: Path, args: argparse.Namespace, **overrides: str) -> tuple[Pat
         "num_nodes": args.num_nodes,
         "devices_per_node": args.devices_per_node,
         "script_args": shlex.join(args.script_args),
+        **({"recover": True} if args.recover else {}),
         **project,
     }
     context = cdk_json_context(**(settings | overrides))
@@ -107,13 +109,14 @@ class Rehearsal:
         )
         outputs = {**storage, **cluster}  # what the console merges the same way
         nodes = stack_instances(aws, config.stack_name)
-        main = aws.client("ssm").get_parameter(Name=config.main_address_parameter)
-        if main["Parameter"]["Value"] != nodes[0].private_ip:
-            raise RehearsalError(
-                f"{config.main_address_parameter} is "
-                f"{main['Parameter']['Value']}, node 0 has {nodes[0].private_ip}"
-            )
-        log(f"CREATE_COMPLETE; {config.main_address_parameter} = node 0's {nodes[0].private_ip}")
+        if len(nodes) != config.num_nodes:
+            raise RehearsalError(f"{len(nodes)} node(s) run, not {config.num_nodes}: {nodes}")
+        if config.recover:  # node 0 publishes its address at boot
+            groups = [g["AutoScalingGroupName"] for g in stack_groups(aws, config.stack_name)]
+            log(f"CREATE_COMPLETE; a group of one instance per rank: {', '.join(groups)}")
+        else:
+            address = check_main_address(aws, config, nodes[0])
+            log(f"CREATE_COMPLETE; {config.main_address_parameter} = node 0's {address}")
         log(f"run {outputs['RunName']} in s3://{outputs['ArtifactsBucket']}/{config.stack_name}/")
         phases.run(
             "create the namespaces",
@@ -172,6 +175,17 @@ class Rehearsal:
         self.aws.stop()
         for failure in failures:
             log(f"cleanup: {failure}")
+
+
+def check_main_address(aws: EmulatedAws, config: Any, node0: EmulatedInstance) -> str:
+    """The main-address parameter holds node 0's private IP; returns it."""
+    main = aws.client("ssm").get_parameter(Name=config.main_address_parameter)
+    if main["Parameter"]["Value"] != node0.private_ip:
+        raise RehearsalError(
+            f"{config.main_address_parameter} is {main['Parameter']['Value']}, node 0 has "
+            f"{node0.private_ip}"
+        )
+    return node0.private_ip
 
 
 def agent_output(deployment: Deployment, rank: int) -> str:

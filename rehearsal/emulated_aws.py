@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 
 from rehearsal.throttling import Throttle, ThrottledMotoServer, random_share
 from stacks.config import parameter_prefix
-from userdata.imds import TAG_NODE_RANK
+from userdata.imds import TAG_CLUSTER, TAG_NODE_RANK
 
 ACCOUNT = "123456789012"  # moto's account
 REGION = "us-east-1"
@@ -176,15 +176,19 @@ def launch_template_user_data(aws: EmulatedAws, stack_name: str) -> str:
 
 
 def stack_instances(aws: EmulatedAws, stack_name: str) -> list[EmulatedInstance]:
+    """The stack's nodes that run: its instances, or (recover) those of its groups, which
+    carry no CloudFormation tag of their own."""
     ec2 = aws.client("ec2")
     found = []
     template_user_data: str | None = None
-    reservations = ec2.describe_instances(
-        Filters=[
-            {"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]},
-            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+    running = {"Name": "instance-state-name", "Values": ["pending", "running"]}
+    by_stack = [{"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]}, running]
+    reservations = ec2.describe_instances(Filters=by_stack)["Reservations"]
+    in_groups = group_instances(aws, stack_name)
+    if in_groups:
+        reservations += ec2.describe_instances(InstanceIds=in_groups, Filters=[running])[
+            "Reservations"
         ]
-    )["Reservations"]
     for reservation in reservations:
         for instance in reservation["Instances"]:
             tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
@@ -203,6 +207,29 @@ def stack_instances(aws: EmulatedAws, stack_name: str) -> list[EmulatedInstance]
                 )
             )
     return sorted(found, key=lambda node: node.rank)
+
+
+def stack_groups(aws: EmulatedAws, stack_name: str) -> list[dict[str, Any]]:
+    """The stack's Auto Scaling groups (recover: one per rank), as Auto Scaling describes them."""
+    names = [
+        resource["PhysicalResourceId"]
+        for resource in aws.client("cloudformation").list_stack_resources(StackName=stack_name)[
+            "StackResourceSummaries"
+        ]
+        if resource.get("ResourceType") == "AWS::AutoScaling::AutoScalingGroup"
+    ]
+    if not names:
+        return []
+    groups = aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=names)
+    return list(groups["AutoScalingGroups"])
+
+
+def group_instances(aws: EmulatedAws, stack_name: str) -> list[str]:
+    return [
+        instance["InstanceId"]
+        for group in stack_groups(aws, stack_name)
+        for instance in group.get("Instances", [])
+    ]
 
 
 def destroy(aws: EmulatedAws, stack_name: str, vpc_cidr: str) -> list[str]:
@@ -248,11 +275,14 @@ def remaining(
 ) -> dict[str, list[str]]:
     """What the stack left behind, by kind (the artifacts bucket is kept on purpose)."""
     ec2, ssm, s3, iam = aws.client("ec2"), aws.client("ssm"), aws.client("s3"), aws.client("iam")
+    # The stack's own instances, and any a group launched (they carry the rank, not the stack).
     live = [
         instance["InstanceId"]
-        for reservation in ec2.describe_instances(
-            Filters=[{"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]}]
-        )["Reservations"]
+        for tagged in (
+            {"Name": "tag:aws:cloudformation:stack-name", "Values": [stack_name]},
+            {"Name": "tag-key", "Values": [TAG_NODE_RANK]},
+        )
+        for reservation in ec2.describe_instances(Filters=[tagged])["Reservations"]
         for instance in reservation["Instances"]
         if instance["State"]["Name"] != "terminated"
     ]
@@ -268,6 +298,13 @@ def remaining(
             r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(stack_name)
         ],
         "buckets": [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"] == bucket],
+        # recover: the ranks' groups go with it, and their instances (above).
+        "groups": [
+            group["AutoScalingGroupName"]
+            for group in aws.client("autoscaling").describe_auto_scaling_groups(
+                Filters=[{"Name": f"tag:{TAG_CLUSTER}", "Values": [stack_name]}]
+            )["AutoScalingGroups"]
+        ],
         # shared_fs=efs: the cluster's file system goes with it (the runs are in the bucket).
         "file systems": [
             f["FileSystemId"] for f in aws.client("efs").describe_file_systems()["FileSystems"]

@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(a script that writes resumed_from and replicas_identical in its summary)",
     )
     parser.add_argument(
+        "--recover",
+        action="store_true",
+        help="deploy with recover=true: each rank an Auto Scaling group of one instance; node 0 "
+        "must publish its address and the members, and every node leave its group at the end",
+    )
+    parser.add_argument(
         "--restarted",
         action="store_true",
         help="the script fails once on a node mid-run (the example's --fail-once-at): every "

@@ -21,8 +21,8 @@ from rehearsal.checks import (
     phase_of,
     same_result,
 )
-from rehearsal.deployments import Deployment, Rehearsal, agent_output
-from rehearsal.emulated_aws import CREDENTIAL_ENV, REGION
+from rehearsal.deployments import Deployment, Rehearsal, agent_output, check_main_address
+from rehearsal.emulated_aws import CREDENTIAL_ENV, REGION, stack_groups
 from rehearsal.processes import run_environment
 from rehearsal.report import Manifest, Phases, RehearsalError, log
 from stacks.config import PROJECT_DIR
@@ -53,6 +53,8 @@ def rehearse(
         )
         if args.restarted:
             phases.run("check the restart", lambda: check_restarted(first, summary))
+        if args.recover:
+            phases.run("check the groups", lambda: check_groups(rehearsal, first))
         if args.train_on:
             rehearsal.destroy(first)
             check_every_rank_resumed(rehearsal, first, summary)
@@ -226,6 +228,27 @@ def train_on(script_args: list[str], steps: int) -> tuple[list[str], int]:
         more[at] = str(epochs + 1)
         return more, steps + steps // epochs
     raise RehearsalError("--runs needs --epochs or --max-steps in the script's arguments")
+
+
+def check_groups(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    """recover: node 0 published its address and the first generation (the instances of the
+    ranks' groups), and every node whose run was over left its group: each group at zero, its
+    instance terminated, none replaced."""
+    config, nodes, aws = deployment.config, deployment.nodes, rehearsal.aws
+    check_main_address(aws, config, nodes[0])
+    members = aws.client("ssm").get_parameter(Name=config.members_parameter)["Parameter"]["Value"]
+    expected = f"1:{','.join(node.instance_id for node in nodes)}"
+    if members != expected:
+        raise RehearsalError(f"{config.members_parameter} is {members!r}, not {expected!r}")
+    groups = stack_groups(aws, config.stack_name)
+    if config.stop_when_done and any(
+        group["DesiredCapacity"] != 0 or group.get("Instances") for group in groups
+    ):
+        raise RehearsalError(f"a group still holds an instance after the run: {groups}")
+    log(
+        f"node 0 published {nodes[0].private_ip} and generation 1 ({members}); "
+        f"all {len(groups)} group(s) at zero after the run, nothing replaced"
+    )
 
 
 def check_restarted(deployment: Deployment, summary: dict[str, Any]) -> None:

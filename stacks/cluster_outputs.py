@@ -6,6 +6,7 @@ stack's own scope: an output's key is its construct id there."""
 from __future__ import annotations
 
 import aws_cdk as cdk
+from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 
 from stacks.config import ClusterConfig
@@ -15,12 +16,15 @@ from stacks.run_name import run_fingerprint
 def still_billed(config: ClusterConfig) -> str:
     """What a finished cluster still costs, and how to remove it."""
     when = "stop_when_done" if config.stop_when_done else "stop_when_done off: nodes run on"
-    nodes = (
-        "spot nodes terminate when they power off: nothing is left of them"
-        if config.spot
-        else f"stopped nodes bill only their volumes ({config.num_nodes} x "
-        f"{config.volume_gb} GB gp3)"
-    )
+    if config.recover:
+        nodes = "each node scales its group to zero and terminates: nothing is left of them"
+    elif config.spot:
+        nodes = "spot nodes terminate when they power off: nothing is left of them"
+    else:
+        nodes = (
+            f"stopped nodes bill only their volumes ({config.num_nodes} x "
+            f"{config.volume_gb} GB gp3)"
+        )
     return (
         f"After a run ({when}; every node powers off after max_hours={config.max_hours} "
         f"anyway): {nodes}; the storage stack ({config.storage_stack}: the runs' bucket, the "
@@ -30,8 +34,14 @@ def still_billed(config: ClusterConfig) -> str:
 
 
 def add_outputs(
-    stack: cdk.Stack, config: ClusterConfig, nodes: list[ec2.Instance], run_name: str
+    stack: cdk.Stack,
+    config: ClusterConfig,
+    nodes: list[ec2.Instance],
+    run_name: str,
+    groups: list[autoscaling.AutoScalingGroup] | None = None,
 ) -> None:
+    for rank, group in enumerate(groups or []):  # recover: the instance changes, the group not
+        cdk.CfnOutput(stack, f"Node{rank}Group", value=group.auto_scaling_group_name)
     for rank, node in enumerate(nodes):
         cdk.CfnOutput(stack, f"Node{rank}InstanceId", value=node.instance_id)
         cdk.CfnOutput(stack, f"Node{rank}PrivateIp", value=node.instance_private_ip)

@@ -14,6 +14,7 @@ from constructs import Construct
 
 from stacks.config import ClusterConfig
 from userdata.cluster_control import NO_STOP
+from userdata.generations import NOT_PUBLISHED
 
 INITIAL_PHASE = "booting"
 
@@ -45,19 +46,22 @@ def node_written_parameters(
 def membership_parameters(
     scope: Construct, config: ClusterConfig, nodes: list[ec2.Instance]
 ) -> tuple[ssm.StringParameter, ssm.StringParameter]:
-    """Node 0's private address, and the instance ids by rank."""
+    """Node 0's private address, and the instance ids by rank: from the instances, or (recover:
+    a group per rank, whose instance may be replaced) published by node 0 at each generation."""
     main_address = ssm.StringParameter(
         scope,
         "MainAddress",
         parameter_name=config.main_address_parameter,
-        string_value=nodes[0].instance_private_ip,
+        string_value=NOT_PUBLISHED if config.recover else nodes[0].instance_private_ip,
         description="Private IP of node 0, the main node of fabric run",
     )
     members = ssm.StringParameter(
         scope,
         "Members",
         parameter_name=config.members_parameter,
-        string_value=cdk.Fn.join(",", [node.instance_id for node in nodes]),
+        string_value=NOT_PUBLISHED
+        if config.recover
+        else cdk.Fn.join(",", [node.instance_id for node in nodes]),
         description="The cluster's instance ids by rank: phases and stops of others are old",
     )
     # After the main address: a node that finds itself among the members (a redeploy's new

@@ -71,7 +71,7 @@ class ClusterStack(cdk.Stack):
         self.phase_parameters, self.stop = node_written_parameters(self, config)
         self.role = NodeRole(self, "NodeRole", config=config)
         self._grant_nodes()
-        self.nodes = Nodes(
+        nodes = Nodes(
             self,
             "Nodes",
             config=config,
@@ -79,12 +79,16 @@ class ClusterStack(cdk.Stack):
             security_group=self.security_group,
             role=self.role,
             user_data=self._boot_script(),
-        ).instances  # by rank
+        )
+        self.nodes, self.groups = nodes.instances, nodes.groups  # by rank, one of them empty
         if self.shared:  # the mount target exists before a node boots and mounts it
-            for node in self.nodes:
+            for node in [*self.nodes, *self.groups]:
                 node.node.add_dependency(self.shared.mount_targets)
         self.main_address, self.members = membership_parameters(self, config, self.nodes)
-        add_outputs(self, config, self.nodes, self.run_name)
+        if config.recover:  # node 0 publishes them, at each generation
+            self.main_address.grant_write(self.role)
+            self.members.grant_write(self.role)
+        add_outputs(self, config, self.nodes, self.run_name, self.groups)
 
     def _grant_nodes(self) -> None:
         """What a node may do beyond its role's own statements (Session Manager, the reads of

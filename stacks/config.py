@@ -22,10 +22,12 @@ from stacks.setting_checks import (
     devices_per_node_setting,
     efa_setting,
     instance_type_setting,
+    instance_types_setting,
     integer_setting,
     key_pair_setting,
     log_retention_days_setting,
     precision_setting,
+    recover_setting,
     run_setting,
     script_args_setting,
     ssh_cidr_setting,
@@ -36,16 +38,18 @@ from stacks.setting_checks import (
 from training_project.errors import ProjectError
 from training_project.load import load_project
 from training_project.torch_pins import pinned_version
-from userdata.imds import MAX_NODES, TAG_NODE_RANK, TAG_NUM_NODES
+from userdata.imds import MAX_NODES, TAG_CLUSTER, TAG_NODE_RANK, TAG_NUM_NODES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # The run directory: on a file system every node mounts (efs), or on each node's own disk.
 SHARED_FS = ("efs", "none")
 # The tag contract, defined where nodes read it; ConfigError, where settings are read.
-__all__ = ["TAG_NODE_RANK", "TAG_NUM_NODES", "ConfigError"]
+__all__ = ["TAG_CLUSTER", "TAG_NODE_RANK", "TAG_NUM_NODES", "ConfigError"]
 
 MAX_RESTARTS = 10
 MAX_HOURS = 168
+MAX_REPLACEMENTS = 100
+MAX_CAPACITY_WAIT_MINUTES = 1440
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,12 @@ class ClusterConfig:
     artifacts_bucket: str | None  # None: the stack makes its own (and cdk destroy keeps it)
     log_retention_days: int
     shared_fs: str  # "efs": the run directory on a file system every node mounts; "none": disks
+    # Each rank an Auto Scaling group of one instance that replaces a lost node (else one
+    # instance per rank); instance_types: what a spot group may launch, instance_type first.
+    recover: bool = False
+    instance_types: tuple[str, ...] = ()
+    max_replacements: int = 5
+    capacity_wait_minutes: int = 30
 
     @property
     def instance_family(self) -> str:
@@ -162,6 +172,10 @@ SETTINGS = (
     "log_retention_days",
     "storage_stack",
     "shared_fs",
+    "recover",
+    "instance_types",
+    "max_replacements",
+    "capacity_wait_minutes",
 )
 
 
@@ -195,6 +209,9 @@ def load_config(
         raise ConfigError(str(error)) from None
     instance_type = instance_type_setting(raw["instance_type"], accelerator)
     stack_name = stack_name_setting(raw["stack_name"])
+    spot = boolean_setting("spot", raw["spot"])
+    recover = recover_setting(raw["recover"], spot)
+    efa = efa_setting(raw["efa"], instance_type)
     return ClusterConfig(
         stack_name=stack_name,
         storage_stack=storage_stack_setting(raw["storage_stack"], stack_name),
@@ -215,12 +232,22 @@ def load_config(
         stop_when_done=boolean_setting("stop_when_done", raw["stop_when_done"]),
         max_restarts=integer_setting("max_restarts", raw["max_restarts"], 0, MAX_RESTARTS),
         max_hours=integer_setting("max_hours", raw["max_hours"], 1, MAX_HOURS),
-        efa=efa_setting(raw["efa"], instance_type),
-        spot=boolean_setting("spot", raw["spot"]),
+        efa=efa,
+        spot=spot,
         precision=precision_setting(raw["precision"], accelerator, instance_type),
         ami=ami_setting(raw["ami"]) if raw["ami"] is not None else None,
         run=run_setting(raw["run"]),
         artifacts_bucket=artifacts_bucket_setting(raw["artifacts_bucket"]),
         log_retention_days=log_retention_days_setting(raw["log_retention_days"]),
         shared_fs=choice_setting("shared_fs", raw["shared_fs"], SHARED_FS),
+        recover=recover,
+        instance_types=instance_types_setting(
+            raw["instance_types"], accelerator, instance_type, spot=spot, recover=recover, efa=efa
+        ),
+        max_replacements=integer_setting(
+            "max_replacements", raw["max_replacements"], 0, MAX_REPLACEMENTS
+        ),
+        capacity_wait_minutes=integer_setting(
+            "capacity_wait_minutes", raw["capacity_wait_minutes"], 1, MAX_CAPACITY_WAIT_MINUTES
+        ),
     )

@@ -7,7 +7,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from stacks.config import ClusterConfig
+from stacks.config import TAG_CLUSTER, ClusterConfig
 from stacks.nag import ack, checkov_skip
 from stacks.storage_stack import bucket_export, log_group_export
 
@@ -64,6 +64,16 @@ class NodeRole(iam.Role):
                 ],
             )
         )
+        if config.recover:
+            self._scale_own_groups(stack, config)
+            ack(
+                self,
+                "AwsSolutions-IAM5[Resource::"
+                f"{_autoscaling_arn_as_nag_reads_it(stack)}:autoScalingGroup:*:"
+                "autoScalingGroupName/*]",
+                "The groups' names are CloudFormation's; the condition allows only the groups "
+                "tagged with this stack's name.",
+            )
         checkov_skip(self.node.find_child("DefaultPolicy"), ("CKV_AWS_111", SESSION_MANAGER_REASON))
         for finding, reason in (
             ("Resource::*", SESSION_MANAGER_REASON),
@@ -86,6 +96,30 @@ class NodeRole(iam.Role):
         ):
             ack(self, f"AwsSolutions-IAM5[{finding}]", reason)
 
+    def _scale_own_groups(self, stack: cdk.Stack, config: ClusterConfig) -> None:
+        """recover: node 0 reads which instance each rank's group holds, and a node whose run
+        has ended scales the groups to zero (a node that only powered off would be replaced).
+        Describe takes no resource; the changes only on groups tagged with this stack."""
+        self.add_to_policy(
+            iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"])
+        )
+        self.add_to_policy(
+            iam.PolicyStatement(
+                actions=["autoscaling:UpdateAutoScalingGroup", "autoscaling:SetDesiredCapacity"],
+                resources=[
+                    stack.format_arn(
+                        service="autoscaling",
+                        resource="autoScalingGroup",
+                        resource_name="*:autoScalingGroupName/*",
+                        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
+                conditions={
+                    "StringEquals": {f"autoscaling:ResourceTag/{TAG_CLUSTER}": config.stack_name}
+                },
+            )
+        )
+
 
 def _partition_as_nag_reads_it(stack: cdk.Stack) -> tuple[str, str]:
     """The partition and region:account of an ARN as cdk-nag prints it: literal with
@@ -93,6 +127,11 @@ def _partition_as_nag_reads_it(stack: cdk.Stack) -> tuple[str, str]:
     if cdk.Token.is_unresolved(stack.account) or cdk.Token.is_unresolved(stack.region):
         return "<AWS::Partition>", "<AWS::Region>:<AWS::AccountId>"
     return stack.partition, f"{stack.region}:{stack.account}"
+
+
+def _autoscaling_arn_as_nag_reads_it(stack: cdk.Stack) -> str:
+    partition, where = _partition_as_nag_reads_it(stack)
+    return f"arn:{partition}:autoscaling:{where}"
 
 
 def _bucket_arn_as_nag_reads_it(stack: cdk.Stack, config: ClusterConfig) -> str:

@@ -1,15 +1,18 @@
 """The N identical nodes: their machine image, the launch template they start from, the
-placement group, and the instances, tagged with their rank."""
+placement group, and the instances, tagged with their rank: one AWS::EC2::Instance per rank, or
+(recover) one Auto Scaling group of one instance per rank, which replaces a lost node with a
+new one of the same rank."""
 
 from __future__ import annotations
 
 import aws_cdk as cdk
 import jsii
+from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from stacks.config import TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
+from stacks.config import TAG_CLUSTER, TAG_NODE_RANK, TAG_NUM_NODES, ClusterConfig
 from stacks.nag import ack, checkov_skip
 
 UBUNTU_AMI_PARAMETER = (
@@ -101,14 +104,21 @@ class Nodes(Construct):
         image = machine_image(self, config)
         # The user data once, in the launch template every node starts from: inlined per node,
         # 64 nodes' copies alone would pass CloudFormation's 1 MB template limit.
-        self.launch_template = self._launch_template(config, vpc, security_group, user_data)
+        group_parts = self._group_parts(config, image, profile, key_pair) if config.recover else {}
+        self.launch_template = self._launch_template(
+            config, vpc, security_group, user_data, **group_parts
+        )
+        self.instances: list[ec2.Instance] = []
+        self.groups: list[autoscaling.AutoScalingGroup] = []
+        if config.recover:
+            self.groups = [self._group(config, vpc, rank) for rank in range(config.num_nodes)]
+            return
         # A one-time spot instance cannot be stopped: powering off terminates it.
         shutdown = (
             ec2.InstanceInitiatedShutdownBehavior.TERMINATE
             if config.spot
             else ec2.InstanceInitiatedShutdownBehavior.STOP
         )
-        self.instances: list[ec2.Instance] = []
         for rank in range(config.num_nodes):
             node = ec2.Instance(
                 self,
@@ -165,15 +175,110 @@ class Nodes(Construct):
             )
             self.instances.append(node)
 
+    def _group_parts(
+        self,
+        config: ClusterConfig,
+        image: ec2.IMachineImage,
+        profile: iam.InstanceProfile,
+        key_pair: ec2.IKeyPair | None,
+    ) -> dict[str, object]:
+        """What an AWS::EC2::Instance says itself and a group's instances take from the launch
+        template: the image, the type, the profile, the volume, the group, tags in IMDS.
+        Spot comes from the groups' mixed-instances policy, not from the template."""
+        return {
+            "machine_image": image,
+            "instance_type": ec2.InstanceType(config.instance_type),
+            "instance_profile": profile,
+            "key_pair": key_pair,
+            "instance_metadata_tags": True,
+            # A node whose run is done powers off after its agent scaled the group to zero:
+            # stopped, it is not taken for a failure and replaced.
+            "instance_initiated_shutdown_behavior": ec2.InstanceInitiatedShutdownBehavior.STOP,
+            "block_devices": [
+                ec2.BlockDevice(
+                    device_name=ROOT_DEVICE,
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        config.volume_gb,
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
+                    ),
+                )
+            ],
+        }
+
+    def _group(
+        self, config: ClusterConfig, vpc: ec2.IVpc, rank: int
+    ) -> autoscaling.AutoScalingGroup:
+        """Rank `rank`: a group of exactly one instance, replaced when it is reclaimed, fails
+        its health check or is terminated; its tags, the rank among them, go with every
+        instance it launches. A redeploy makes new groups beside the old (the instances'
+        side by side) and then deletes the old."""
+        template = self.launch_template
+        mixed = None
+        if config.spot:
+            mixed = autoscaling.MixedInstancesPolicy(
+                launch_template=template,
+                launch_template_overrides=[
+                    autoscaling.LaunchTemplateOverrides(instance_type=ec2.InstanceType(name))
+                    for name in (config.instance_types or (config.instance_type,))
+                ],
+                instances_distribution=autoscaling.InstancesDistribution(
+                    on_demand_base_capacity=0,
+                    on_demand_percentage_above_base_capacity=0,
+                    spot_allocation_strategy=autoscaling.SpotAllocationStrategy.PRICE_CAPACITY_OPTIMIZED,
+                ),
+            )
+        group = autoscaling.AutoScalingGroup(
+            self,
+            f"Rank{rank}",
+            vpc=vpc,
+            vpc_subnets=ec2.SubnetSelection(subnets=[vpc.public_subnets[0]]),
+            launch_template=None if mixed else template,
+            mixed_instances_policy=mixed,
+            min_capacity=1,
+            max_capacity=1,
+            desired_capacity=1,
+            health_checks=autoscaling.HealthChecks.ec2(grace_period=cdk.Duration.minutes(5)),
+            update_policy=autoscaling.UpdatePolicy.replacing_update(),
+        )
+        cfn = group.node.default_child
+        if self.placement_group:
+            cfn.placement_group = self.placement_group.placement_group_name
+        cdk.Tags.of(group).add(TAG_NODE_RANK, str(rank), apply_to_launched_instances=True)
+        cdk.Tags.of(group).add(
+            TAG_NUM_NODES, str(config.num_nodes), apply_to_launched_instances=True
+        )
+        cdk.Tags.of(group).add(TAG_CLUSTER, config.stack_name, apply_to_launched_instances=False)
+        cdk.Annotations.of(group).acknowledge_warning(
+            "@aws-cdk/aws-autoscaling:desiredCapacitySet",
+            "One instance per rank, always: a deploy that resets the size to 1 is what it means.",
+        )
+        ack(
+            group,
+            "AwsSolutions-AS3",
+            "Node 0 sees a replacement (and restarts the cluster), make status shows it: "
+            "no notification topic.",
+        )
+        ack(
+            group,
+            "AwsSolutions-EC26",
+            "The launch template's root volume is encrypted; cdk-nag cannot read it through a "
+            "mixed-instances policy.",
+        )
+        return group
+
     def _launch_template(
         self,
         config: ClusterConfig,
         vpc: ec2.IVpc,
         security_group: ec2.ISecurityGroup,
         user_data: ec2.UserData,
+        **group_parts: object,
     ) -> ec2.LaunchTemplate:
         """The nodes' user data (once for all), and what AWS::EC2::Instance takes only through
-        a launch template: one-time spot requests and EFA interfaces."""
+        a launch template: one-time spot requests and EFA interfaces; with recover, all that a
+        group's instance starts from (group_parts), spot from the groups' policy."""
         template = ec2.LaunchTemplate(
             self,
             "Template",
@@ -182,9 +287,12 @@ class Nodes(Construct):
                 request_type=ec2.SpotRequestType.ONE_TIME,
                 interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
             )
-            if config.spot
+            if config.spot and not config.recover
             else None,
             require_imdsv2=True,
+            # recover: the group's instances are in the nodes' group (an EFA interface says it).
+            security_group=security_group if config.recover and not config.efa else None,
+            **group_parts,  # type: ignore[arg-type]
         )
         if config.efa:
             cfn = template.node.default_child
@@ -194,7 +302,8 @@ class Nodes(Construct):
                     {
                         "DeviceIndex": 0,
                         "InterfaceType": "efa",
-                        "SubnetId": vpc.public_subnets[0].subnet_id,
+                        # A group gives its instances the subnet (VPCZoneIdentifier) itself.
+                        **({} if config.recover else {"SubnetId": vpc.public_subnets[0].subnet_id}),
                         "Groups": [security_group.security_group_id],
                         "AssociatePublicIpAddress": True,  # no NAT: downloads go out directly
                         "DeleteOnTermination": True,

@@ -28,6 +28,18 @@ LONGEST_RESOLVED_VALUE = 128
 _TOKEN = re.compile(r"\$\{Token\[[^\]]+\]\}")
 
 
+def without_comments(script: str) -> str:
+    """boot.sh without its comment lines (the shebang and shellcheck's directives stay): they
+    explain the source, and the user data has 16 KB for all of it."""
+    shebang, _, rest = script.partition("\n")
+    kept = [
+        line
+        for line in rest.split("\n")
+        if not line.lstrip().startswith("#") or line.lstrip().startswith("# shellcheck ")
+    ]
+    return "\n".join([shebang, *kept])
+
+
 def resolved_size(script: str) -> int:
     """Bytes of the user data once CloudFormation has resolved its tokens, at their longest."""
     return len(_TOKEN.sub("x" * LONGEST_RESOLVED_VALUE, script).encode())
@@ -74,6 +86,8 @@ def render_boot_script(
         "STOP_WHEN_DONE": "true" if config.stop_when_done else "false",
         "MAX_RESTARTS": str(config.max_restarts),
         "MAX_HOURS": str(config.max_hours),
+        "RECOVER": "true" if config.recover else "false",
+        "CAPACITY_WAIT_MINUTES": str(config.capacity_wait_minutes),
         "UV_VERSION": UV_VERSION,
         "UV_WHEEL_URL": UV_WHEEL_URL,
         "UV_WHEEL_SHA256": UV_WHEEL_SHA256,
@@ -86,7 +100,7 @@ def render_boot_script(
     script = BOOT_SCRIPT.read_text()
     if script.count(SETTINGS_MARKER) != 1:
         raise ValueError(f"{BOOT_SCRIPT} must hold the line {SETTINGS_MARKER!r} exactly once")
-    rendered = script.replace(SETTINGS_MARKER, "\n".join(lines))
+    rendered = without_comments(script.replace(SETTINGS_MARKER, "\n".join(lines)))
     size = resolved_size(rendered)
     if size > EC2_USER_DATA_LIMIT:
         # script_args is the one setting without a bound of its own.

@@ -221,6 +221,21 @@ def test_every_rank_resumes_after_a_restart_and_on_a_new_cluster(
     assert leftovers(manifest) == {}
 
 
+def test_a_cluster_of_groups_trains_and_every_node_leaves_its_group(tmp_path: Path) -> None:
+    """recover=true: a group of one instance per rank (moto's Auto Scaling launches them from
+    the launch template, the rank a propagated tag); node 0 publishes its address and the
+    first generation at boot; at the end each node scales its own group to zero."""
+    assert REASON is None, REASON
+    out, manifest = rehearse(
+        tmp_path, "--recover", "--devices-per-node", "1", "--", "--epochs", "1", "--samples", "1024"
+    )
+    assert "a group of one instance per rank" in out
+    assert "node 0 published 10.42." in out and "and generation 1 (1:i-" in out
+    assert "all 2 group(s) at zero after the run, nothing replaced" in out
+    assert "the same result as the local cluster, bit for bit" in out
+    assert leftovers(manifest) == {}
+
+
 def wait_for_workers(
     manifest_path: Path, process: subprocess.Popen[str], count: int, timeout: float = 240
 ) -> dict[int, Process]:

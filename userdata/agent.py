@@ -15,8 +15,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from userdata.agent_log import log
+from userdata.aws_clients import aws_client
 from userdata.errors import AgentError
 from userdata.fabric_command import PRECISIONS
+from userdata.imds import Imds, read_identity
+from userdata.node_groups import scale_to_zero
 from userdata.node_records import Records
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
@@ -99,6 +103,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=15.0,
         help="seconds between looks at the cluster's stop parameter (jittered)",
+    )
+    parser.add_argument(
+        "--recover",
+        metavar="CLUSTER",
+        default="",
+        help="each rank is an Auto Scaling group of CLUSTER (the stack's name, their "
+        "fabric:cluster tag): node 0 publishes the main address and the members, and a node "
+        "whose run is over scales its group to zero",
+    )
+    parser.add_argument(
+        "--capacity-wait-minutes",
+        type=float,
+        default=30.0,
+        help="with --recover: how long node 0 waits for every rank's group to hold an instance",
     )
     parser.add_argument(
         "--stop-when-done",
@@ -188,9 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.fail(f"{type(error).__name__}: {error}")
     finally:
         # Whatever happened, a node that is done does not bill (unless stopped from outside).
-        if args.stop_when_done and not TERMINATED.is_set():
+        if args.stop_when_done and not TERMINATED.is_set() and not leave_group(args):
             power_off(args.dry_run)
     return status
+
+
+def leave_group(args: argparse.Namespace) -> bool:
+    """recover: this node's group to zero, which terminates the instance (a node that only
+    powers off would be replaced). Says whether it did; else the node powers off."""
+    if not args.recover or args.dry_run:
+        return False
+    try:
+        identity = read_identity(Imds(timeout=args.imds_timeout))
+    except AgentError as error:
+        print(f"[fabric-agent] cannot leave the group: {error}", flush=True)
+        return False
+    autoscaling = aws_client("autoscaling", identity.region, args.ssm_timeout)
+    return scale_to_zero(autoscaling, args.recover, log, [identity.node_rank])
 
 
 if __name__ == "__main__":

@@ -228,6 +228,9 @@ fi
 begin agent "starting the node agent"
 stop_flag=()
 [[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
+recover_flag=()
+[[ $RECOVER == true ]] &&
+  recover_flag=(--recover "$STACK_NAME" --capacity-wait-minutes "$CAPACITY_WAIT_MINUTES")
 efa_flag=()
 [[ $EFA == true ]] && efa_flag=(--efa)
 [[ $EFA_RDMA == true ]] && efa_flag+=(--efa-rdma)
@@ -241,6 +244,7 @@ agent=("$VENV/bin/python" -m userdata.agent
   --devices-per-node "$DEVICES_PER_NODE"
   --precision "$PRECISION"
   "${efa_flag[@]}"
+  "${recover_flag[@]}"
   --main-port "$MAIN_PORT"
   --max-restarts "$MAX_RESTARTS"
   --run-dir "$RUN_DIR"

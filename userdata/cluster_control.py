@@ -27,6 +27,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from userdata.generations import Generation
+
 FAILED = "failed"
 INTERRUPTED = "interrupted"
 NO_STOP = "none"  # the stack's initial value of the stop parameter
@@ -80,7 +82,10 @@ class Stop:
 
 
 def parse_members(value: str) -> list[str]:
-    return [member.strip() for member in value.split(",")]
+    """The instance ids by rank of the generation in force (CloudFormation's list, or node 0's
+    numbered one with recover); [] until node 0 publishes one."""
+    generation = Generation.decode(value)
+    return list(generation.members) if generation else []
 
 
 class ClusterControl:
@@ -113,9 +118,10 @@ class ClusterControl:
         """Members and the stop parameter, in one call."""
         answer = self.ssm.get_parameters(Names=[self.members_parameter, self.stop_parameter])
         found = {parameter["Name"]: parameter for parameter in answer.get("Parameters", [])}
-        members = found.get(self.members_parameter)
-        if members:
-            self.members = parse_members(members["Value"])
+        parameter = found.get(self.members_parameter)
+        members = parse_members(parameter["Value"]) if parameter else []
+        if members:  # none yet (recover, before node 0 publishes): no instance is replaced
+            self.members = members
         return (self.members if members else None), found.get(self.stop_parameter)
 
     def read_stop(self) -> Stop | None:

@@ -23,6 +23,9 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The main address and the members with recover, until node 0 publishes the first generation.
+NOT_PUBLISHED = "none"
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -39,8 +42,8 @@ class Generation:
         if not separator:
             number, members = "0", value.strip()
         ids = tuple(member.strip() for member in members.split(","))
-        if not number.isdigit() or not all(ids):
-            return None
+        if not number.isdigit() or not all(member.startswith("i-") for member in ids):
+            return None  # NOT_PUBLISHED, or not ours
         return cls(int(number), ids)
 
     def holder(self, rank: int) -> str | None:

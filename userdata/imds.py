@@ -15,6 +15,9 @@ from userdata.errors import AgentError
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TAG_NODE_RANK = "fabric:node-rank"
 TAG_NUM_NODES = "fabric:num-nodes"
+# On each rank's Auto Scaling group (recover), not its instances: the stack's name. Node 0 finds
+# the groups by it, and the node role may scale only the groups that carry its own stack's.
+TAG_CLUSTER = "fabric:cluster"
 MAX_NODES = 64
 TOKEN_TTL_SECONDS = 21600  # the most IMDS grants
 RENEW_MARGIN_SECONDS = 60.0

@@ -15,6 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from userdata.aws_clients import THROTTLED_CODES
 from userdata.cluster_control import parse_members
 from userdata.errors import AgentError
+from userdata.generations import NOT_PUBLISHED
 
 
 def parse_ipv4(name: str, value: str) -> str:
@@ -54,7 +55,7 @@ def wait_for_main_address(
             answer = ssm.get_parameters(Names=names)
             found = {p["Name"]: p["Value"] for p in answer.get("Parameters", [])}
             members = parse_members(found[members_parameter]) if members_parameter in found else []
-            if name not in found:
+            if name not in found or found[name] == NOT_PUBLISHED:
                 why = f"{name} not there yet"
             elif members_parameter and instance not in members:
                 why = f"this instance {instance} is not yet among {members_parameter}"

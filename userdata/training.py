@@ -34,6 +34,7 @@ from userdata.launch import STATUS_DIR_ENV
 from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
+from userdata.node_groups import publish_generation
 from userdata.node_records import Records, cluster_control, identify
 from userdata.phase import PhaseReporter
 from userdata.run_files import KeptOutputs, begin_run, run_state, script_arguments
@@ -158,6 +159,19 @@ def train(args: argparse.Namespace, records: Records) -> int:
             reporter.record(f"done: run {args.run_name} already complete ({args.artifacts_uri}/)")
             return 0
     reporter.record("waiting-for-main")
+    if args.recover and identity.node_rank == 0 and not args.dry_run:
+        publish_generation(
+            ssm,
+            aws_client("autoscaling", identity.region, args.ssm_timeout),
+            cluster=args.recover,
+            num_nodes=identity.num_nodes,
+            instance=identity.instance_id,
+            private_ip=identity.private_ip,
+            main_address_parameter=args.main_address_parameter,
+            members_parameter=args.members_parameter,
+            timeout=args.capacity_wait_minutes * 60,
+            log=log,
+        )
     command, environment = resolve(args, identity, ssm)
     if args.dry_run:
         print(shlex.join(command), flush=True)
