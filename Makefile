@@ -15,7 +15,7 @@ CONTEXT ?=
 ARGS ?=
 
 .PHONY: venv dev cli test test-fast lint synth deploy destroy destroy-storage local rehearse bench clean gpu-check \
-	status logs results runs
+	status logs results runs stop resume
 
 # torch first, the CPU build (or FABRIC_TORCH_INDEX's), from where install.sh would take it
 # (local/torch_source.py): PyPI's Linux torch is the multi-GB CUDA build. The requirements then
@@ -101,6 +101,13 @@ results: venv
 
 runs: venv
 	$(PYTHON) -m console runs $(ARGS)
+
+# recover=true: every rank's group to zero (the nodes terminate), and back to one per rank.
+stop: venv
+	$(PYTHON) -m console stop $(ARGS)
+
+resume: venv
+	$(PYTHON) -m console resume $(ARGS)
 
 # The whole deploy on this machine: the real template on moto, every node's real user data in
 # its own network namespace (needs root and iproute2), then cdk destroy's path.

@@ -26,6 +26,7 @@ from console.aws import (
 )
 from console.logs import parse_since, run_logs
 from console.results import run_results, run_runs
+from console.scaling import run_scale
 from console.status import run_status
 from console.storage import run_destroy_storage, storage_bucket
 
@@ -130,6 +131,28 @@ def logs(
     aws = connect(region)
     stack = load_stack(aws, stack_name)
     ctx.exit(run_logs(aws, stack, node, follow, window, click.echo, warn=warn))
+
+
+@cli.command()
+@stack_options
+@click.pass_context
+def stop(ctx: click.Context, stack_name: str, region: str | None) -> None:
+    """Stop a cluster of groups (recover=true): every rank's group to zero.
+
+    Each node terminates as on a stop from outside (node 0 uploads the newest checkpoint
+    first); nothing is replaced. make resume continues the run.
+    """
+    aws = connect(region)
+    ctx.exit(run_scale(aws, load_stack(aws, stack_name), 0, click.echo))
+
+
+@cli.command()
+@stack_options
+@click.pass_context
+def resume(ctx: click.Context, stack_name: str, region: str | None) -> None:
+    """Bring a stopped cluster of groups back: one instance per rank, continuing the run."""
+    aws = connect(region)
+    ctx.exit(run_scale(aws, load_stack(aws, stack_name), 1, click.echo))
 
 
 def warn(text: str) -> None:

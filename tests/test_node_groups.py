@@ -157,3 +157,34 @@ def test_the_console_finds_each_ranks_instance_through_its_group(aws: dict[str, 
     found = group_instances(Aws(boto3.Session(region_name=REGION)), outputs)
     assert found == {"Node0InstanceId": node0, "Node1InstanceId": ""}
     assert group_instances(Aws(boto3.Session(region_name=REGION)), {"RunName": "r"}) == {}
+
+
+def test_make_stop_and_make_resume_scale_every_rank_and_a_cluster_of_instances_is_told(
+    aws: dict[str, Any],
+) -> None:
+    from console.aws import Aws, ConsoleError, Stack
+    from console.scaling import run_scale
+
+    names = make_groups(aws, "C", [1, 1])
+    before = [instance_of(aws, name) for name in names]
+    outputs = {"Node0Group": names[0], "Node1Group": names[1], "RunName": "run-1"}
+    stack = Stack(name="C", region=REGION, status="CREATE_COMPLETE", outputs=outputs)
+    console = Aws(boto3.Session(region_name=REGION))
+    said: list[str] = []
+    assert run_scale(console, stack, 0, said.append) == 0
+    assert holders(cluster_groups(aws["autoscaling"], "C"), 2) == [None, None]
+    assert said[-1].startswith("2 node(s) terminating: node 0 uploads the newest checkpoint")
+    assert run_scale(console, stack, 1, said.append) == 0
+    after = holders(cluster_groups(aws["autoscaling"], "C"), 2)
+    assert None not in after and not set(after) & set(before)  # new instances, one per rank
+    assert said[-1] == (
+        "2 node(s) launching: run run-1 goes on from its newest checkpoint (make status --watch)"
+    )
+    instances = Stack(
+        name="I", region=REGION, status="CREATE_COMPLETE", outputs={"Node0InstanceId": "i-1"}
+    )
+    with pytest.raises(
+        ConsoleError,
+        match=r"^stack I has no group per rank .*make stop and make resume need recover=true",
+    ):
+        run_scale(console, instances, 0, said.append)
