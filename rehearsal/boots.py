@@ -67,8 +67,11 @@ def boot_nodes(
     work: Path,
     main_node_delay: float = 0.0,
     fail_node: int | None = None,
+    slots: dict[int, int] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
-    """Each node's IMDS stub serves a spot notice once spot_notice_file(folder, rank) exists."""
+    """Each node's IMDS stub serves a spot notice once spot_notice_file(folder, rank) exists.
+    slots: the namespace of a node that replaces one (rank -> slot past the ranks)."""
+    slots = slots or {}
     # A node whose install must fail: no torch wheel where its install step looks for one.
     (folder / "no-wheels").mkdir(exist_ok=True)
     broken_install = {"FABRIC_TORCH_INDEX": str(folder / "no-wheels")}
@@ -83,7 +86,7 @@ def boot_nodes(
     shared.mkdir(exist_ok=True)
     boots = []
     for node in nodes:
-        prefix = network.exec_prefix(node.rank)
+        prefix = network.exec_prefix(slots.get(node.rank, node.rank))
         values = node_values(
             node.instance_id,
             node.private_ip,
@@ -141,13 +144,14 @@ def boot_nodes(
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{aws.port}",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{IMDS_PORT}",
         }
+        slot = slots.get(node.rank, node.rank)
         log(
             f"booting node {node.rank} ({node.instance_id}, {node.private_ip}) in "
-            f"{network.node_namespace(node.rank)}"
+            f"{network.node_namespace(slot)}"
         )
         boots.append(
             processes.start(
-                [*network.exec_prefix(node.rank), "bash", str(script)],
+                [*network.exec_prefix(slot), "bash", str(script)],
                 env=env,
                 cpu=cpus[node.rank % len(cpus)],  # each node its own core, as on separate machines
                 log_path=home / "console.log",

@@ -74,7 +74,7 @@ def final_stop(config: Any, rank: int) -> str:
     """What a node whose run is over says last (stop_when_done): it would power off, or
     (recover) it scaled its group to zero, which terminates it."""
     if config.recover:
-        return f"the group(s) of rank(s) {rank} scaled to zero"
+        return "scaled to zero: it terminates, nothing replaces it"
     return "would stop now"
 
 

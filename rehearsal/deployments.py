@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from rehearsal.emulated_aws import (
 )
 from rehearsal.namespaces import EmulatedNetwork
 from rehearsal.processes import NodeProcesses, stop_strays
+from rehearsal.replacements import NodeLoss
 from rehearsal.report import Manifest, Phases, RehearsalError, log
 from stacks.cluster_app import STORAGE_STACK_ID, build_app, cdk_json_context, synthesize
 from stacks.cluster_stack import VPC_CIDR
@@ -77,10 +79,19 @@ class Rehearsal:
         self.installs: dict[str, str] = {}
         self.deploys = 0
         self.ended: list[float] = []  # when each node's user data ended, last deploy
+        self.loss: NodeLoss | None = None  # the last deploy's lost node, if it lost one
 
-    def deploy(self, what: str, spot_node: int | None = None, **overrides: str) -> Deployment:
+    def deploy(
+        self,
+        what: str,
+        spot_node: int | None = None,
+        lose_node: int | None = None,
+        **overrides: str,
+    ) -> Deployment:
         """Synth with these settings, deploy, boot every node and wait for them to end;
-        spot_node gets a spot notice once node 0 has trained its first step."""
+        spot_node gets a spot notice once node 0 has trained its first step; lose_node
+        (recover) is lost without notice once the run has a checkpoint, and its group's
+        replacement boots."""
         self.deploys += 1
         folder = self.folder / f"deploy-{self.deploys}"
         folder.mkdir()
@@ -139,7 +150,21 @@ class Rehearsal:
                 self.args.fail_node,
             ),
         )
-        on_tick = None if spot_node is None else notice_once_training(folder, spot_node)
+        on_tick: Callable[[], None] | None = None
+        if spot_node is not None:
+            on_tick = notice_once_training(folder, spot_node)
+        if lose_node is not None:
+
+            def boot(new: list[EmulatedInstance], slots: dict[int, int]) -> list[Any]:
+                return boot_nodes(
+                    folder, aws, self.network, new, self.processes, self.run_id,
+                    self.installs, self.folder, slots=slots,
+                )  # fmt: skip
+
+            on_tick = self.loss = NodeLoss(
+                rank=lose_node, aws=aws, network=self.network, processes=self.processes,
+                folder=folder, config=config, nodes=nodes, boots=boots, boot=boot,
+            )  # fmt: skip
         self.ended = phases.run(
             "train (boot to done)",
             lambda: wait_for_boots(

@@ -90,32 +90,37 @@ class EmulatedNetwork:
         self._add_namespace(self.bridge_namespace)
         _ip("-n", self.bridge_namespace, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.bridge_namespace, "link", "set", "br0", "up")
-        for rank, address in enumerate(addresses):
-            namespace = self.node_namespace(rank)
-            self._add_namespace(namespace)
-            inside, outside = f"{self.prefix}i{rank}", f"{self.prefix}o{rank}"
-            self.links += [inside, outside]
-            # Both ends are created directly in their namespaces: never in the root one.
-            _ip(
-                "link",
-                "add",
-                inside,
-                "netns",
-                namespace,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                outside,
-                "netns",
-                self.bridge_namespace,
-            )
-            _ip("-n", namespace, "link", "set", inside, "name", "eth0")
-            _ip("-n", namespace, "addr", "add", f"{address}/{self.prefix_length}", "dev", "eth0")
-            _ip("-n", namespace, "link", "set", "eth0", "up")
-            _ip("-n", namespace, "link", "set", "lo", "up")
-            _ip("-n", self.bridge_namespace, "link", "set", outside, "master", "br0")
-            _ip("-n", self.bridge_namespace, "link", "set", outside, "up")
+        for slot, address in enumerate(addresses):
+            self.add_node(slot, address)
+
+    def add_node(self, slot: int, address: str) -> None:
+        """One node's namespace on the bridge (slot: the rank, or past the ranks for a node
+        that replaces one), holding exactly its private IP."""
+        namespace = self.node_namespace(slot)
+        self._add_namespace(namespace)
+        inside, outside = f"{self.prefix}i{slot}", f"{self.prefix}o{slot}"
+        self.links += [inside, outside]
+        # Both ends are created directly in their namespaces: never in the root one.
+        _ip(
+            "link",
+            "add",
+            inside,
+            "netns",
+            namespace,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            outside,
+            "netns",
+            self.bridge_namespace,
+        )
+        _ip("-n", namespace, "link", "set", inside, "name", "eth0")
+        _ip("-n", namespace, "addr", "add", f"{address}/{self.prefix_length}", "dev", "eth0")
+        _ip("-n", namespace, "link", "set", "eth0", "up")
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        _ip("-n", self.bridge_namespace, "link", "set", outside, "master", "br0")
+        _ip("-n", self.bridge_namespace, "link", "set", outside, "up")
 
     def exec_prefix(self, rank: int) -> list[str]:
         return ["ip", "netns", "exec", self.node_namespace(rank)]

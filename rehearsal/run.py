@@ -74,6 +74,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "must publish its address and the members, and every node leave its group at the end",
     )
     parser.add_argument(
+        "--lose-node",
+        type=int,
+        help="with --recover: this node is lost without notice once the run has a checkpoint "
+        "(its instance terminated, its processes killed); its group's replacement boots, and "
+        "the cluster must go on to the end with every rank resumed from the same checkpoint",
+    )
+    parser.add_argument(
         "--restarted",
         action="store_true",
         help="the script fails once on a node mid-run (the example's --fail-once-at): every "
@@ -123,6 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--spot-node must be from 0 to {args.num_nodes - 1}")
     if args.spot_node is not None and (args.runs or args.fail_node is not None):
         parser.error("--spot-node goes without --runs and --fail-node")
+    if args.lose_node is not None and not (args.recover and 0 <= args.lose_node < args.num_nodes):
+        parser.error(f"--lose-node needs --recover and a rank from 0 to {args.num_nodes - 1}")
     for flag in ("train_on", "restarted"):
         if getattr(args, flag) and (
             args.runs or args.fail_node is not None or args.spot_node is not None

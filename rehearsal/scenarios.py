@@ -26,6 +26,7 @@ from rehearsal.emulated_aws import CREDENTIAL_ENV, REGION, stack_groups
 from rehearsal.processes import run_environment
 from rehearsal.report import Manifest, Phases, RehearsalError, log
 from stacks.config import PROJECT_DIR
+from userdata.generations import Generation
 from userdata.run_layout import COMPLETE_MARKER, checkpoint_of
 
 
@@ -35,7 +36,9 @@ def rehearse(
     rehearsal = Rehearsal(args, folder, phases, run_id, manifest)
     try:
         rehearsal.installs = phases.run("install the project here", lambda: install_here(args))
-        first = rehearsal.deploy("the settings given", spot_node=args.spot_node)
+        first = rehearsal.deploy(
+            "the settings given", spot_node=args.spot_node, lose_node=args.lose_node
+        )
         if args.spot_node is not None:
             phases.run("check the interruption", lambda: check_interrupted(rehearsal, first))
             rehearsal.destroy(first)
@@ -55,6 +58,8 @@ def rehearse(
             phases.run("check the restart", lambda: check_restarted(first, summary))
         if args.recover:
             phases.run("check the groups", lambda: check_groups(rehearsal, first))
+        if args.lose_node is not None:
+            phases.run("check the replacement", lambda: check_replaced(rehearsal, first, summary))
         if args.train_on:
             rehearsal.destroy(first)
             check_every_rank_resumed(rehearsal, first, summary)
@@ -237,17 +242,42 @@ def check_groups(rehearsal: Rehearsal, deployment: Deployment) -> None:
     config, nodes, aws = deployment.config, deployment.nodes, rehearsal.aws
     check_main_address(aws, config, nodes[0])
     members = aws.client("ssm").get_parameter(Name=config.members_parameter)["Parameter"]["Value"]
-    expected = f"1:{','.join(node.instance_id for node in nodes)}"
-    if members != expected:
-        raise RehearsalError(f"{config.members_parameter} is {members!r}, not {expected!r}")
+    generation = Generation.decode(members)
+    expected = tuple(node.instance_id for node in nodes)
+    if generation is None or generation.members != expected:
+        raise RehearsalError(f"{config.members_parameter} is {members!r}, not of {expected}")
     groups = stack_groups(aws, config.stack_name)
     if config.stop_when_done and any(
         group["DesiredCapacity"] != 0 or group.get("Instances") for group in groups
     ):
         raise RehearsalError(f"a group still holds an instance after the run: {groups}")
     log(
-        f"node 0 published {nodes[0].private_ip} and generation 1 ({members}); "
-        f"all {len(groups)} group(s) at zero after the run, nothing replaced"
+        f"node 0 published {nodes[0].private_ip} and generation {generation.number} "
+        f"({members}); all {len(groups)} group(s) at zero after the run"
+    )
+
+
+def check_replaced(rehearsal: Rehearsal, deployment: Deployment, summary: dict[str, Any]) -> None:
+    """A node lost without notice: its group's replacement joined, the others followed the new
+    generation (a new node 0: its new address), and every rank resumed from the same
+    checkpoint to the run's end with identical replicas."""
+    loss = rehearsal.loss
+    if loss is None or loss.lost is None or loss.replacement is None:
+        raise RehearsalError("the run ended before a node could be lost: train longer")
+    for node in deployment.nodes:
+        said = agent_output(deployment, node.rank)
+        if node.rank != loss.rank and "fabric run stops, to start again" not in said:
+            raise RehearsalError(f"node {node.rank} did not follow the new generation")
+    starts = summary["resumed_from"]
+    if len(set(starts)) != 1 or not summary["replicas_identical"]:
+        raise RehearsalError(f"every rank should resume alike after the replacement: {summary}")
+    if summary["steps_this_run"] >= summary["steps"]:
+        raise RehearsalError(f"the cluster trained from the start again: {summary}")
+    log(
+        f"node {loss.rank} lost ({loss.lost.instance_id}); its replacement "
+        f"{loss.replacement.instance_id} ({loss.replacement.private_ip}) joined; all "
+        f"{len(starts)} ranks resumed from step {starts[0]} and ended at {summary['steps']} "
+        "with the same weights"
     )
 
 

@@ -98,14 +98,20 @@ class NodeRole(iam.Role):
 
     def _scale_own_groups(self, stack: cdk.Stack, config: ClusterConfig) -> None:
         """recover: node 0 reads which instance each rank's group holds, and a node whose run
-        has ended scales the groups to zero (a node that only powered off would be replaced).
-        Describe takes no resource; the changes only on groups tagged with this stack."""
+        has ended scales its group to zero (a node that only powered off would be replaced).
+        Describe takes no resource (AWS); the change only on groups tagged with this stack."""
         self.add_to_policy(
-            iam.PolicyStatement(actions=["autoscaling:DescribeAutoScalingGroups"], resources=["*"])
+            iam.PolicyStatement(
+                actions=[
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "autoscaling:DescribeAutoScalingInstances",
+                ],
+                resources=["*"],
+            )
         )
         self.add_to_policy(
             iam.PolicyStatement(
-                actions=["autoscaling:UpdateAutoScalingGroup", "autoscaling:SetDesiredCapacity"],
+                actions=["autoscaling:UpdateAutoScalingGroup"],
                 resources=[
                     stack.format_arn(
                         service="autoscaling",

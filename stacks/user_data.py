@@ -88,6 +88,7 @@ def render_boot_script(
         "MAX_HOURS": str(config.max_hours),
         "RECOVER": "true" if config.recover else "false",
         "CAPACITY_WAIT_MINUTES": str(config.capacity_wait_minutes),
+        "MAX_REPLACEMENTS": str(config.max_replacements),
         "UV_VERSION": UV_VERSION,
         "UV_WHEEL_URL": UV_WHEEL_URL,
         "UV_WHEEL_SHA256": UV_WHEEL_SHA256,

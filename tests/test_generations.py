@@ -71,3 +71,19 @@ def test_a_replacement_during_a_restart_starts_once_in_the_newest_generation() -
     assert node.look(g3) is Change.RESTART  # before it starts again: generation 3 instead
     assert node.running == g3
     assert node.look(g2) is Change.STALE  # generation 2's late read changes nothing
+
+
+def test_a_lost_node_makes_a_pending_generation_and_its_replacement_a_complete_one() -> None:
+    from userdata.generations import MISSING, watched_generation
+
+    pending = watched_generation(G1, ["i-0", None, "i-2"])  # rank 1 reclaimed, none yet
+    assert pending == Generation(2, ("i-0", MISSING, "i-2")) and not pending.complete
+    assert Generation.decode(pending.encode()) == pending
+    assert watched_generation(pending, ["i-0", None, "i-2"]) is None  # told once
+    complete = watched_generation(pending, ["i-0", "i-1b", "i-2"])
+    assert complete == Generation(3, ("i-0", "i-1b", "i-2")) and complete.complete
+    survivor = Follower(2, "i-2", G1)
+    assert survivor.look(pending) is Change.RESTART  # stop now, wait for a complete one
+    assert survivor.look(complete) is Change.RESTART
+    assert follow(G1, pending, 1, "i-1") is Change.REPLACED  # the lost node, if it still runs
+    assert Generation.decode("4:-,-") is None

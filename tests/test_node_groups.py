@@ -188,3 +188,64 @@ def test_make_stop_and_make_resume_scale_every_rank_and_a_cluster_of_instances_i
         match=r"^stack I has no group per rank .*make stop and make resume need recover=true",
     ):
         run_scale(console, instances, 0, said.append)
+
+
+def test_during_a_redeploy_a_node_leaves_its_own_group_and_the_new_group_holds_the_rank(
+    aws: dict[str, Any],
+) -> None:
+    """CloudFormation keeps a rank's old group until the new one exists: both carry the same
+    tags. An old node that ends then scales its own group, never the new one."""
+    from userdata.node_groups import leave
+
+    old = make_groups(aws, "C", [1])
+    old_node = instance_of(aws, old[0])
+    aws["autoscaling"].create_auto_scaling_group(
+        AutoScalingGroupName="C-rank-0-new",
+        LaunchTemplate={"LaunchTemplateName": "C-nodes", "Version": "$Latest"},
+        MinSize=1,
+        MaxSize=1,
+        DesiredCapacity=1,
+        VPCZoneIdentifier=aws["ec2"].describe_subnets()["Subnets"][0]["SubnetId"],
+        Tags=[
+            {"Key": TAG_NODE_RANK, "Value": "0", "PropagateAtLaunch": True},
+            {"Key": TAG_CLUSTER, "Value": "C", "PropagateAtLaunch": False},
+        ],
+    )
+    new_node = instance_of(aws, "C-rank-0-new")
+    assert holders(cluster_groups(aws["autoscaling"], "C"), 1) == [new_node]  # the newest
+    said: list[str] = []
+    assert leave(aws["autoscaling"], old_node, said.append)
+    assert instance_of(aws, "C-rank-0-new") == new_node
+    (group,) = aws["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=old)[
+        "AutoScalingGroups"
+    ]
+    assert group["DesiredCapacity"] == 0 and said[-1].startswith(f"this node's group {old[0]}")
+
+
+def test_node_0s_watch_publishes_a_pending_then_a_complete_generation(aws: dict[str, Any]) -> None:
+    """A rank's instance gone and no replacement yet: a pending generation (every node stops
+    at once); the replacement there: the complete one (every node starts again)."""
+    from userdata.generations import MISSING
+    from userdata.node_groups import GroupWatch
+
+    names = make_groups(aws, "C", [1, 1])
+    node0, node1 = (instance_of(aws, name) for name in names)
+    said: list[str] = []
+    watch = GroupWatch(
+        aws["ssm"], aws["autoscaling"], cluster="C", num_nodes=2, instance=node0,
+        members_parameter=MEMBERS, generation=publish(aws, node0), interval=15.0,
+        log=said.append,
+    )  # fmt: skip
+    assert watch.look() is None  # nothing changed
+    autoscaling = aws["autoscaling"]
+    autoscaling.update_auto_scaling_group(
+        AutoScalingGroupName=names[1], MinSize=0, DesiredCapacity=0
+    )
+    pending = watch.look()
+    assert pending == Generation(2, (node0, MISSING)) and value(aws, MEMBERS) == f"2:{node0},-"
+    autoscaling.update_auto_scaling_group(
+        AutoScalingGroupName=names[1], MinSize=1, DesiredCapacity=1
+    )
+    replacement = instance_of(aws, names[1])
+    assert watch.look() == Generation(3, (node0, replacement)) and replacement != node1
+    assert said[-1] == f"generation 3 published (complete): 3:{node0},{replacement}"

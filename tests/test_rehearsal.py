@@ -221,17 +221,31 @@ def test_every_rank_resumes_after_a_restart_and_on_a_new_cluster(
     assert leftovers(manifest) == {}
 
 
-def test_a_cluster_of_groups_trains_and_every_node_leaves_its_group(tmp_path: Path) -> None:
+def test_a_node_0_lost_without_notice_is_replaced_and_the_cluster_goes_on(tmp_path: Path) -> None:
     """recover=true: a group of one instance per rank (moto's Auto Scaling launches them from
     the launch template, the rank a propagated tag); node 0 publishes its address and the
-    first generation at boot; at the end each node scales its own group to zero."""
+    first generation at boot. Once the run has a checkpoint, node 0's instance is terminated
+    and its processes killed (no notice); its group launches a replacement with a new
+    address, which publishes generation 2; node 1 follows it, and every rank resumes from the
+    same checkpoint to the end, bit for bit as a local run; each node then leaves its group."""
     assert REASON is None, REASON
     out, manifest = rehearse(
-        tmp_path, "--recover", "--devices-per-node", "1", "--", "--epochs", "1", "--samples", "1024"
+        tmp_path,
+        *("--recover", "--lose-node", "0", "--devices-per-node", "1"),
+        *("--project", "examples/guide_resume", "--script", "train.py"),
+        *("--", "--max-steps", "200", "--checkpoint-every", "20"),
     )
     assert "a group of one instance per rank" in out
-    assert "node 0 published 10.42." in out and "and generation 1 (1:i-" in out
-    assert "all 2 group(s) at zero after the run, nothing replaced" in out
+    assert "lost without notice: its instance terminated" in out
+    assert "[node 1] " in out and "generation 2 (complete): fabric run stops, to start again" in out
+    replaced = re.search(
+        r"node 0 lost \((i-\w+)\); its replacement (i-\w+) \((10\.42\.0\.\d+)\) joined; all 2 "
+        r"ranks resumed from step (\d+) and ended at 200 with the same weights",
+        out,
+    )
+    assert replaced and int(replaced.group(4)) >= 20, out[-3000:]
+    assert f"node 0 published {replaced.group(3)} and generation 2 (2:{replaced.group(2)}," in out
+    assert "all 2 group(s) at zero after the run" in out
     assert "the same result as the local cluster, bit for bit" in out
     assert leftovers(manifest) == {}
 

@@ -113,13 +113,11 @@ def test_the_role_may_scale_only_its_own_stacks_groups(groups: Synth) -> None:
     describe, update = sorted(scaling, key=lambda s: "Condition" in s)
     # Describe takes no resource (merged with the other actions on *, Session Manager's).
     assert {a for a in actions(describe) if a.startswith("autoscaling:")} == {
-        "autoscaling:DescribeAutoScalingGroups"
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:DescribeAutoScalingInstances",
     }
     assert describe["Resource"] == "*" and "Condition" not in describe
-    assert actions(update) == {
-        "autoscaling:UpdateAutoScalingGroup",
-        "autoscaling:SetDesiredCapacity",
-    }
+    assert actions(update) == {"autoscaling:UpdateAutoScalingGroup"}
     assert update["Condition"] == {
         "StringEquals": {f"autoscaling:ResourceTag/{TAG_CLUSTER}": "FabricCluster"}
     }

@@ -20,11 +20,11 @@ from userdata.aws_clients import aws_client
 from userdata.errors import AgentError
 from userdata.fabric_command import PRECISIONS
 from userdata.imds import Imds, read_identity
-from userdata.node_groups import scale_to_zero
+from userdata.node_groups import leave
 from userdata.node_records import Records
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
-from userdata.stop_handling import TERMINATED, PeerFailed
+from userdata.stop_handling import TERMINATED, PeerFailed, stopped_from_outside
 from userdata.training import train
 
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
@@ -111,6 +111,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="each rank is an Auto Scaling group of CLUSTER (the stack's name, their "
         "fabric:cluster tag): node 0 publishes the main address and the members, and a node "
         "whose run is over scales its group to zero",
+    )
+    parser.add_argument(
+        "--max-replacements",
+        type=int,
+        default=5,
+        help="with --recover: times the cluster starts again with a replaced node in one run",
     )
     parser.add_argument(
         "--capacity-wait-minutes",
@@ -208,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whatever happened, a node that is done does not bill (unless stopped from outside).
         if args.stop_when_done and not TERMINATED.is_set() and not leave_group(args):
             power_off(args.dry_run)
+        elif TERMINATED.is_set() and "max_hours" in stopped_from_outside(args.max_hours):
+            leave_group(args)  # the cost guard's power-off: a stopped node would be replaced
     return status
 
 
@@ -222,7 +230,7 @@ def leave_group(args: argparse.Namespace) -> bool:
         print(f"[fabric-agent] cannot leave the group: {error}", flush=True)
         return False
     autoscaling = aws_client("autoscaling", identity.region, args.ssm_timeout)
-    return scale_to_zero(autoscaling, args.recover, log, [identity.node_rank])
+    return leave(autoscaling, identity.instance_id, log)
 
 
 if __name__ == "__main__":

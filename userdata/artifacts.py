@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import sys
@@ -89,6 +90,14 @@ def in_upload_order(
     return files + markers
 
 
+def fresh_stat(path: Path) -> os.stat_result:
+    """A file's size and time as the file system has them now: on NFS (the shared run
+    directory) a plain stat may answer from the client's attribute cache, up to a minute old,
+    while opening a file checks with the server (close-to-open consistency)."""
+    with path.open("rb") as opened:
+        return os.fstat(opened.fileno())
+
+
 def recency(name: str, files: list[Path]) -> tuple[int, float]:
     """How new a checkpoint is: its step where its name says it (step-N.ckpt), else when its
     files were last written."""
@@ -138,7 +147,7 @@ class ArtifactSync:
     def upload(self, path: Path) -> str | None:
         """Uploads one file unless S3 has it as it is now; the error, or None."""
         try:
-            stat = path.stat()
+            stat = fresh_stat(path)  # and s3transfer, which sizes the upload, sees it fresh
         except FileNotFoundError:  # replaced between listing and upload
             return None
         signature = (stat.st_size, stat.st_mtime_ns)
@@ -190,7 +199,7 @@ class ArtifactSync:
             try:
                 named = shards_named((path / SHARDED_MARKER).read_bytes())
                 listing = tuple(
-                    (each.name, (stat := each.stat()).st_size, stat.st_mtime_ns)
+                    (each.name, (stat := fresh_stat(each)).st_size, stat.st_mtime_ns)
                     for each in sorted(path.iterdir())
                 )
             except OSError:

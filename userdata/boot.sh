@@ -131,6 +131,10 @@ on_error() {
   else
     report_phase "failed: boot phase $phase (exit status $status)"
   fi
+  if [[ $STOP_WHEN_DONE == true && $RECOVER == true ]]; then
+    # A powered-off instance of a group would be taken for a failed one and replaced.
+    (cd "$PAYLOAD_DIR" && "$VENV/bin/python" -m userdata.node_groups) || true
+  fi
   if [[ $STOP_WHEN_DONE == true ]] && on_real_ec2; then
     log "stop_when_done: powering off so that a broken node does not bill"
     systemctl poweroff
@@ -230,7 +234,8 @@ stop_flag=()
 [[ $STOP_WHEN_DONE == true ]] && stop_flag=(--stop-when-done)
 recover_flag=()
 [[ $RECOVER == true ]] &&
-  recover_flag=(--recover "$STACK_NAME" --capacity-wait-minutes "$CAPACITY_WAIT_MINUTES")
+  recover_flag=(--recover "$STACK_NAME" --capacity-wait-minutes "$CAPACITY_WAIT_MINUTES"
+    --max-replacements "$MAX_REPLACEMENTS")
 efa_flag=()
 [[ $EFA == true ]] && efa_flag=(--efa)
 [[ $EFA_RDMA == true ]] && efa_flag+=(--efa-rdma)
@@ -273,6 +278,9 @@ agent=("$VENV/bin/python" -m userdata.agent
     echo '  echo "[fabric-agent] $failed"'
     printf '  (cd %q && %q -m userdata.report --phase-parameter %q --members-parameter %q --stop-parameter %q "$failed")\n' \
       "$PAYLOAD_DIR" "$VENV/bin/python" "$PHASE_PARAMETER" "$MEMBERS_PARAMETER" "$STOP_PARAMETER"
+    if [[ $STOP_WHEN_DONE == true && $RECOVER == true ]]; then
+      printf '  (cd %q && %q -m userdata.node_groups) || true\n' "$PAYLOAD_DIR" "$VENV/bin/python"
+    fi
     if [[ $STOP_WHEN_DONE == true ]]; then
       echo '  if [[ ${FABRIC_POWEROFF:-} == allowed ]]; then'
       echo '    systemctl poweroff'
@@ -319,6 +327,9 @@ if [[ -n $REHEARSAL ]]; then
   exec "$FABRIC_HOME/run-agent.sh"
 fi
 
+# With nofail the shared mount is not ordered before remote-fs.target: after its own unit.
+mount_unit=""
+[[ -n $SHARED_FS ]] && mount_unit=$(systemd-escape -p --suffix=mount "$SHARED_MOUNT")
 cat >/etc/systemd/system/fabric-agent.service <<EOF
 [Unit]
 Description=Fabric cluster node agent (finds the main node, runs fabric run)
@@ -326,7 +337,7 @@ Wants=network-online.target
 # After fstab's mounts, but started whether or not the shared one came up: run-agent.sh
 # mounts it again, or records why it cannot and powers off (a unit that never starts would
 # leave the node idle and billing).
-After=network-online.target remote-fs.target
+After=network-online.target remote-fs.target ${mount_unit}
 
 [Service]
 Type=exec

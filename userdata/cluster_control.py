@@ -27,7 +27,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from userdata.generations import Generation
+from userdata.generations import Change, Follower, Generation
 
 FAILED = "failed"
 INTERRUPTED = "interrupted"
@@ -108,6 +108,7 @@ class ClusterControl:
         self.log = log
         self.booted = boot_time()
         self.members: list[str] | None = None  # as last read
+        self.generation: Generation | None = None  # the members as last read, numbered
 
     def holds_rank(self) -> bool:
         """Whether the members, as last read, still give this instance its rank."""
@@ -120,6 +121,8 @@ class ClusterControl:
         found = {parameter["Name"]: parameter for parameter in answer.get("Parameters", [])}
         parameter = found.get(self.members_parameter)
         members = parse_members(parameter["Value"]) if parameter else []
+        if parameter and members:
+            self.generation = Generation.decode(parameter["Value"])
         if members:  # none yet (recover, before node 0 publishes): no instance is replaced
             self.members = members
         return (self.members if members else None), found.get(self.stop_parameter)
@@ -192,11 +195,17 @@ class StopWatch:
         interval: float,
         on_stop: Callable[[Stop | None], None],
         log: Callable[[str], None],
+        follower: Follower | None = None,
+        on_generation: Callable[[Generation], None] | None = None,
     ) -> None:
+        """follower (recover): each look also follows the members' generation; a newer one
+        that keeps this node's rank calls on_generation (fabric run stops, to start again)."""
         self.control = control
         self.interval = interval
         self.on_stop = on_stop
         self.log = log
+        self.follower = follower
+        self.on_generation = on_generation
         self.stop_seen: Stop | None = None
         self.replaced = False  # the members give this node's rank to another instance now
         self._done = threading.Event()
@@ -217,6 +226,7 @@ class StopWatch:
     def _loop(self) -> None:
         while not self._done.wait(self.next_delay()):
             stop = self.poll()
+            self.follow()
             if not self.control.holds_rank():
                 self.replaced = True
                 self.log("another instance holds this node's rank now (a redeploy): stopping")
@@ -227,6 +237,16 @@ class StopWatch:
                 self.log(f"{stop.describe()}: the cluster stops")
                 self.on_stop(stop)
                 return
+
+    def follow(self) -> None:
+        seen = self.control.generation
+        if self.follower is None or seen is None:
+            return
+        if self.follower.look(seen) is Change.RESTART:
+            state = "complete" if seen.complete else "pending: a rank's replacement is launching"
+            self.log(f"generation {seen.number} ({state}): fabric run stops, to start again")
+            if self.on_generation:
+                self.on_generation(seen)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="stop-watch", daemon=True)

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 # The main address and the members with recover, until node 0 publishes the first generation.
 NOT_PUBLISHED = "none"
+# A rank whose group holds no live instance (its replacement not launched yet): a generation
+# with one is pending; every node stops its fabric run and waits for a complete one.
+MISSING = "-"
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,14 @@ class Generation:
         if not separator:
             number, members = "0", value.strip()
         ids = tuple(member.strip() for member in members.split(","))
-        if not number.isdigit() or not all(member.startswith("i-") for member in ids):
+        valid = all(member.startswith("i-") or member == MISSING for member in ids)
+        if not number.isdigit() or not valid or all(member == MISSING for member in ids):
             return None  # NOT_PUBLISHED, or not ours
         return cls(int(number), ids)
+
+    @property
+    def complete(self) -> bool:
+        return MISSING not in self.members
 
     def holder(self, rank: int) -> str | None:
         return self.members[rank] if 0 <= rank < len(self.members) else None
@@ -61,6 +69,17 @@ def next_generation(current: Generation | None, holders: Sequence[str | None]) -
     if current is not None and current.members == members:
         return None
     return Generation((current.number + 1) if current else 1, members)
+
+
+def watched_generation(current: Generation, holders: Sequence[str | None]) -> Generation | None:
+    """What node 0, while the cluster trains, publishes when a rank's instance changed: the
+    next generation, pending (MISSING for a rank without a live instance yet) or complete;
+    None when nothing changed. A pending one makes every node stop at once instead of after
+    gloo's or NCCL's timeouts; the complete one that follows starts them again."""
+    members = tuple(holder or MISSING for holder in holders)
+    if members == current.members:
+        return None
+    return Generation(current.number + 1, members)
 
 
 class Change(enum.Enum):

@@ -15,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from userdata.aws_clients import THROTTLED_CODES
 from userdata.cluster_control import parse_members
 from userdata.errors import AgentError
-from userdata.generations import NOT_PUBLISHED
+from userdata.generations import MISSING, NOT_PUBLISHED
 
 
 def parse_ipv4(name: str, value: str) -> str:
@@ -57,6 +57,9 @@ def wait_for_main_address(
             members = parse_members(found[members_parameter]) if members_parameter in found else []
             if name not in found or found[name] == NOT_PUBLISHED:
                 why = f"{name} not there yet"
+            elif members_parameter and MISSING in members:
+                missing = [rank for rank, member in enumerate(members) if member == MISSING]
+                why = f"a replacement is launching for rank(s) {missing}"
             elif members_parameter and instance not in members:
                 why = f"this instance {instance} is not yet among {members_parameter}"
             elif members_parameter and members.index(instance) != rank:

@@ -6,6 +6,8 @@ first does not cut another node's end short."""
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,14 +15,16 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from userdata.errors import AgentError
-from userdata.generations import Generation, next_generation
+from userdata.generations import Generation, next_generation, watched_generation
 from userdata.imds import TAG_CLUSTER, TAG_NODE_RANK
 
 LIVE_STATES = ("Pending", "Pending:Wait", "Pending:Proceed", "InService")
 
 
 def cluster_groups(autoscaling: Any, cluster: str) -> dict[int, dict[str, Any]]:
-    """The cluster's groups by rank (their tags say both), in one call per 100 groups."""
+    """The cluster's groups by rank (their tags say both), in one call per 100 groups. During
+    a redeploy CloudFormation keeps a rank's old group until the new one exists: the newest
+    group holds the rank."""
     groups: dict[int, dict[str, Any]] = {}
     pages = autoscaling.get_paginator("describe_auto_scaling_groups").paginate(
         Filters=[{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}]
@@ -28,9 +32,40 @@ def cluster_groups(autoscaling: Any, cluster: str) -> dict[int, dict[str, Any]]:
     for page in pages:
         for group in page.get("AutoScalingGroups", []):
             tags = {tag["Key"]: tag["Value"] for tag in group.get("Tags", [])}
-            if tags.get(TAG_CLUSTER) == cluster and tags.get(TAG_NODE_RANK, "").isdigit():
-                groups[int(tags[TAG_NODE_RANK])] = group
+            if tags.get(TAG_CLUSTER) != cluster or not tags.get(TAG_NODE_RANK, "").isdigit():
+                continue
+            rank = int(tags[TAG_NODE_RANK])
+            if rank not in groups or created(group) > created(groups[rank]):
+                groups[rank] = group
     return groups
+
+
+def created(group: dict[str, Any]) -> Any:
+    return group.get("CreatedTime") or ""
+
+
+def own_group(autoscaling: Any, instance: str) -> str | None:
+    """The group that launched this instance (during a redeploy its rank has two)."""
+    found = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance])
+    instances = found.get("AutoScalingInstances", [])
+    return str(instances[0]["AutoScalingGroupName"]) if instances else None
+
+
+def leave(autoscaling: Any, instance: str, log: Callable[[str], None]) -> bool:
+    """This node's own group to zero: the group terminates it, nothing replaces it."""
+    try:
+        name = own_group(autoscaling, instance)
+        if name is None:
+            log(f"{instance} is in no Auto Scaling group")
+            return False
+        autoscaling.update_auto_scaling_group(
+            AutoScalingGroupName=name, MinSize=0, DesiredCapacity=0
+        )
+    except (BotoCoreError, ClientError) as error:
+        log(f"could not scale this node's group to zero: {error}")
+        return False
+    log(f"this node's group {name} scaled to zero: it terminates, nothing replaces it")
+    return True
 
 
 def holders(groups: dict[int, dict[str, Any]], num_nodes: int) -> list[str | None]:
@@ -135,3 +170,89 @@ def scale_to_zero(
     names = ", ".join(str(rank) for rank in (ranks if ranks is not None else sorted(groups)))
     log(f"the group(s) of rank(s) {names} scaled to zero: their instances terminate")
     return True
+
+
+class GroupWatch:
+    """Node 0, while the cluster trains (recover): every `interval` seconds (jittered), which
+    instance holds each rank. When one changed it publishes the next generation, pending while
+    a rank has no live instance (every node stops its fabric run at once) and complete once
+    the replacement is there (every node starts again, the replacement with them)."""
+
+    def __init__(
+        self,
+        ssm: Any,
+        autoscaling: Any,
+        *,
+        cluster: str,
+        num_nodes: int,
+        instance: str,
+        members_parameter: str,
+        generation: Generation,
+        interval: float,
+        log: Callable[[str], None],
+    ) -> None:
+        self.ssm, self.autoscaling = ssm, autoscaling
+        self.cluster, self.num_nodes, self.instance = cluster, num_nodes, instance
+        self.members_parameter = members_parameter
+        self.generation = generation
+        self.interval = interval
+        self.log = log
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def look(self) -> Generation | None:
+        """One look; the generation it published, if any."""
+        try:
+            found = holders(cluster_groups(self.autoscaling, self.cluster), self.num_nodes)
+        except (BotoCoreError, ClientError) as error:
+            self.log(f"could not read the groups (looking again): {error}")
+            return None
+        if found[0] != self.instance:  # this node 0 is going: the next one publishes
+            return None
+        new = watched_generation(self.generation, found)
+        if new is None:
+            return None
+        try:
+            self.ssm.put_parameter(
+                Name=self.members_parameter, Value=new.encode(), Type="String", Overwrite=True
+            )
+        except (BotoCoreError, ClientError) as error:
+            self.log(f"could not publish generation {new.number} (trying again): {error}")
+            return None
+        before = self.generation.members
+        changed = [rank for rank, member in enumerate(new.members) if member != before[rank]]
+        self.generation = new
+        state = "complete" if new.complete else "pending: a replacement is launching"
+        self.log(f"rank(s) {changed} have another instance now")
+        self.log(f"generation {new.number} published ({state}): {new.encode()}")
+        return new
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval * random.uniform(0.5, 1.5)):
+            self.look()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="group-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread:
+            self._thread.join(timeout=5.0)
+
+
+def main() -> int:
+    """`python -m userdata.node_groups`: this node leaves its group (boot.sh, before a power-off
+    on a failure: a powered-off instance of a group is replaced)."""
+    from userdata.aws_clients import aws_client
+    from userdata.imds import Imds
+
+    imds = Imds()
+    instance = imds.require("instance-id")
+    region = imds.require("placement/region")
+    autoscaling = aws_client("autoscaling", region, 10.0)
+    return 0 if leave(autoscaling, instance, lambda line: print(f"[fabric-boot] {line}")) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Mounts the cluster's shared file system (shared_fs=efs) with the distribution's NFS client
-# and AWS's options for EFS, retrying while a new mount target's name resolves (up to 90 s).
+# and AWS's options for EFS, retrying while a new mount target's name resolves (AWS: up to
+# 60 s after the mount target is available; here up to --wait, 300 s).
 # The boot runs it once (and writes the fstab line, _netdev,nofail); run-agent.sh runs it at
 # every start of the agent, because after a stop and start fstab's mount may have failed
 # (nofail), and the run directory would then be the node's own empty folder.

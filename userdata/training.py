@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -28,13 +29,14 @@ from userdata.fabric_command import (
     threads_per_process,
     usable_cores,
 )
+from userdata.generations import Follower, Generation
 from userdata.gpus import wait_for_gpus
 from userdata.imds import Imds, NodeIdentity
 from userdata.launch import STATUS_DIR_ENV
 from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
-from userdata.node_groups import publish_generation
+from userdata.node_groups import GroupWatch, publish_generation
 from userdata.node_records import Records, cluster_control, identify
 from userdata.phase import PhaseReporter
 from userdata.run_files import KeptOutputs, begin_run, run_state, script_arguments
@@ -52,6 +54,8 @@ from userdata.stop_handling import (
 )
 
 INTERRUPT_GRACE = 90.0  # seconds a node's ranks get to checkpoint on a stop elsewhere
+# recover: the members moved on to a new generation (a node replaced) while fabric run ran.
+GENERATION_MOVED = threading.Event()
 PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
 
 
@@ -159,10 +163,13 @@ def train(args: argparse.Namespace, records: Records) -> int:
             reporter.record(f"done: run {args.run_name} already complete ({args.artifacts_uri}/)")
             return 0
     reporter.record("waiting-for-main")
-    if args.recover and identity.node_rank == 0 and not args.dry_run:
+    autoscaling = None
+    if args.recover and not args.dry_run:
+        autoscaling = aws_client("autoscaling", identity.region, args.ssm_timeout)
+    if autoscaling and identity.node_rank == 0:
         publish_generation(
             ssm,
-            aws_client("autoscaling", identity.region, args.ssm_timeout),
+            autoscaling,
             cluster=args.recover,
             num_nodes=identity.num_nodes,
             instance=identity.instance_id,
@@ -214,14 +221,46 @@ def train(args: argparse.Namespace, records: Records) -> int:
                 timer.daemon = True
                 timer.start()
 
-        watch = StopWatch(control, args.peer_poll_interval, on_stop, log)
+        follower, on_generation = None, None
+        if args.recover and control.is_member() and control.generation:
+            follower = Follower(identity.node_rank, identity.instance_id, control.generation)
+
+            def on_generation(_generation: Generation) -> None:
+                GENERATION_MOVED.set()
+                terminate(RUNNING[0])
+
+        watch = StopWatch(control, args.peer_poll_interval, on_stop, log, follower, on_generation)
         watch.start()
+    groups = None
+    if autoscaling and identity.node_rank == 0 and control and control.generation:
+        groups = GroupWatch(
+            ssm,
+            autoscaling,
+            cluster=args.recover,
+            num_nodes=identity.num_nodes,
+            instance=identity.instance_id,
+            members_parameter=args.members_parameter,
+            generation=control.generation,
+            interval=args.peer_poll_interval,
+            log=log,
+        )
+        groups.start()
     # Where the ranks say how their script ended: this node's own disk, one run at a time.
     environment[STATUS_DIR_ENV] = tempfile.mkdtemp(prefix="fabric-launch-")
     status, failure = supervise(
-        command, environment, args, reporter, watcher, watch, control, started
+        command,
+        environment,
+        args,
+        reporter,
+        watcher,
+        watch,
+        control,
+        started,
+        rejoin=lambda: resolve(args, identity, ssm),
     )
     shutil.rmtree(environment[STATUS_DIR_ENV], ignore_errors=True)
+    if groups:
+        groups.stop()
     watcher.stop()
     if watch:
         watch.stop()
@@ -281,6 +320,7 @@ def supervise(
     watch: StopWatch | None = None,
     control: ClusterControl | None = None,
     started: str = "training",
+    rejoin: Callable[[], tuple[list[str], dict[str, str]]] | None = None,
 ) -> tuple[int, str]:
     """Runs fabric run, again after a failure (a peer died: every node fails and restarts, and
     the payload resumes from its newest checkpoint), at most --max-restarts times; never again
@@ -288,11 +328,32 @@ def supervise(
     and never after a script error. A run whose ranks all finished their script has ended
     well, whatever the exit status (an abort at interpreter exit).
 
+    recover: a new generation (a node replaced) stops fabric run and starts it again once the
+    generation is complete, with its main address (rejoin), up to --max-replacements times;
+    such a start is not a restart.
+
     Returns the exit status and, when this node failed, why (for its phase)."""
     folder = Path(environment[STATUS_DIR_ENV])
-    for attempt in range(args.max_restarts + 1):
-        reporter.record(started if attempt == 0 else f"training (restart {attempt})")
+    attempt = replacements = 0
+    label = started
+    while True:
+        if GENERATION_MOVED.is_set() and rejoin:
+            GENERATION_MOVED.clear()
+            replacements += 1
+            if replacements > args.max_replacements:
+                return 1, (
+                    f"more than max_replacements={args.max_replacements} replacements in this run"
+                )
+            reporter.record("waiting-for-main")
+            command, fresh = rejoin()  # once the generation is complete: its main address
+            environment.update(fresh)
+            number = control.generation.number if control and control.generation else "?"
+            label = f"training (generation {number})"
+            log(f"generation {number}: running: {shlex.join(command)}")
+        reporter.record(label)
         status = run_fabric(command, environment, watcher, args.workdir, watch)
+        if GENERATION_MOVED.is_set() and rejoin and not stopped(watcher, watch, control):
+            continue  # stopped for the new generation, not failed
         if status == 0:
             return 0, ""
         ended = outcome(folder, args.devices_per_node)
@@ -309,9 +370,10 @@ def supervise(
         if attempt == args.max_restarts:
             restarts = f" after {args.max_restarts} restart(s)" if args.max_restarts else ""
             return status, f"fabric run exited with status {status}{restarts}{said}"
-        log(f"{failure}: restart {attempt + 1} of {args.max_restarts} in {args.restart_delay:g} s")
+        attempt += 1
+        log(f"{failure}: restart {attempt} of {args.max_restarts} in {args.restart_delay:g} s")
         time.sleep(args.restart_delay)
-    return status, failure
+        label = f"training (restart {attempt})"
 
 
 def stopped(
