@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import click
+from botocore.exceptions import ClientError
 
 from console import (
     NO_VALUE,
@@ -35,6 +36,8 @@ from console.aws import (
     read_json,
     read_phases,
 )
+from stacks.config import members_parameter
+from userdata.generations import Generation
 from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -172,6 +175,7 @@ class Snapshot:
     marker: bool  # fabric-run.json: node 0's agent saw the run complete
     step_rate: float | None
     now: datetime
+    generation: str = ""  # recover: the members' generation, and the replacements it took
 
     @property
     def verdict(self) -> Verdict:
@@ -282,7 +286,9 @@ def format_verdict(snapshot: Snapshot) -> str:
 def format_status(snapshot: Snapshot) -> str:
     return "\n\n".join(
         [
-            f"stack {snapshot.stack} ({snapshot.region}), {len(snapshot.nodes)} node(s)\n"
+            f"stack {snapshot.stack} ({snapshot.region}), {len(snapshot.nodes)} node(s)"
+            + (f"; {snapshot.generation}" if snapshot.generation else "")
+            + "\n"
             + format_nodes(snapshot.nodes, snapshot.now),
             format_run(snapshot),
             format_verdict(snapshot),
@@ -345,7 +351,25 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
         marker=marker,
         step_rate=history.rate(),
         now=utc_now(),
+        generation=describe_generation(aws, stack),
     )
+
+
+def describe_generation(aws: Aws, stack: Stack) -> str:
+    """recover: which generation the cluster trains in; a generation after the first is a
+    node replaced (or the cluster resumed). "" for a cluster of instances."""
+    if "Node0Group" not in stack.outputs:
+        return ""
+    name = members_parameter(stack.name)
+    try:
+        value = aws.client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+    except ClientError:
+        return "generation unknown"
+    generation = Generation.decode(value)
+    if generation is None:
+        return "generation not published yet (node 0 is booting)"
+    state = "" if generation.complete else ", pending: a replacement is launching"
+    return f"generation {generation.number}{state}"
 
 
 def watch(

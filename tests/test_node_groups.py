@@ -249,3 +249,25 @@ def test_node_0s_watch_publishes_a_pending_then_a_complete_generation(aws: dict[
     replacement = instance_of(aws, names[1])
     assert watch.look() == Generation(3, (node0, replacement)) and replacement != node1
     assert said[-1] == f"generation 3 published (complete): 3:{node0},{replacement}"
+
+
+@pytest.mark.parametrize(
+    ("members", "shown"),
+    [
+        (NOT_PUBLISHED, "generation not published yet (node 0 is booting)"),
+        ("1:i-0a,i-1a", "generation 1"),
+        ("3:i-0a,-", "generation 3, pending: a replacement is launching"),
+    ],
+)
+def test_make_status_shows_the_generation_of_a_cluster_of_groups(
+    aws: dict[str, Any], members: str, shown: str
+) -> None:
+    from console.aws import Aws, Stack
+    from console.status import describe_generation
+
+    aws["ssm"].put_parameter(Name="/fabric/G/members", Value=members, Type="String", Overwrite=True)
+    console = Aws(boto3.Session(region_name=REGION))
+    groups = Stack(name="G", region=REGION, status="CREATE_COMPLETE", outputs={"Node0Group": "g"})
+    assert describe_generation(console, groups) == shown
+    instances = Stack(name="G", region=REGION, status="CREATE_COMPLETE", outputs={})
+    assert describe_generation(console, instances) == ""
