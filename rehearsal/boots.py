@@ -182,9 +182,13 @@ def wait_for_boots(
     """When each node's user data ended (time.monotonic()); any failure is an error unless
     one is expected. on_tick: called while waiting (a scenario acting on a running cluster)."""
     deadline, ended = time.monotonic() + timeout, [0.0] * len(boots)
+    waited = list(boots)  # on_tick may put a replacement's boot in a node's place
     while not all(ended):
         if on_tick:
             on_tick()
+        for rank, boot in enumerate(boots):
+            if boot is not waited[rank]:
+                waited[rank], ended[rank] = boot, 0.0
         for rank, boot in enumerate(boots):
             if not ended[rank] and boot.poll() is not None:
                 ended[rank] = time.monotonic()
@@ -206,13 +210,16 @@ def notice_once_training(folder: Path, rank: int) -> Callable[[], None]:
     """EC2 tells the reclaimed instance only: node `rank`'s IMDS serves the notice once node 0
     has trained a step."""
 
+    sent: list[bool] = []
+
     def tick() -> None:
         notice = spot_notice_file(folder, rank)
         main_console = folder / "node-0" / "console.log"
-        if notice.exists() or not main_console.exists():
+        if sent or not main_console.exists():
             return
         if "first step done" in main_console.read_text(errors="replace"):
             notice.write_text(SPOT_NOTICE)
+            sent.append(True)
             log(f"spot interruption notice to node {rank} (to it alone, as EC2 sends it)")
 
     return tick

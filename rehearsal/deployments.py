@@ -153,6 +153,8 @@ class Rehearsal:
         on_tick: Callable[[], None] | None = None
         if spot_node is not None:
             on_tick = notice_once_training(folder, spot_node)
+        if spot_node is not None and config.recover:  # it gives way; its replacement boots
+            lose_node = spot_node
         if lose_node is not None:
 
             def boot(new: list[EmulatedInstance], slots: dict[int, int]) -> list[Any]:
@@ -161,10 +163,19 @@ class Rehearsal:
                     self.installs, self.folder, slots=slots,
                 )  # fmt: skip
 
-            on_tick = self.loss = NodeLoss(
+            notice = on_tick
+            self.loss = NodeLoss(
                 rank=lose_node, aws=aws, network=self.network, processes=self.processes,
                 folder=folder, config=config, nodes=nodes, boots=boots, boot=boot,
+                lose=notice is None,
             )  # fmt: skip
+            loss = self.loss
+
+            def on_tick() -> None:
+                if notice:
+                    notice()
+                loss()
+
         self.ended = phases.run(
             "train (boot to done)",
             lambda: wait_for_boots(

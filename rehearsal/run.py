@@ -128,8 +128,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--fail-node must be from 0 to {args.num_nodes - 1}")
     if args.spot_node is not None and not 0 <= args.spot_node < args.num_nodes:
         parser.error(f"--spot-node must be from 0 to {args.num_nodes - 1}")
-    if args.spot_node is not None and (args.runs or args.fail_node is not None):
-        parser.error("--spot-node goes without --runs and --fail-node")
+    if args.spot_node is not None and (
+        args.runs or args.fail_node is not None or args.lose_node is not None
+    ):
+        parser.error("--spot-node goes without --runs, --fail-node and --lose-node")
     if args.lose_node is not None and not (args.recover and 0 <= args.lose_node < args.num_nodes):
         parser.error(f"--lose-node needs --recover and a rank from 0 to {args.num_nodes - 1}")
     for flag in ("train_on", "restarted"):

@@ -39,7 +39,7 @@ def rehearse(
         first = rehearsal.deploy(
             "the settings given", spot_node=args.spot_node, lose_node=args.lose_node
         )
-        if args.spot_node is not None:
+        if args.spot_node is not None and not args.recover:
             phases.run("check the interruption", lambda: check_interrupted(rehearsal, first))
             rehearsal.destroy(first)
             check_resumed(rehearsal, first)
@@ -58,7 +58,7 @@ def rehearse(
             phases.run("check the restart", lambda: check_restarted(first, summary))
         if args.recover:
             phases.run("check the groups", lambda: check_groups(rehearsal, first))
-        if args.lose_node is not None:
+        if rehearsal.loss is not None:
             phases.run("check the replacement", lambda: check_replaced(rehearsal, first, summary))
         if args.train_on:
             rehearsal.destroy(first)
@@ -258,26 +258,28 @@ def check_groups(rehearsal: Rehearsal, deployment: Deployment) -> None:
 
 
 def check_replaced(rehearsal: Rehearsal, deployment: Deployment, summary: dict[str, Any]) -> None:
-    """A node lost without notice: its group's replacement joined, the others followed the new
-    generation (a new node 0: its new address), and every rank resumed from the same
-    checkpoint to the run's end with identical replicas."""
+    """A node replaced by its group (lost without notice, or given way after a spot notice):
+    the replacement joined, the others followed the new generation (a new node 0: its new
+    address), and the run went on, not from the start, to its end; where the script says so,
+    every rank resumed from the same checkpoint with identical replicas."""
     loss = rehearsal.loss
     if loss is None or loss.lost is None or loss.replacement is None:
-        raise RehearsalError("the run ended before a node could be lost: train longer")
+        raise RehearsalError("the run ended before a node was replaced: train longer")
     for node in deployment.nodes:
         said = agent_output(deployment, node.rank)
         if node.rank != loss.rank and "fabric run stops, to start again" not in said:
             raise RehearsalError(f"node {node.rank} did not follow the new generation")
-    starts = summary["resumed_from"]
-    if len(set(starts)) != 1 or not summary["replicas_identical"]:
-        raise RehearsalError(f"every rank should resume alike after the replacement: {summary}")
     if summary["steps_this_run"] >= summary["steps"]:
         raise RehearsalError(f"the cluster trained from the start again: {summary}")
+    starts = summary.get("resumed_from", [summary["steps"] - summary["steps_this_run"]])
+    if len(set(starts)) != 1 or not summary.get("replicas_identical", True):
+        raise RehearsalError(f"every rank should resume alike after the replacement: {summary}")
+    how = "lost" if rehearsal.args.spot_node is None else "gave way after its spot notice"
+    ranks = f"all {len(starts)} ranks" if "resumed_from" in summary else "the run"
     log(
-        f"node {loss.rank} lost ({loss.lost.instance_id}); its replacement "
-        f"{loss.replacement.instance_id} ({loss.replacement.private_ip}) joined; all "
-        f"{len(starts)} ranks resumed from step {starts[0]} and ended at {summary['steps']} "
-        "with the same weights"
+        f"node {loss.rank} {how} ({loss.lost.instance_id}); its replacement "
+        f"{loss.replacement.instance_id} ({loss.replacement.private_ip}) joined; {ranks} "
+        f"resumed from step {starts[0]} and ended at {summary['steps']} with the same weights"
     )
 
 

@@ -111,7 +111,10 @@ class NodeRole(iam.Role):
         )
         self.add_to_policy(
             iam.PolicyStatement(
-                actions=["autoscaling:UpdateAutoScalingGroup"],
+                actions=[
+                    "autoscaling:UpdateAutoScalingGroup",
+                    "autoscaling:TerminateInstanceInAutoScalingGroup",
+                ],
                 resources=[
                     stack.format_arn(
                         service="autoscaling",

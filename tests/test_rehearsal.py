@@ -250,6 +250,35 @@ def test_a_node_0_lost_without_notice_is_replaced_and_the_cluster_goes_on(tmp_pa
     assert leftovers(manifest) == {}
 
 
+def test_a_spot_notice_with_recover_checkpoints_replaces_the_node_and_loses_no_step(
+    tmp_path: Path,
+) -> None:
+    """recover=true: a spot notice on node 1 mid-epoch: every rank checkpoints at that step,
+    node 1 hands its instance back to its group, which launches the replacement at once (not
+    when EC2 reclaims it); node 0 publishes generation 2 and the cluster resumes from the
+    notice's step, bit for bit as an uninterrupted local run (no step lost)."""
+    assert REASON is None, REASON
+    out, manifest = rehearse(
+        tmp_path,
+        *("--recover", "--spot-node", "1", "--devices-per-node", "1"),
+        *("--", "--epochs", "1", "--samples", "40000", "--batch-size", "16", "--hidden", "32"),
+        *("--log-every", "1"),
+    )
+    assert "spot interruption notice to node 1 (to it alone, as EC2 sends it)" in out
+    assert "this node's group terminates it and launches its replacement now" in out
+    assert "[node 0] [fabric-agent] phase: waiting: node 1 interrupted (spot " in out
+    replaced = re.search(
+        r"node 1 gave way after its spot notice \(i-\w+\); its replacement i-\w+ "
+        r"\(10\.42\.0\.\d+\) joined; the run resumed from step (\d+) and ended at 1250",
+        out,
+    )
+    assert replaced and 0 < int(replaced.group(1)) < 1250, out[-3000:]
+    stopped = re.search(r"\[node 0\] stopping on request at step (\d+): saved ", out)
+    assert stopped and stopped.group(1) == replaced.group(1)  # no step lost
+    assert "the same result as the local cluster, bit for bit" in out
+    assert leftovers(manifest) == {}
+
+
 def wait_for_workers(
     manifest_path: Path, process: subprocess.Popen[str], count: int, timeout: float = 240
 ) -> dict[int, Process]:

@@ -117,7 +117,10 @@ def test_the_role_may_scale_only_its_own_stacks_groups(groups: Synth) -> None:
         "autoscaling:DescribeAutoScalingInstances",
     }
     assert describe["Resource"] == "*" and "Condition" not in describe
-    assert actions(update) == {"autoscaling:UpdateAutoScalingGroup"}
+    assert actions(update) == {
+        "autoscaling:UpdateAutoScalingGroup",
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+    }
     assert update["Condition"] == {
         "StringEquals": {f"autoscaling:ResourceTag/{TAG_CLUSTER}": "FabricCluster"}
     }

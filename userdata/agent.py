@@ -24,7 +24,7 @@ from userdata.node_groups import leave
 from userdata.node_records import Records
 from userdata.phase import PhaseReporter
 from userdata.poweroff import power_off
-from userdata.stop_handling import TERMINATED, PeerFailed, stopped_from_outside
+from userdata.stop_handling import GAVE_WAY, TERMINATED, PeerFailed, stopped_from_outside
 from userdata.training import train
 
 NO_PHASE_RECORDED = "no phase recorded: this node's phase parameter is named by its rank"
@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.fail(f"{type(error).__name__}: {error}")
     finally:
         # Whatever happened, a node that is done does not bill (unless stopped from outside).
-        if args.stop_when_done and not TERMINATED.is_set() and not leave_group(args):
+        done = args.stop_when_done and not TERMINATED.is_set() and not GAVE_WAY.is_set()
+        if done and not leave_group(args):
             power_off(args.dry_run)
         elif TERMINATED.is_set() and "max_hours" in stopped_from_outside(args.max_hours):
             leave_group(args)  # the cost guard's power-off: a stopped node would be replaced

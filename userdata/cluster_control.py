@@ -81,6 +81,15 @@ class Stop:
         return stop if stop.state in (FAILED, INTERRUPTED) else None
 
 
+SPOT_REASON = "spot instance-action"  # how a spot notice's stop begins its reason
+
+
+def is_spot_notice(stop: Stop | None) -> bool:
+    """A stop that a spot notice on one node wrote: with recover, the others wait for its
+    replacement instead of ending."""
+    return stop is not None and stop.state == INTERRUPTED and stop.reason.startswith(SPOT_REASON)
+
+
 def parse_members(value: str) -> list[str]:
     """The instance ids by rank of the generation in force (CloudFormation's list, or node 0's
     numbered one with recover); [] until node 0 publishes one."""
@@ -206,7 +215,8 @@ class StopWatch:
         self.log = log
         self.follower = follower
         self.on_generation = on_generation
-        self.stop_seen: Stop | None = None
+        self.stop_seen: Stop | None = None  # the stop in force (cleared by a new generation)
+        self.handled: Stop | None = None  # the last stop acted on
         self.replaced = False  # the members give this node's rank to another instance now
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -232,11 +242,13 @@ class StopWatch:
                 self.log("another instance holds this node's rank now (a redeploy): stopping")
                 self.on_stop(None)
                 return
-            if stop:
-                self.stop_seen = stop
+            if stop and stop != self.handled:
+                self.handled = self.stop_seen = stop
                 self.log(f"{stop.describe()}: the cluster stops")
                 self.on_stop(stop)
-                return
+                if not (self.follower and is_spot_notice(stop)):
+                    return
+                # recover: the noticed node's group replaces it; the next generation follows.
 
     def follow(self) -> None:
         seen = self.control.generation

@@ -68,6 +68,20 @@ def leave(autoscaling: Any, instance: str, log: Callable[[str], None]) -> bool:
     return True
 
 
+def give_way(autoscaling: Any, instance: str, log: Callable[[str], None]) -> bool:
+    """A node with a spot notice, once its checkpoint is safe: its group terminates it and
+    launches the replacement now, not when EC2 reclaims it two minutes later."""
+    try:
+        autoscaling.terminate_instance_in_auto_scaling_group(
+            InstanceId=instance, ShouldDecrementDesiredCapacity=False
+        )
+    except (BotoCoreError, ClientError) as error:
+        log(f"could not hand this node back to its group (EC2 reclaims it anyway): {error}")
+        return False
+    log("spot notice: this node's group terminates it and launches its replacement now")
+    return True
+
+
 def holders(groups: dict[int, dict[str, Any]], num_nodes: int) -> list[str | None]:
     """The instance that holds each rank: its group's one that is launching or in service and
     healthy (None while the group has none: a replacement not launched yet)."""

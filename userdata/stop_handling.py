@@ -11,7 +11,7 @@ import time
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from userdata.cluster_control import INTERRUPTED, ClusterControl, Stop
+from userdata.cluster_control import INTERRUPTED, SPOT_REASON, ClusterControl, Stop
 from userdata.errors import AgentError
 
 TERMINATED = threading.Event()  # SIGTERM or SIGINT reached the agent
@@ -20,6 +20,11 @@ NOTICE_DECLARE_TIMEOUT = 10.0  # seconds the payload's signal may wait for the c
 FINAL_READS, FINAL_READ_DELAY = 3, 10.0  # looks at the stop as fabric run ends
 FINAL_CONFIRM_DELAY = 2.0  # seconds before the second look that confirms "no stop"
 RUNNING: list[subprocess.Popen[bytes] | None] = [None]  # the fabric run now running
+
+
+# recover: this node handed its instance back to its group (a spot notice): no power-off and no
+# scaling to zero, the group replaces it.
+GAVE_WAY = threading.Event()
 
 
 def terminate(process: subprocess.Popen[bytes] | None) -> None:
@@ -70,7 +75,7 @@ def declare_bounded(control: ClusterControl, state: str, reason: str) -> None:
 def declare_notice(control: ClusterControl | None, notice: str) -> None:
     """Node 0, which gets no notice of its own, must not take the stop for the end of the run."""
     if control is not None:
-        declare_bounded(control, INTERRUPTED, f"spot instance-action {notice}")
+        declare_bounded(control, INTERRUPTED, f"{SPOT_REASON} {notice}")
 
 
 def final_stop(control: ClusterControl | None) -> Stop | None:

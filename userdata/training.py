@@ -21,7 +21,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from userdata.agent_log import log
 from userdata.artifacts import ArtifactSync
 from userdata.aws_clients import aws_client
-from userdata.cluster_control import FAILED, INTERRUPTED, ClusterControl, Stop, StopWatch
+from userdata.cluster_control import (
+    FAILED,
+    INTERRUPTED,
+    ClusterControl,
+    Stop,
+    StopWatch,
+    is_spot_notice,
+)
 from userdata.errors import AgentError
 from userdata.fabric_command import (
     fabric_environment,
@@ -36,13 +43,14 @@ from userdata.launch import STATUS_DIR_ENV
 from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
 from userdata.network import interface_to
-from userdata.node_groups import GroupWatch, publish_generation
+from userdata.node_groups import GroupWatch, give_way, publish_generation
 from userdata.node_records import Records, cluster_control, identify
 from userdata.phase import PhaseReporter
 from userdata.run_files import KeptOutputs, begin_run, run_state, script_arguments
 from userdata.run_state import completed, mark_complete, restore
 from userdata.spot import SpotWatcher
 from userdata.stop_handling import (
+    GAVE_WAY,
     RUNNING,
     TERMINATED,
     PeerFailed,
@@ -288,6 +296,8 @@ def train(args: argparse.Namespace, records: Records) -> int:
     if watcher.notice:
         # Not a failure: the payload checkpointed; a new run resumes from there.
         reporter.record(f"interrupted: spot instance-action {watcher.notice}{suffix}")
+        if autoscaling and give_way(autoscaling, identity.instance_id, log):
+            GAVE_WAY.set()  # the group replaces this node: no power-off, no scaling to zero
         return 0
     if TERMINATED.is_set():
         records.silence_if_replaced()
@@ -354,6 +364,17 @@ def supervise(
         status = run_fabric(command, environment, watcher, args.workdir, watch)
         if GENERATION_MOVED.is_set() and rejoin and not stopped(watcher, watch, control):
             continue  # stopped for the new generation, not failed
+        notice = cluster_stop(watch, control) if rejoin and watch else None
+        if is_spot_notice(notice) and not own_stop(watcher) and watch and notice:
+            # recover: the noticed node's group replaces it; the cluster goes on after.
+            reporter.record(f"waiting: {notice.describe()}; its group replaces it")
+            if not GENERATION_MOVED.wait(args.capacity_wait_minutes * 60):
+                return 1, (
+                    f"{notice.describe()}: no replacement within capacity_wait_minutes="
+                    f"{args.capacity_wait_minutes:g}"
+                )
+            watch.stop_seen = None
+            continue
         if status == 0:
             return 0, ""
         ended = outcome(folder, args.devices_per_node)
@@ -374,6 +395,22 @@ def supervise(
         log(f"{failure}: restart {attempt} of {args.max_restarts} in {args.restart_delay:g} s")
         time.sleep(args.restart_delay)
         label = f"training (restart {attempt})"
+
+
+def cluster_stop(watch: StopWatch | None, control: ClusterControl | None) -> Stop | None:
+    """The stop in force: as the watch saw it, else one look (fabric run may end, a peer gone,
+    before the watch's next look)."""
+    if watch and watch.stop_seen:
+        return watch.stop_seen
+    try:
+        return control.read_stop() if control else None
+    except (BotoCoreError, ClientError):
+        return None
+
+
+def own_stop(watcher: SpotWatcher | None) -> bool:
+    """This node got the notice itself, or was stopped from outside: it does not go on."""
+    return TERMINATED.is_set() or bool(watcher and watcher.notice)
 
 
 def stopped(
