@@ -27,6 +27,7 @@ CASES: dict[str, dict[str, Any]] = {
         "devices_per_node": "auto",
         "efa": "true",
         "spot": "true",
+        "recover": "false",  # the instance shape (auto: groups with spot; test_stack_recover.py)
         "num_nodes": 3,
     },
 }

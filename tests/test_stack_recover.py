@@ -172,3 +172,27 @@ def test_64_ranks_of_groups_stay_within_cloudformations_limits(
     assert len(synth.template_dict["Resources"]) <= 500
     assert len(synth.template_dict["Outputs"]) <= 200
     assert synth.template_path.stat().st_size < 1_000_000
+
+
+def test_gpu_spot_groups_with_efa_share_the_placement_group_and_the_efa_interface(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """recover is auto: true with spot. The groups launch into the cluster placement group; the
+    EFA interface carries the nodes' security group, and the groups give the subnet."""
+    synth = synthesized(
+        tmp_path_factory, accelerator="gpu", instance_type="p4d.24xlarge",
+        devices_per_node="auto", efa="true", spot="true", num_nodes=2,
+        instance_types="p4de.24xlarge",
+    )  # fmt: skip
+    assert synth.stack.config.recover and synth.resources("AWS::EC2::Instance") == {}
+    (placement,) = synth.resources("AWS::EC2::PlacementGroup")
+    data = synth.launch_template()["Properties"]["LaunchTemplateData"]
+    (interface,) = data["NetworkInterfaces"]
+    assert interface["InterfaceType"] == "efa" and "SubnetId" not in interface
+    assert len(interface["Groups"]) == 1 and "SecurityGroupIds" not in data
+    for group in by_rank(synth):
+        props = group["Properties"]
+        assert props["PlacementGroup"] == {"Fn::GetAtt": [placement, "GroupName"]}
+        overrides = props["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"]
+        assert [o["InstanceType"] for o in overrides] == ["p4d.24xlarge", "p4de.24xlarge"]
+    assert synth.violations("AwsSolutions") == []
