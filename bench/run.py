@@ -3,6 +3,9 @@
     python -m bench.run [--runs 3] [--skip-tests] [--skip-install] [--skip-rehearsal]
                         [--skip-spot-upload]
 
+(--skip-rehearsal skips the recovery section too: bench/recovery.py, `python -m bench.recovery`
+on its own.)
+
 Every figure is the median of --runs runs; every comparison is a ratio of two figures measured
 in this same command. Prints a table and writes it to bench/results.md.
 """
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import spot_upload
+from bench import recovery, spot_upload
 from stacks.config import PROJECT_DIR
 from stacks.user_data import UV_VERSION
 
@@ -444,6 +447,8 @@ def main() -> int:
         section(spot_upload.TITLE, spot_upload.rows(spot_checkpoint_upload(runs)))
         out.extend([*spot_upload.NOTE, ""])
         print("\n".join(spot_upload.NOTE), flush=True)
+    if not args.skip_rehearsal:  # one rehearsal: its figures are times of single events
+        section(recovery.TITLE, recovery.rows(recovery.measure(1)))
     RESULTS.write_text("\n".join(out))
     print(f"written to {RESULTS}")
     return 0

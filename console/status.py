@@ -36,8 +36,9 @@ from console.aws import (
     read_json,
     read_phases,
 )
-from stacks.config import members_parameter
+from stacks.config import members_parameter, phase_parameter_template
 from userdata.generations import Generation
+from userdata.phase import decode_phase
 from userdata.run_layout import COMPLETE_MARKER, PROGRESS_FILE
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -356,20 +357,54 @@ def collect(aws: Aws, stack: Stack, history: StepHistory) -> Snapshot:
 
 
 def describe_generation(aws: Aws, stack: Stack) -> str:
-    """recover: which generation the cluster trains in; a generation after the first is a
-    node replaced (or the cluster resumed). "" for a cluster of instances."""
+    """recover: which generation the cluster trains in, how many replacements it took, and the
+    last one: which ranks, and how long from node 0 seeing it to node 0 training again. ""
+    for a cluster of instances."""
     if "Node0Group" not in stack.outputs:
         return ""
-    name = members_parameter(stack.name)
+    ssm = aws.client("ssm")
     try:
-        value = aws.client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+        versions = [
+            (generation, version.get("LastModifiedDate"))
+            for page in ssm.get_paginator("get_parameter_history").paginate(
+                Name=members_parameter(stack.name)
+            )
+            for version in page.get("Parameters", [])
+            if (generation := Generation.decode(str(version.get("Value", "")))) is not None
+        ]
     except ClientError:
         return "generation unknown"
-    generation = Generation.decode(value)
-    if generation is None:
+    if not versions:
         return "generation not published yet (node 0 is booting)"
-    state = "" if generation.complete else ", pending: a replacement is launching"
-    return f"generation {generation.number}{state}"
+    current = versions[-1][0]
+    complete = [index for index, (generation, _) in enumerate(versions) if generation.complete]
+    text = f"generation {current.number}"
+    if not current.complete:
+        text += ", pending: a replacement is launching"
+    if len(complete) < 2:
+        return text
+    before, last = versions[complete[-2]][0], versions[complete[-1]][0]
+    ranks = [rank for rank, member in enumerate(last.members) if member != before.members[rank]]
+    seen = versions[complete[-2] + 1][1]  # the first generation after the one before
+    text += f" ({len(complete) - 1} replacement(s); last: rank(s) {ranks} replaced"
+    phase = phase_parameter_template(stack.name).format(rank=0)
+    resumed = holder_phase_time(aws, phase, f"training (generation {last.number})")
+    if seen and resumed:
+        text += f", training again {format_duration((resumed - seen).total_seconds())} later"
+    return text + ")"
+
+
+def holder_phase_time(aws: Aws, name: str, text: str) -> datetime | None:
+    """When a phase parameter last said `text` (its history; None if never, or unreadable)."""
+    found = None
+    try:
+        for page in aws.client("ssm").get_paginator("get_parameter_history").paginate(Name=name):
+            for version in page.get("Parameters", []):
+                if decode_phase(str(version.get("Value", ""))).text == text:
+                    found = version.get("LastModifiedDate")
+    except ClientError:
+        return None
+    return found
 
 
 def watch(

@@ -39,6 +39,11 @@ def synth(folder: Path, args: argparse.Namespace, **overrides: str) -> tuple[Pat
         "devices_per_node": args.devices_per_node,
         "script_args": shlex.join(args.script_args),
         **({"recover": True} if args.recover else {}),
+        **(
+            {"max_replacements": args.max_replacements}
+            if getattr(args, "max_replacements", None) is not None
+            else {}
+        ),
         **project,
     }
     context = cdk_json_context(**(settings | overrides))
@@ -179,7 +184,7 @@ class Rehearsal:
         self.ended = phases.run(
             "train (boot to done)",
             lambda: wait_for_boots(
-                boots, self.args.timeout, self.args.fail_node is not None, on_tick
+                boots, self.args.timeout, self.expect_failure, on_tick
             ),
         )
         log(f"the nodes met an AWS that throttles: {aws.node_throttle.describe()}")
@@ -203,6 +208,11 @@ class Rehearsal:
         if gone or left["buckets"] != [outputs["ArtifactsBucket"]]:
             raise RehearsalError(f"after destroy, expected only the artifacts bucket: {left}")
         log(f"after destroy only the artifacts bucket remains: {left['buckets'][0]}")
+
+    @property
+    def expect_failure(self) -> bool:
+        """A scenario whose nodes must fail (a broken install, a run that gives up)."""
+        return self.args.fail_node is not None or self.args.max_replacements == 0
 
     def close(self) -> None:
         self.processes.stop_all()

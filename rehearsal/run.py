@@ -74,6 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "must publish its address and the members, and every node leave its group at the end",
     )
     parser.add_argument(
+        "--max-replacements",
+        type=int,
+        help="with --lose-node: the max_replacements setting; 0 makes the run give up when "
+        "the node is replaced: every node must record why and leave its group",
+    )
+    parser.add_argument(
         "--lose-node",
         type=int,
         help="with --recover: this node is lost without notice once the run has a checkpoint "
@@ -132,6 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.runs or args.fail_node is not None or args.lose_node is not None
     ):
         parser.error("--spot-node goes without --runs, --fail-node and --lose-node")
+    if args.max_replacements is not None and args.lose_node is None:
+        parser.error("--max-replacements goes with --lose-node")
     if args.lose_node is not None and not (args.recover and 0 <= args.lose_node < args.num_nodes):
         parser.error(f"--lose-node needs --recover and a rank from 0 to {args.num_nodes - 1}")
     for flag in ("train_on", "restarted"):

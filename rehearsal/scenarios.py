@@ -48,6 +48,10 @@ def rehearse(
             phases.run("check the failure", lambda: check_failed_node(rehearsal, first))
             rehearsal.destroy(first)
             return
+        if args.max_replacements == 0:
+            phases.run("check it gave up", lambda: check_gave_up(rehearsal, first))
+            rehearsal.destroy(first)
+            return
         summary = phases.run(
             "check phases and artifacts",
             lambda: check_training(
@@ -281,6 +285,21 @@ def check_replaced(rehearsal: Rehearsal, deployment: Deployment, summary: dict[s
         f"{loss.replacement.instance_id} ({loss.replacement.private_ip}) joined; {ranks} "
         f"resumed from step {starts[0]} and ended at {summary['steps']} with the same weights"
     )
+
+
+def check_gave_up(rehearsal: Rehearsal, deployment: Deployment) -> None:
+    """max_replacements=0: the first replacement fails the run with the reason, every node
+    records it, and every group ends at zero (nothing left billing, nothing replaced)."""
+    config, ssm = deployment.config, rehearsal.aws.client("ssm")
+    reason = "more than max_replacements=0 replacements in this run"
+    for node in deployment.nodes:
+        phase = phase_of(ssm, config, node)
+        if not phase.startswith("failed: ") or reason not in phase:
+            raise RehearsalError(f"node {node.rank} recorded {phase!r}, not the reason")
+    groups = stack_groups(rehearsal.aws, config.stack_name)
+    if any(group["DesiredCapacity"] != 0 or group.get("Instances") for group in groups):
+        raise RehearsalError(f"a group still holds an instance after giving up: {groups}")
+    log(f"past max_replacements every node recorded {reason!r}; every group at zero")
 
 
 def check_restarted(deployment: Deployment, summary: dict[str, Any]) -> None:

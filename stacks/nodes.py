@@ -74,6 +74,19 @@ def machine_image(scope: Construct, config: ClusterConfig) -> ec2.IMachineImage:
     return PinnedImage(image_id)
 
 
+def root_volume(config: ClusterConfig) -> ec2.BlockDevice:
+    """Every node's root volume: encrypted gp3 of volume_gb, gone with the instance."""
+    return ec2.BlockDevice(
+        device_name=ROOT_DEVICE,
+        volume=ec2.BlockDeviceVolume.ebs(
+            config.volume_gb,
+            encrypted=True,
+            volume_type=ec2.EbsDeviceVolumeType.GP3,
+            delete_on_termination=True,
+        ),
+    )
+
+
 class Nodes(Construct):
     """num_nodes instances of one type in the subnet and the group, each tagged with its rank and
     the cluster size, all started from one launch template (the user data, spot, EFA)."""
@@ -140,17 +153,7 @@ class Nodes(Construct):
                 http_tokens=ec2.HttpTokens.REQUIRED,
                 instance_metadata_tags=True,
                 instance_initiated_shutdown_behavior=shutdown,
-                block_devices=[
-                    ec2.BlockDevice(
-                        device_name=ROOT_DEVICE,
-                        volume=ec2.BlockDeviceVolume.ebs(
-                            config.volume_gb,
-                            encrypted=True,
-                            volume_type=ec2.EbsDeviceVolumeType.GP3,
-                            delete_on_termination=True,
-                        ),
-                    )
-                ],
+                block_devices=[root_volume(config)],
             )
             cdk.Tags.of(node).add(TAG_NODE_RANK, str(rank))
             cdk.Tags.of(node).add(TAG_NUM_NODES, str(config.num_nodes))
@@ -194,17 +197,7 @@ class Nodes(Construct):
             # A node whose run is done powers off after its agent scaled the group to zero:
             # stopped, it is not taken for a failure and replaced.
             "instance_initiated_shutdown_behavior": ec2.InstanceInitiatedShutdownBehavior.STOP,
-            "block_devices": [
-                ec2.BlockDevice(
-                    device_name=ROOT_DEVICE,
-                    volume=ec2.BlockDeviceVolume.ebs(
-                        config.volume_gb,
-                        encrypted=True,
-                        volume_type=ec2.EbsDeviceVolumeType.GP3,
-                        delete_on_termination=True,
-                    ),
-                )
-            ],
+            "block_devices": [root_volume(config)],
         }
 
     def _group(

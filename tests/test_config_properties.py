@@ -79,6 +79,7 @@ ACCEPTED = st.fixed_dictionaries(
         "max_hours": st.integers(1, 168),
         "stop_when_done": st.booleans(),
         "spot": st.booleans(),
+        "recover": st.sampled_from(["auto", "true", "false"]),
         "ssh_cidr": st.sampled_from(["vpc", "203.0.113.7/32", "0.0.0.0/0"]),
         "key_pair": st.sampled_from(["", "my-key"]),
         "stack_name": st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,40}", fullmatch=True),
@@ -139,7 +140,8 @@ def test_a_sample_of_accepted_values_synthesizes(overrides: dict[str, Any]) -> N
     """The whole app (cdk-nag, CloudFormation validation) on drawn values; few, synths cost."""
     with tempfile.TemporaryDirectory() as outdir:
         synth = Synth(Path(outdir), **overrides)
-        nodes = synth.instances_by_rank()
+        # One instance per rank, or (recover) one group of one instance per rank.
+        nodes = synth.instances_by_rank() or synth.resources("AWS::AutoScaling::AutoScalingGroup")
         assert len(nodes) == overrides.get("num_nodes", 2)
         text = user_data_text(synth.launch_template(), placeholder="x" * LONGEST_RESOLVED_VALUE)
         assert len(text.encode()) <= EC2_USER_DATA_LIMIT

@@ -4,6 +4,7 @@ which launches an instance for a group and replaces one that is terminated."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -252,22 +253,37 @@ def test_node_0s_watch_publishes_a_pending_then_a_complete_generation(aws: dict[
 
 
 @pytest.mark.parametrize(
-    ("members", "shown"),
+    ("published", "shown"),
     [
-        (NOT_PUBLISHED, "generation not published yet (node 0 is booting)"),
-        ("1:i-0a,i-1a", "generation 1"),
-        ("3:i-0a,-", "generation 3, pending: a replacement is launching"),
+        ([NOT_PUBLISHED], r"generation not published yet \(node 0 is booting\)"),
+        (["1:i-0a,i-1a"], r"generation 1"),
+        (["1:i-0a,i-1a", "2:i-0a,-"], r"generation 2, pending: a replacement is launching"),
+        (
+            ["1:i-0a,i-1a", "2:i-0a,-", "3:i-0a,i-1b"],
+            r"generation 3 \(1 replacement\(s\); last: rank\(s\) \[1\] replaced, training "
+            r"again \d+s later\)",
+        ),
     ],
 )
-def test_make_status_shows_the_generation_of_a_cluster_of_groups(
-    aws: dict[str, Any], members: str, shown: str
+def test_make_status_shows_the_generation_and_the_last_replacement(
+    aws: dict[str, Any], published: list[str], shown: str
 ) -> None:
     from console.aws import Aws, Stack
     from console.status import describe_generation
+    from userdata.phase import encode_phase
 
-    aws["ssm"].put_parameter(Name="/fabric/G/members", Value=members, Type="String", Overwrite=True)
+    for members in published:
+        aws["ssm"].put_parameter(
+            Name="/fabric/G/members", Value=members, Type="String", Overwrite=True
+        )
+    aws["ssm"].put_parameter(
+        Name="/fabric/G/node-0/phase",
+        Value=encode_phase("training (generation 3)", "i-0a"),
+        Type="String",
+        Overwrite=True,
+    )
     console = Aws(boto3.Session(region_name=REGION))
     groups = Stack(name="G", region=REGION, status="CREATE_COMPLETE", outputs={"Node0Group": "g"})
-    assert describe_generation(console, groups) == shown
+    assert re.fullmatch(shown, describe_generation(console, groups))
     instances = Stack(name="G", region=REGION, status="CREATE_COMPLETE", outputs={})
     assert describe_generation(console, instances) == ""

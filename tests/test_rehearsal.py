@@ -279,6 +279,26 @@ def test_a_spot_notice_with_recover_checkpoints_replaces_the_node_and_loses_no_s
     assert leftovers(manifest) == {}
 
 
+def test_past_max_replacements_the_run_fails_with_the_reason_and_nothing_bills(
+    tmp_path: Path,
+) -> None:
+    """max_replacements=0: node 1 lost, its group's replacement boots, and the run gives up:
+    every node records why (the replacement included), and every group ends at zero."""
+    assert REASON is None, REASON
+    out, manifest = rehearse(
+        tmp_path,
+        *("--recover", "--lose-node", "1", "--max-replacements", "0", "--devices-per-node", "1"),
+        *("--project", "examples/guide_resume", "--script", "train.py"),
+        *("--", "--max-steps", "200", "--checkpoint-every", "20"),
+    )
+    assert "node 1 (i-" in out and "lost without notice" in out
+    assert (
+        "past max_replacements every node recorded 'more than max_replacements=0 replacements "
+        "in this run'; every group at zero"
+    ) in out
+    assert leftovers(manifest) == {}
+
+
 def wait_for_workers(
     manifest_path: Path, process: subprocess.Popen[str], count: int, timeout: float = 240
 ) -> dict[int, Process]:

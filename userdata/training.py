@@ -264,7 +264,7 @@ def train(args: argparse.Namespace, records: Records) -> int:
         watch,
         control,
         started,
-        rejoin=lambda: resolve(args, identity, ssm),
+        rejoin=(lambda: resolve(args, identity, ssm)) if args.recover else None,
     )
     shutil.rmtree(environment[STATUS_DIR_ENV], ignore_errors=True)
     if groups:
