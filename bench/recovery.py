@@ -22,7 +22,7 @@ import time
 
 from stacks.config import PROJECT_DIR
 
-TITLE = "6. Recovery (recover=true): a spot notice on node 1 to training again"
+TITLE = "7. Recovery (recover=true, issue 23): a spot notice on node 1 to training again"
 ARGS = ["--epochs", "1", "--samples", "40000", "--batch-size", "16", "--hidden", "32"]
 # On paper, EC2: a replacement's launch to running, and the boot phases before the agent (uv,
 # the venv, the payload, the install of torch and the project on a CPU node; more on a GPU AMI).
