@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stacks.errors import ConfigError
@@ -19,8 +19,10 @@ from stacks.setting_checks import (
     artifacts_bucket_setting,
     boolean_setting,
     choice_setting,
+    data_setting,
     devices_per_node_setting,
     efa_setting,
+    env_setting,
     instance_type_setting,
     instance_types_setting,
     integer_setting,
@@ -30,6 +32,7 @@ from stacks.setting_checks import (
     recover_setting,
     run_setting,
     script_args_setting,
+    secrets_setting,
     ssh_cidr_setting,
     stack_name_setting,
     storage_stack_setting,
@@ -39,6 +42,7 @@ from training_project.errors import ProjectError
 from training_project.load import load_project
 from training_project.torch_pins import pinned_version
 from userdata.imds import MAX_NODES, TAG_CLUSTER, TAG_NODE_RANK, TAG_NUM_NODES
+from userdata.run_inputs import RunInputs
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # The run directory: on a file system every node mounts (efs), or on each node's own disk.
@@ -85,6 +89,8 @@ class ClusterConfig:
     instance_types: tuple[str, ...] = ()
     max_replacements: int = 5
     capacity_wait_minutes: int = 30
+    # The script's data channels, variables and secrets' names (userdata/run_inputs.py).
+    inputs: RunInputs = field(default_factory=RunInputs)
 
     @property
     def instance_family(self) -> str:
@@ -176,6 +182,9 @@ SETTINGS = (
     "instance_types",
     "max_replacements",
     "capacity_wait_minutes",
+    "data",
+    "env",
+    "secrets",
 )
 
 
@@ -212,6 +221,7 @@ def load_config(
     spot = boolean_setting("spot", raw["spot"])
     recover = recover_setting(raw["recover"], spot)
     efa = efa_setting(raw["efa"], instance_type)
+    env = env_setting(raw["env"])
     return ClusterConfig(
         stack_name=stack_name,
         storage_stack=storage_stack_setting(raw["storage_stack"], stack_name),
@@ -249,5 +259,10 @@ def load_config(
         ),
         capacity_wait_minutes=integer_setting(
             "capacity_wait_minutes", raw["capacity_wait_minutes"], 1, MAX_CAPACITY_WAIT_MINUTES
+        ),
+        inputs=RunInputs(
+            data=data_setting(raw["data"]),
+            env=env,
+            secrets=secrets_setting(raw["secrets"], env),
         ),
     )

@@ -10,6 +10,7 @@ from constructs import Construct
 from stacks.config import TAG_CLUSTER, ClusterConfig
 from stacks.nag import ack, checkov_skip
 from stacks.storage_stack import bucket_export, log_group_export
+from userdata.run_inputs import SecretRef
 
 SESSION_MANAGER_REASON = (
     "Session Manager's channel and instance-information actions take no resource; every other "
@@ -64,6 +65,8 @@ class NodeRole(iam.Role):
                 ],
             )
         )
+        self._read_data(stack, config)
+        self._read_secrets(stack, config)
         if config.recover:
             self._scale_own_groups(stack, config)
             ack(
@@ -95,6 +98,72 @@ class NodeRole(iam.Role):
             ),
         ):
             ack(self, f"AwsSolutions-IAM5[{finding}]", reason)
+
+    def _read_data(self, stack: cdk.Stack, config: ClusterConfig) -> None:
+        """Each data channel read-only and nothing beside it: the bucket's listing under the
+        prefix (s3:prefix), the objects under it. A KMS-encrypted bucket's key is the user's
+        to grant (README)."""
+        for channel in config.inputs.data:
+            bucket = f"arn:{stack.partition}:s3:::{channel.bucket}"
+            listing = iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket])
+            if channel.prefix:
+                listing.add_condition("StringLike", {"s3:prefix": f"{channel.prefix}*"})
+            self.add_to_policy(listing)
+            self.add_to_policy(
+                iam.PolicyStatement(
+                    actions=["s3:GetObject"], resources=[f"{bucket}/{channel.prefix}*"]
+                )
+            )
+            ack(
+                self,
+                "AwsSolutions-IAM5[Resource::"
+                f"arn:{_partition_as_nag_reads_it(stack)[0]}:s3:::{channel.bucket}/"
+                f"{channel.prefix}*]",
+                f"Read-only, the objects under data channel {channel.name}'s prefix.",
+            )
+
+    def _read_secrets(self, stack: cdk.Stack, config: ClusterConfig) -> None:
+        """Exactly the named parameters and secrets, read at boot (GetParameter with
+        decryption, GetSecretValue), and kms:Decrypt only through that service for exactly
+        those (the encryption context names the parameter or secret). The default keys
+        (aws/ssm, aws/secretsmanager) need no more; a customer-managed key's policy must allow
+        the role (README)."""
+        for service, action, context_key in SECRET_SERVICES:
+            secrets = [secret for secret in config.inputs.secrets if secret.service == service]
+            if not secrets:
+                continue
+            arns = [secret_arn(stack, secret) for secret in secrets]
+            self.add_to_policy(iam.PolicyStatement(actions=[action], resources=arns))
+            places = sorted({_secret_place(stack, secret) for secret in secrets})
+            self.add_to_policy(
+                iam.PolicyStatement(
+                    actions=["kms:Decrypt"],
+                    resources=[
+                        f"arn:{partition}:kms:{region}:{account}:key/*"
+                        for partition, region, account in places
+                    ],
+                    conditions={
+                        "StringEquals": {
+                            "kms:ViaService": sorted(
+                                {f"{service}.{region}.amazonaws.com" for _, region, _ in places}
+                            )
+                        },
+                        "StringLike": {f"kms:EncryptionContext:{context_key}": arns},
+                    },
+                )
+            )
+            for partition, region, account in places:
+                if partition == stack.partition:
+                    partition, where = _partition_as_nag_reads_it(stack)
+                    partition_region = f"{partition}:kms:{where}"
+                else:
+                    partition_region = f"{partition}:kms:{region}:{account}"
+                ack(
+                    self,
+                    f"AwsSolutions-IAM5[Resource::arn:{partition_region}:key/*]",
+                    f"kms:Decrypt only through {service} and only for the named "
+                    f"{'parameters' if service == 'ssm' else 'secrets'} (encryption context).",
+                )
 
     def _scale_own_groups(self, stack: cdk.Stack, config: ClusterConfig) -> None:
         """recover: node 0 reads which instance each rank's group holds, and a node whose run
@@ -128,6 +197,38 @@ class NodeRole(iam.Role):
                 },
             )
         )
+
+
+# Where a secret's value is read, and the KMS encryption context key naming it.
+SECRET_SERVICES = (
+    ("ssm", "ssm:GetParameter", "PARAMETER_ARN"),
+    ("secretsmanager", "secretsmanager:GetSecretValue", "SecretARN"),
+)
+
+
+def _secret_place(stack: cdk.Stack, secret: SecretRef) -> tuple[str, str, str]:
+    """(partition, region, account) of a secret: its ARN's, else the stack's."""
+    if secret.arn_parts:
+        partition, region, account, _ = secret.arn_parts
+        return partition, region, account
+    return stack.partition, stack.region, stack.account
+
+
+def secret_arn(stack: cdk.Stack, secret: SecretRef) -> str:
+    """A parameter's ARN, or a secret's with the six characters Secrets Manager appends to its
+    name (AWS: name-??????, not name-*, which would also match name-a-longer-name)."""
+    if secret.arn_parts:
+        return secret.name
+    if secret.service == "ssm":
+        return stack.format_arn(
+            service="ssm", resource="parameter", resource_name=secret.name.lstrip("/")
+        )
+    return stack.format_arn(
+        service="secretsmanager",
+        resource="secret",
+        resource_name=f"{secret.name}-??????",
+        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+    )
 
 
 def _partition_as_nag_reads_it(stack: cdk.Stack) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """The node payload, one S3 asset: the user's project (under project/), the node agent (under
-userdata/) and what its install step reads the project with (under training_project/). Only
+userdata/), what its install step reads the project with (under training_project/) and the
+run's inputs (inputs.json: data channels, variables, the secrets' names). Only
 shipped files are staged, so nothing else changes the asset's hash."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from constructs import Construct
 from stacks.config import PROJECT_DIR, ClusterConfig, ConfigError
 from training_project.errors import ProjectError
 from training_project.shipping import check_size, shipped_files
+from userdata.run_inputs import INPUTS_FILE
 
 AGENT_DIR = PROJECT_DIR / "userdata"
 TRAINING_PROJECT_DIR = PROJECT_DIR / "training_project"
@@ -37,6 +39,8 @@ def stage_payload(config: ClusterConfig, root: Path) -> list[Path]:
         shutil.copy2(config.project / relative, target)
     shutil.copytree(AGENT_DIR, root / PAYLOAD_AGENT, ignore=_AGENT_IGNORED)
     shutil.copytree(TRAINING_PROJECT_DIR, root / PAYLOAD_TRAINING_PROJECT, ignore=_AGENT_IGNORED)
+    # Channels, variables and the secrets' names: the agent reads them (values are read at boot).
+    (root / INPUTS_FILE).write_text(config.inputs.to_json())
     return files
 
 

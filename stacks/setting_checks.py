@@ -21,6 +21,14 @@ from stacks.instance_types import (
     supports_bf16,
 )
 from userdata.fabric_command import PRECISIONS
+from userdata.run_inputs import (
+    DataChannel,
+    InputError,
+    SecretRef,
+    parse_data,
+    parse_env,
+    parse_secrets,
+)
 from userdata.run_layout import RUN_NAME
 
 _GRAVITON = re.compile(r"^[a-z]+\d+g[a-z]*$")
@@ -349,3 +357,29 @@ def instance_types_setting(
         if efa and name not in EFA_TYPES:
             raise _invalid("instance_types", value, f"{name} has no EFA (efa=true)")
     return tuple(types)
+
+
+def data_setting(value: object) -> tuple[DataChannel, ...]:
+    try:
+        return parse_data(value)
+    except InputError as error:
+        raise _invalid(
+            "data", value, f"{error}; expected s3://bucket/prefix/ or NAME=s3://...,NAME2=s3://..."
+        ) from None
+
+
+def env_setting(value: object) -> dict[str, str]:
+    try:
+        return parse_env(value)
+    except InputError as error:
+        raise _invalid("env", value, f"{error}; expected KEY=VALUE,KEY2=VALUE2") from None
+
+
+def secrets_setting(value: object, env: dict[str, str]) -> tuple[SecretRef, ...]:
+    """The message names the references only: they are names, never values."""
+    try:
+        return parse_secrets(value, env)
+    except InputError as error:
+        raise _invalid(
+            "secrets", value, f"{error}; expected VARIABLE=/parameter/name,VARIABLE2=..."
+        ) from None
