@@ -19,6 +19,7 @@ from training_project.load import load_project, project_script
 from training_project.shipping import MAX_PROJECT_BYTES, check_size, shipped_files
 from training_project.torch_family import family_versions
 from training_project.torch_pins import node_torch_version, pinned_version, torch_specifiers
+from userdata.run_inputs import INPUTS_FILE
 
 PROJECTS = Path(__file__).parent / "projects"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "charlm"
@@ -483,7 +484,7 @@ def test_synth_ships_the_project_and_the_agent_and_nothing_else(
     assert len(zips) == 1
     folder = synth.outdir / zips[0]["source"]["path"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [PAYLOAD_PROJECT, PAYLOAD_AGENT, PAYLOAD_TRAINING_PROJECT]
+        [PAYLOAD_PROJECT, PAYLOAD_AGENT, PAYLOAD_TRAINING_PROJECT, INPUTS_FILE]
     )
     project = folder / PAYLOAD_PROJECT
     shipped = sorted(p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file())

@@ -306,7 +306,12 @@ def test_payload_is_an_s3_asset_with_the_project_and_the_agent(synth: Synth) -> 
     assert (folder / "userdata" / "agent.py").is_file()
     assert (folder / "userdata" / "requirements-node.txt").is_file()
     assert (folder / "training_project" / "dependencies.py").is_file()  # install.sh's step
-    assert sorted(p.name for p in folder.iterdir()) == ["project", "training_project", "userdata"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "inputs.json",  # the run's inputs: none by default
+        "project",
+        "training_project",
+        "userdata",
+    ]
     text = user_data_text(synth.launch_template())
     assert ".zip" in text and "PAYLOAD_URL=" in text
 

@@ -93,6 +93,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--run-name", default="run", help="the run's name, for messages")
     parser.add_argument(
+        "--inputs",
+        default="",
+        help="the run's inputs.json (data channels, variables, the secrets' names)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default="/opt/fabric/data",
+        help="where the data channels are copied, on this node's own disk",
+    )
+    parser.add_argument(
         "--run-fingerprint",
         default="",
         help="what the nodes train (code, arguments, world): a complete run trained with "

@@ -256,6 +256,8 @@ agent=("$VENV/bin/python" -m userdata.agent
   --workdir "$PROJECT"
   --run-name "$RUN_NAME"
   --run-fingerprint "$RUN_FINGERPRINT"
+  --inputs "$PAYLOAD_DIR/inputs.json"
+  --data-dir "$FABRIC_HOME/data"
   --artifacts-uri "s3://$ARTIFACTS_BUCKET/$STACK_NAME/$RUN_NAME"
   "${stop_flag[@]}"
   "$SCRIPT" -- "${SCRIPT_ARGS[@]}")

@@ -16,6 +16,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from userdata.masking import Masker
+
 MAX_PHASE_LENGTH = 1024
 
 
@@ -51,10 +53,11 @@ class PhaseReporter:
         self.parameter = parameter
         self.instance = instance
         self.silenced = ""  # why this node writes no more phases (another instance holds its rank)
+        self.masker = Masker()  # the secrets' values, never in a phase (a script's error line)
 
     def record(self, phase: str) -> None:
         """Never raises: a phase that cannot be recorded must not stop training."""
-        phase = " ".join(phase.split())[:MAX_PHASE_LENGTH]
+        phase = " ".join(self.masker.mask(phase).split())[:MAX_PHASE_LENGTH]
         print(f"[fabric-agent] phase: {phase}", flush=True)
         if self.ssm is None or not self.parameter:
             return

@@ -29,6 +29,7 @@ from userdata.cluster_control import (
     StopWatch,
     is_spot_notice,
 )
+from userdata.data_channels import copy_channels, data_dir_variable
 from userdata.errors import AgentError
 from userdata.fabric_command import (
     fabric_environment,
@@ -42,12 +43,15 @@ from userdata.imds import Imds, NodeIdentity
 from userdata.launch import STATUS_DIR_ENV
 from userdata.launch_status import clear, outcome
 from userdata.main_address import wait_for_main_address
+from userdata.masking import Masker, mask_own_output, start_pump
 from userdata.network import interface_to
 from userdata.node_groups import GroupWatch, give_way, publish_generation
 from userdata.node_records import Records, cluster_control, identify
 from userdata.phase import PhaseReporter
 from userdata.run_files import KeptOutputs, begin_run, run_state, script_arguments
+from userdata.run_inputs import DATA_DIR_ENV, RunInputs
 from userdata.run_state import completed, mark_complete, restore
+from userdata.secret_values import read_secrets
 from userdata.spot import SpotWatcher
 from userdata.stop_handling import (
     GAVE_WAY,
@@ -109,19 +113,54 @@ def resolve(
     return command, environment
 
 
+def secret_variables(
+    args: argparse.Namespace, inputs: RunInputs, identity: NodeIdentity, reporter: PhaseReporter
+) -> dict[str, str]:
+    """env and the secrets, read now (a missing one fails the node before anything else) and
+    masked from here on. A dry run reads none."""
+    given = dict(inputs.env)
+    if inputs.secrets and not args.dry_run:
+        reporter.record("reading-secrets")
+        values = read_secrets(inputs.secrets, identity.region, args.ssm_timeout)
+        reporter.masker.add(values.values())
+        mask_own_output(reporter.masker)
+        given.update(values)
+        log(f"secrets: {', '.join(values)} read, handed to the script only")
+    return given
+
+
+def data_variables(
+    args: argparse.Namespace, inputs: RunInputs, s3, reporter: PhaseReporter
+) -> dict[str, str]:
+    """$FABRIC_DATA_DIR, once the data channels are on this node's own disk. A dry run copies
+    nothing."""
+    if not inputs.data:
+        return {}
+    data_dir = Path(args.data_dir)
+    if not args.dry_run:
+        copied = copy_channels(s3, inputs.data, data_dir, reporter.record)
+        log(f"data: {copied.describe()} in {data_dir}")
+        reporter.record("waiting-for-main")
+    return {DATA_DIR_ENV: data_dir_variable(data_dir, inputs.data)}
+
+
 def run_fabric(
     command: list[str],
     environment: dict[str, str],
     watcher: SpotWatcher | None = None,
     workdir: str = "",
     watch: StopWatch | None = None,
+    masker: Masker | None = None,
 ) -> int:
     """Runs fabric run in the project folder (as the manual procedure's `cd`), with the venv's
-    bin first on PATH, its output streamed as it comes."""
+    bin first on PATH, its output streamed as it comes: through the agent, the secrets' values
+    masked, when there are secrets."""
     env = {**os.environ, **environment}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     clear(Path(env[STATUS_DIR_ENV]))
-    process = subprocess.Popen(command, env=env, cwd=workdir or None)
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if masker else {}
+    process = subprocess.Popen(command, env=env, cwd=workdir or None, **piped)
+    pump = start_pump(process.stdout, sys.stdout.fileno(), masker) if masker else None
     RUNNING[0] = process
     if watcher:
         watcher.attach(process.pid)
@@ -133,6 +172,8 @@ def run_fabric(
         return process.wait()
     finally:
         RUNNING[0] = None
+        if pump:
+            pump.join()
 
 
 def train(args: argparse.Namespace, records: Records) -> int:
@@ -170,6 +211,8 @@ def train(args: argparse.Namespace, records: Records) -> int:
             )
             reporter.record(f"done: run {args.run_name} already complete ({args.artifacts_uri}/)")
             return 0
+    inputs = RunInputs.read(args.inputs)
+    given_to_script = secret_variables(args, inputs, identity, reporter)
     reporter.record("waiting-for-main")
     autoscaling = None
     if args.recover and not args.dry_run:
@@ -187,7 +230,10 @@ def train(args: argparse.Namespace, records: Records) -> int:
             timeout=args.capacity_wait_minutes * 60,
             log=log,
         )
+    # After node 0 has published (recover): the others wait for its address, not its copy.
+    given_to_script.update(data_variables(args, inputs, s3, reporter))
     command, environment = resolve(args, identity, ssm)
+    environment.update(given_to_script)
     if args.dry_run:
         print(shlex.join(command), flush=True)
         for key, value in sorted(environment.items()):
@@ -361,7 +407,7 @@ def supervise(
             label = f"training (generation {number})"
             log(f"generation {number}: running: {shlex.join(command)}")
         reporter.record(label)
-        status = run_fabric(command, environment, watcher, args.workdir, watch)
+        status = run_fabric(command, environment, watcher, args.workdir, watch, reporter.masker)
         if GENERATION_MOVED.is_set() and rejoin and not stopped(watcher, watch, control):
             continue  # stopped for the new generation, not failed
         notice = cluster_stop(watch, control) if rejoin and watch else None

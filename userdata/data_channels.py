@@ -1,0 +1,286 @@
+"""The data channels copied to this node's own disk before training: every object under each
+channel's prefix, in parallel, to <data dir>/<channel>/<key below the prefix>.
+
+Resumable: a manifest beside the channels records each copied object's size and ETag, so a
+restart or a second boot (user data runs once; the agent at every start) copies only what is
+missing or changed. A file is renamed into place only once whole (its listed size); an object
+replaced while it was copied has another ETag at the next listing, and is copied again. Objects
+gone from the prefix are removed from the copy. Progress goes to the phase (`data: 3.2 of 10.0
+GB`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from userdata.errors import AgentError
+from userdata.run_inputs import DataChannel
+
+MANIFEST = ".fabric-data.json"  # in the data dir: {channel: {relative path: [size, etag]}}
+WORKERS = 16  # objects at once; S3 advises one request per 85-90 MB/s wanted
+# Large objects in 16 MB parts, four at a time (S3's advice: 8-16 MB ranges).
+TRANSFER = TransferConfig(
+    multipart_threshold=64 * 1024**2, multipart_chunksize=16 * 1024**2, max_concurrency=4
+)
+RESERVE_BYTES = 1024**3  # left free on the volume for logs, checkpoints and caches
+# Seconds between progress phases: PutParameter is a few calls a second for the whole account.
+REPORT_EVERY = 30.0
+SAVE_EVERY = 5.0  # seconds between manifest writes: a crash copies at most that much again
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class S3Object:
+    channel: str
+    key: str
+    relative: str  # below the prefix
+    size: int
+    etag: str
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / GB:.1f} GB"
+
+
+def _reason(error: ClientError | BotoCoreError) -> str:
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        return {
+            "NoSuchBucket": "the bucket does not exist",
+            "AccessDenied": "access denied (the node role reads only the channel's prefix; "
+            "a KMS-encrypted bucket's key must allow the role)",
+            "PreconditionFailed": "it changed while it was copied",
+        }.get(code, f"{code or 'error'}: {error}")
+    return str(error)
+
+
+def list_channel(s3: Any, channel: DataChannel) -> list[S3Object]:
+    """Every object under the prefix (folder markers aside); one line naming the channel when
+    the bucket cannot be listed or holds nothing there."""
+    found = []
+    try:
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=channel.bucket, Prefix=channel.prefix
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(channel.prefix) :]
+                if not relative or relative.endswith("/"):
+                    continue
+                if relative.startswith("/") or ".." in relative.split("/"):
+                    raise AgentError(
+                        f"data channel {channel.name}: the key {item['Key']!r} would be "
+                        "written outside the channel's folder"
+                    )
+                found.append(
+                    S3Object(channel.name, item["Key"], relative, item["Size"], item["ETag"])
+                )
+    except (ClientError, BotoCoreError) as error:
+        raise AgentError(
+            f"data channel {channel.name}: cannot list {channel.uri}: {_reason(error)}"
+        ) from None
+    if not found:
+        raise AgentError(f"data channel {channel.name}: no objects under {channel.uri}")
+    return found
+
+
+class Manifest:
+    """What this node copied: key -> (size, etag) per channel, written atomically."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / MANIFEST
+        self.lock = threading.Lock()
+        try:
+            self.entries: dict[str, dict[str, list[Any]]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def holds(self, item: S3Object, target: Path) -> bool:
+        recorded = self.entries.get(item.channel, {}).get(item.relative)
+        return (
+            recorded == [item.size, item.etag]
+            and target.is_file()
+            and target.stat().st_size == item.size
+        )
+
+    def record(self, item: S3Object) -> None:
+        with self.lock:
+            self.entries.setdefault(item.channel, {})[item.relative] = [item.size, item.etag]
+
+    def forget(self, channel: str, relative: str) -> None:
+        with self.lock:
+            self.entries.get(channel, {}).pop(relative, None)
+
+    def save(self) -> None:
+        with self.lock:
+            text = json.dumps(self.entries)
+        partial = self.path.with_suffix(".part")
+        partial.write_text(text)
+        os.replace(partial, self.path)
+
+
+class Progress:
+    """Bytes in place (skipped ones included) of the total, reported at most every few seconds."""
+
+    def __init__(self, total: int, report: Callable[[str], None]) -> None:
+        self.total = total
+        self.done = 0
+        self.report = report
+        self.lock = threading.Lock()
+        self.last = 0.0
+
+    def add(self, size: int) -> None:
+        with self.lock:
+            self.done += size
+            now = time.monotonic()
+            due = now - self.last >= REPORT_EVERY
+            if due:
+                self.last = now
+        if due:
+            self.say()
+
+    def say(self) -> None:
+        self.report(f"data: {self.done / GB:.1f} of {gigabytes(self.total)}")
+
+
+def channel_dir(data_dir: Path, channel: str) -> Path:
+    return data_dir / channel
+
+
+def check_room(data_dir: Path, missing: int) -> None:
+    free = shutil.disk_usage(data_dir).free
+    if missing > free - RESERVE_BYTES:
+        raise AgentError(
+            f"data: {gigabytes(missing)} to copy, but the volume has {gigabytes(free)} free "
+            f"(and keeps {gigabytes(RESERVE_BYTES)} for the run): raise volume_gb"
+        )
+
+
+def _download(s3: Any, item: S3Object, bucket: str, target: Path, progress: Progress) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".fabric-part")
+    try:
+        s3.download_file(
+            bucket,
+            item.key,
+            str(partial),
+            Callback=progress.add,
+            Config=TRANSFER,
+        )
+    except (ClientError, BotoCoreError) as error:
+        partial.unlink(missing_ok=True)
+        raise AgentError(
+            f"data channel {item.channel}: cannot copy s3://{bucket}/{item.key}: {_reason(error)}"
+        ) from None
+    if partial.stat().st_size != item.size:
+        partial.unlink(missing_ok=True)
+        raise AgentError(
+            f"data channel {item.channel}: s3://{bucket}/{item.key} came as "
+            f"{partial.stat().st_size} bytes, not {item.size}"
+        )
+    os.replace(partial, target)
+
+
+def remove_stale(data_dir: Path, manifest: Manifest, listed: dict[str, list[S3Object]]) -> None:
+    """What this node copied before and S3 no longer holds (or a channel no longer set)."""
+    for channel in list(manifest.entries):
+        if channel not in listed:
+            shutil.rmtree(channel_dir(data_dir, channel), ignore_errors=True)
+            del manifest.entries[channel]
+            continue
+        current = {item.relative for item in listed[channel]}
+        for relative in [r for r in manifest.entries[channel] if r not in current]:
+            (channel_dir(data_dir, channel) / relative).unlink(missing_ok=True)
+            manifest.forget(channel, relative)
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    total: int  # bytes of every channel
+    copied: int  # bytes downloaded now
+    files: int
+    files_copied: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.files} file(s), {gigabytes(self.total)}: copied {self.files_copied} "
+            f"({gigabytes(self.copied)}) in {self.seconds:.1f} s, "
+            f"{self.files - self.files_copied} already here"
+        )
+
+
+def copy_channels(
+    s3: Any,
+    channels: tuple[DataChannel, ...],
+    data_dir: Path,
+    report: Callable[[str], None],
+    workers: int = WORKERS,
+) -> CopyResult:
+    started = time.monotonic()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    listed = {channel.name: list_channel(s3, channel) for channel in channels}
+    buckets = {channel.name: channel.bucket for channel in channels}
+    manifest = Manifest(data_dir)
+    remove_stale(data_dir, manifest, listed)
+    todo, total, have = [], 0, 0
+    for channel, items in listed.items():
+        for item in items:
+            total += item.size
+            target = channel_dir(data_dir, channel) / item.relative
+            if manifest.holds(item, target):
+                have += item.size
+            else:
+                manifest.forget(item.channel, item.relative)
+                todo.append((item, target))
+    manifest.save()
+    check_room(data_dir, sum(item.size for item, _ in todo))
+    progress = Progress(total, report)
+    progress.done = have
+    progress.say()
+    saved = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data") as pool:
+        futures = {
+            pool.submit(_download, s3, item, buckets[item.channel], target, progress): item
+            for item, target in todo
+        }
+        try:
+            for future in as_completed(futures):
+                future.result()
+                manifest.record(futures[future])
+                if time.monotonic() - saved >= SAVE_EVERY:
+                    manifest.save()
+                    saved = time.monotonic()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            manifest.save()
+    progress.say()
+    return CopyResult(
+        total=total,
+        copied=sum(item.size for item, _ in todo),
+        files=sum(len(items) for items in listed.values()),
+        files_copied=len(todo),
+        seconds=time.monotonic() - started,
+    )
+
+
+def data_dir_variable(data_dir: Path, channels: tuple[DataChannel, ...]) -> str:
+    """$FABRIC_DATA_DIR: one folder per channel, or with a single channel that channel's own."""
+    if len(channels) == 1:
+        return str(channel_dir(data_dir, channels[0].name))
+    return str(data_dir)
