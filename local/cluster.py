@@ -37,10 +37,12 @@ from pathlib import Path
 
 from local import runs
 from local.nodes import MAIN_ADDRESS, Node, script_error, start_nodes, stop_all, wait_for_nodes
+from local.script_env import script_environment
 from training_project.errors import ProjectError
 from userdata.fabric_command import PRECISIONS
 from userdata.launch_status import outcome
 from userdata.outputs import OUTPUTS
+from userdata.run_inputs import InputError
 from userdata.run_layout import CHECKPOINT_STEP, PROGRESS_FILE, RUN_NAME
 
 RUNS = Path("runs/local")
@@ -118,9 +120,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="start node 0 this many seconds after the others (a late main node)",
     )
     parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a variable for the script (repeatable; wins over --env-file), as -c env= on EC2",
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="a .env file of variables for the script (keys, tokens): what -c secrets= and "
+        "-c env= give on EC2",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a local folder, the script's $FABRIC_DATA_DIR (on EC2: the data channel's copy)",
+    )
+    parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, help="after --: arguments passed to the script"
     )
     args = parser.parse_args(argv)
+    try:
+        args.script_env = script_environment(args)
+    except InputError as error:
+        parser.error(str(error))
     if args.script_args[:1] == ["--"]:
         args.script_args = args.script_args[1:]
     if not 1 <= args.num_nodes <= 64:

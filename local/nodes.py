@@ -138,6 +138,7 @@ def start_nodes(args: argparse.Namespace, port: int, nodes: list[Node], status_r
             run_dir=args.run_dir,
         ),
         "PATH": f"{Path(args.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **args.script_env,
     }
     ranks = range(args.num_nodes) if args.main_first else reversed(range(args.num_nodes))
     for rank in ranks:  # by default the main node last, on purpose

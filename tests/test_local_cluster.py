@@ -555,3 +555,50 @@ def test_the_local_cluster_runs_what_ships_and_keeps_what_the_script_writes(
         "lightning_logs/version_0/rank1.txt",
     ]
     assert not (project / "lightning_logs").exists()
+
+
+SHOW_ENV = """\
+import os, pathlib
+data = pathlib.Path(os.environ["FABRIC_DATA_DIR"])
+print("env", os.environ["WANDB_PROJECT"], os.environ["HF_TOKEN"], os.environ["QUOTED"],
+      sorted(p.name for p in data.iterdir()))
+"""
+
+
+@pytest.mark.slow
+def test_env_an_env_file_and_a_data_folder_reach_every_rank(tmp_path: Path) -> None:
+    script = tmp_path / "show.py"
+    script.write_text(SHOW_ENV)
+    (tmp_path / ".env").write_text(
+        "# keys\nexport HF_TOKEN=hf_from_file\nWANDB_PROJECT=from-file\nQUOTED='a b, c'\n"
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.bin").write_bytes(b"x")
+    result = run(
+        tmp_path / "run",
+        "--num-nodes", "2", "--devices-per-node", "1", "--script", str(script),
+        "--env-file", str(tmp_path / ".env"), "--env", "WANDB_PROJECT=demo",
+        "--data", str(tmp_path / "data"),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):  # --env wins over the file
+        assert f"[node {rank}] env demo hf_from_file a b, c ['train.bin']" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--env", "NOVALUE"), "--env 'NOVALUE': expected KEY=VALUE"),
+        (("--env", "RANK=3"), "--env 'RANK=3': RANK is set by the node agent or fabric run"),
+        (("--env-file", "absent.env"), "--env-file absent.env: no such file"),
+        (("--data", "no-such-folder"), "--data no-such-folder: no such folder"),
+    ],
+)
+def test_bad_env_options_are_one_line_before_anything_starts(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = run(tmp_path / "run", *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert "starting node" not in result.stdout
