@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,6 +55,32 @@ def test_trains_on_data_from_a_local_file(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["world_size"], summary["num_nodes"], summary["steps"]) == (1, 1, 3 * 16)
     assert summary["final_loss"] < summary["first_loss"]
+
+
+@pytest.mark.slow
+def test_trains_on_a_folder_of_data_files_from_fabric_data_dir(tmp_path: Path) -> None:
+    """A data channel's copy: every *.pt of $FABRIC_DATA_DIR, in name order; --show-env."""
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "channel"
+    (folder / "part-2").mkdir(parents=True)
+    for name, count in (("part-1.pt", 256), ("part-2/b.pt", 128)):
+        x = torch.randn(count, 8, generator=generator)
+        torch.save({"x": x, "y": (x[:, 0] > 0).long()}, folder / name)
+    (folder / "README.txt").write_text("not data")
+    result = subprocess.run(
+        [sys.executable, "trainer/train.py", "--epochs", "1", "--batch-size", "32",
+         "--run-dir", str(tmp_path / "run"), "--show-env", "TOKEN", "--show-env", "ABSENT"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "FABRIC_DATA_DIR": str(folder), "TOKEN": "tok-123"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["data"], summary["samples"], summary["steps"]) == (str(folder), 384, 12)
+    assert summary["env_sha256"] == {
+        "TOKEN": hashlib.sha256(b"tok-123").hexdigest(),
+        "ABSENT": None,
+    }
+    assert "env TOKEN=tok-123" in result.stdout and "env ABSENT=(not set)" in result.stdout
 
 
 @pytest.mark.slow

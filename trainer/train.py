@@ -7,7 +7,9 @@ metrics, the atomic checkpoints and the resume, the process-group timeout.
 
 The default data is a seeded synthetic classification task (labels from a fixed "teacher"
 network), so the loss visibly falls on CPU in under a minute. `--data` reads a torch file
-{"x": float tensor [N, F], "y": int tensor [N]} from a local path or an s3:// URI instead.
+{"x": float tensor [N, F], "y": int tensor [N]} from a local path or an s3:// URI instead, or
+every such *.pt file of a folder: by default $FABRIC_DATA_DIR, where a deploy's `data` channel
+lies on each node's disk (`make local ARGS="--data DIR"` locally).
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("FABRIC_RUN_DIR", "runs/latest"),
         help="checkpoints, metrics and the summary (default: $FABRIC_RUN_DIR or runs/latest)",
     )
-    parser.add_argument("--data", default="", help="a torch file or s3:// URI; default synthetic")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("FABRIC_DATA_DIR", ""),
+        help="a torch file, a folder of them or an s3:// URI (default: $FABRIC_DATA_DIR, "
+        "else synthetic data)",
+    )
+    parser.add_argument(
+        "--show-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="print a variable as the script sees it (a secret's value is masked in the "
+        "node's logs) and record its sha256 in the summary",
+    )
     parser.add_argument("--samples", type=int, default=16384, help="synthetic samples")
     parser.add_argument(
         "--checkpoint-every", type=int, default=0, help="also checkpoint every K steps (0: off)"
@@ -103,7 +118,14 @@ def synthetic_data(samples: int, seed: int, features: int = 32, classes: int = 1
 
 
 def read_data(location: str) -> TensorDataset:
-    """A torch file holding {"x": [N, F] floats, "y": [N] class ids}; SystemExit if unusable."""
+    """A torch file holding {"x": [N, F] floats, "y": [N] class ids}, or a folder of them (in
+    name order, concatenated); SystemExit if unusable."""
+    if Path(location).is_dir():
+        files = sorted(Path(location).rglob("*.pt"))
+        if not files:
+            raise SystemExit(f"error: cannot read --data {location}: no *.pt file in it")
+        parts = [read_data(str(file)).tensors for file in files]
+        return TensorDataset(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
     try:
         if location.startswith("s3://"):
             import boto3  # only needed for s3:// data
@@ -119,6 +141,14 @@ def read_data(location: str) -> TensorDataset:
     except Exception as error:  # one clear line for a bad file, whatever the reason
         raise SystemExit(f"error: cannot read --data {location}: {error}") from None
     return TensorDataset(x, y)
+
+
+def shown_env(names: list[str]) -> dict[str, str | None]:
+    """Each variable's sha256 (None: not set): proof that the script read it, without it."""
+    return {
+        name: hashlib.sha256(os.environ[name].encode()).hexdigest() if name in os.environ else None
+        for name in names
+    }
 
 
 def build_model(features: int, classes: int, hidden: int = 256) -> nn.Module:
@@ -288,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = read_data(args.data) if args.data else synthetic_data(args.samples, args.seed)
+    for name in args.show_env:  # as a careless script would: the node masks a secret's value
+        fabric.print(f"env {name}={os.environ.get(name, '(not set)')}")
     features, classes = dataset.tensors[0].shape[1], int(dataset.tensors[1].max()) + 1
     model = build_model(features, classes, args.hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -458,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
             # The all-reduce, CSV log and checkpoint at the end of every epoch.
             "epoch_end_s": wall_time - step_seconds,
             "weights_sha256": weights_sha256(model),
+            "data": args.data or "synthetic",
+            "samples": len(dataset),
+            "env_sha256": shown_env(args.show_env),
             "checkpoint": str(last_saved) if last_saved else None,
             "metrics": str(Path(logger.log_dir) / "metrics.csv"),
             "plot": str(plot_path),

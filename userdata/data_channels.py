@@ -11,22 +11,25 @@ GB`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from userdata.aws_clients import aws_client
 from userdata.errors import AgentError
-from userdata.run_inputs import DataChannel
+from userdata.run_inputs import DataChannel, RunInputs
 
 MANIFEST = ".fabric-data.json"  # in the data dir: {channel: {relative path: [size, etag]}}
 WORKERS = 16  # objects at once; S3 advises one request per 85-90 MB/s wanted
@@ -284,3 +287,31 @@ def data_dir_variable(data_dir: Path, channels: tuple[DataChannel, ...]) -> str:
     if len(channels) == 1:
         return str(channel_dir(data_dir, channels[0].name))
     return str(data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The agent's data step alone, as it runs at each start of the agent (on a node: after a
+    change of the data in S3, or to see what a start would copy)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m userdata.data_channels", description=main.__doc__
+    )
+    parser.add_argument("--inputs", default="/opt/fabric/payload/inputs.json")
+    parser.add_argument("--data-dir", default="/opt/fabric/data")
+    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", ""))
+    args = parser.parse_args(argv)
+    channels = RunInputs.read(args.inputs).data
+    if not channels:
+        print(f"no data channels in {args.inputs}")
+        return 0
+    s3 = aws_client("s3", args.region, 30.0)
+    try:
+        result = copy_channels(s3, channels, Path(args.data_dir), print)
+    except AgentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
