@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,12 +36,21 @@ def check_training(
     for node in nodes:
         # Through a throttling AWS: every phase recorded, in order, by this instance.
         recorded = phase_history(ssm, config, node)
-        expected = ["installing", "waiting-for-main", *(["restoring"] if node.rank == 0 else [])]
-        steps = [text for text in recorded if not text.startswith("training")]
+        inputs = config.inputs
+        expected = [
+            "installing",
+            *(["reading-secrets"] if inputs.secrets else []),
+            "waiting-for-main",
+            *(["waiting-for-main"] if inputs.data else []),  # again, once its copy is whole
+            *(["restoring"] if node.rank == 0 else []),
+        ]
+        steps = [t for t in recorded if not t.startswith(("training", "data: "))]
+        copied = [t for t in recorded if t.startswith("data: ")]
         if (
             steps[: len(expected)] != expected
             or recorded[-1] != "done"
             or not any(text.startswith("training") for text in recorded)
+            or (inputs.data and not _whole(copied))
         ):
             raise RehearsalError(f"node {node.rank} recorded the phases {recorded}")
     check_socket_interfaces(folder, nodes)
@@ -104,6 +114,14 @@ def phase_of(ssm: Any, config: Any, node: EmulatedInstance) -> str:
     return phase.text
 
 
+def _whole(progress: list[str]) -> bool:
+    """The data phases end with all of it: `data: 0.1 of 0.1 GB`."""
+    if not progress:
+        return False
+    done, _, total = progress[-1].removeprefix("data: ").removesuffix(" GB").partition(" of ")
+    return done == total
+
+
 def phase_history(ssm: Any, config: Any, node: EmulatedInstance) -> list[str]:
     """Every phase the node's instance recorded, oldest first."""
     recorded = []
@@ -133,7 +151,10 @@ def check_socket_interfaces(folder: Path, nodes: list[EmulatedInstance]) -> None
     log("no node binds gloo/NCCL to lo (node 0 binds the interface that holds its address)")
 
 
-def local_cluster_summary(folder: Path, config: Any, run_id: str) -> dict[str, Any]:
+def local_cluster_summary(
+    folder: Path, config: Any, run_id: str, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """extra: the local cluster's own options (the same data as the cluster's channel)."""
     run_dir = folder / "local-run"
     if config.project == EXAMPLE_PROJECT:  # this venv, as `make local` runs it
         project = ["--script", (EXAMPLE_PROJECT / config.script).relative_to(PROJECT_DIR)]
@@ -142,7 +163,7 @@ def local_cluster_summary(folder: Path, config: Any, run_id: str) -> dict[str, A
     command = [
         sys.executable, "-m", "local.cluster", *map(str, project),
         "--num-nodes", str(config.num_nodes), "--devices-per-node", str(config.devices_per_node),
-        "--run-dir", str(run_dir), "--", *config.script_args,
+        "--run-dir", str(run_dir), *extra, "--", *config.script_args,
     ]  # fmt: skip
     result = subprocess.run(
         command,

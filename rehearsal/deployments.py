@@ -183,9 +183,7 @@ class Rehearsal:
 
         self.ended = phases.run(
             "train (boot to done)",
-            lambda: wait_for_boots(
-                boots, self.args.timeout, self.expect_failure, on_tick
-            ),
+            lambda: wait_for_boots(boots, self.args.timeout, self.expect_failure, on_tick),
         )
         log(f"the nodes met an AWS that throttles: {aws.node_throttle.describe()}")
         return Deployment(folder, config, outputs, nodes)

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from rehearsal.inputs import SECRET_VARIABLE, VARIABLE
 from rehearsal.namespaces import namespaces_available
 from rehearsal.processes import RUN_ID_VARIABLE, work_folder
 from rehearsal.report import Manifest, Phases, RehearsalError, log
@@ -106,6 +107,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "a new cluster must resume it",
     )
     parser.add_argument(
+        "--inputs",
+        action="store_true",
+        help="deploy with a data channel (in the emulated S3), a variable and a secret (a "
+        "SecureString): the script must train on the channel and read both, every node hold "
+        "the same files, a second start copy nothing, and the secret's value show nowhere",
+    )
+    parser.add_argument(
         "--throttle",
         type=float,
         default=DEFAULT_THROTTLE,
@@ -149,10 +157,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(
                 f"--{flag.replace('_', '-')} goes without --runs, --fail-node and --spot-node"
             )
+    if args.inputs and (args.project is not None or args.fail_node is not None):
+        parser.error("--inputs goes with the example project (it reads the inputs) only")
     if not 0.0 <= args.throttle < 1.0:
         parser.error("--throttle must be at least 0 and below 1")
     if not args.script_args and args.project is None:
         args.script_args = ["--epochs", "2", "--samples", "4096"]
+    if args.inputs:  # the example prints both (the node masks the secret) and records them
+        args.script_args += ["--show-env", VARIABLE, "--show-env", SECRET_VARIABLE]
     return args
 
 

@@ -23,6 +23,7 @@ from rehearsal.checks import (
 )
 from rehearsal.deployments import Deployment, Rehearsal, agent_output, check_main_address
 from rehearsal.emulated_aws import CREDENTIAL_ENV, REGION, stack_groups
+from rehearsal.inputs import RehearsalInputs, check_inputs
 from rehearsal.processes import run_environment
 from rehearsal.report import Manifest, Phases, RehearsalError, log
 from stacks.config import PROJECT_DIR
@@ -36,8 +37,17 @@ def rehearse(
     rehearsal = Rehearsal(args, folder, phases, run_id, manifest)
     try:
         rehearsal.installs = phases.run("install the project here", lambda: install_here(args))
+        inputs = None
+        if args.inputs:
+            inputs = phases.run(
+                "data, a variable and a secret",
+                lambda: RehearsalInputs.create(rehearsal.aws, folder, run_id),
+            )
         first = rehearsal.deploy(
-            "the settings given", spot_node=args.spot_node, lose_node=args.lose_node
+            "the settings given",
+            spot_node=args.spot_node,
+            lose_node=args.lose_node,
+            **(inputs.settings if inputs else {}),
         )
         if args.spot_node is not None and not args.recover:
             phases.run("check the interruption", lambda: check_interrupted(rehearsal, first))
@@ -58,6 +68,10 @@ def rehearse(
                 rehearsal.aws, first.config, first.outputs, first.folder, first.nodes
             ),
         )
+        if inputs:
+            phases.run(
+                "check the inputs", lambda: check_run_inputs(rehearsal, first, summary, inputs)
+            )
         if args.restarted:
             phases.run("check the restart", lambda: check_restarted(first, summary))
         if args.recover:
@@ -70,7 +84,9 @@ def rehearse(
             return
         local = phases.run(
             "local cluster, same settings",
-            lambda: local_cluster_summary(folder, first.config, run_id),
+            lambda: local_cluster_summary(
+                folder, first.config, run_id, inputs.local_args if inputs else ()
+            ),
         )
         log(f"the same result as the local cluster, bit for bit ({same_result(summary, local)})")
         if args.runs:
@@ -80,6 +96,30 @@ def rehearse(
             check_runs(rehearsal, first, summary)
     finally:
         rehearsal.close()
+
+
+def check_run_inputs(
+    rehearsal: Rehearsal, deployment: Deployment, summary: dict[str, Any], inputs: RehearsalInputs
+) -> None:
+    stack = deployment.config.stack_name
+    shown = "".join(
+        result.stdout + result.stderr
+        for result in (
+            console(rehearsal, "status", "--stack", stack),
+            console(rehearsal, "logs", "--stack", stack),
+        )
+    )
+    check_inputs(
+        inputs,
+        rehearsal.aws,
+        rehearsal.network,
+        deployment.folder,
+        rehearsal.folder,
+        deployment.nodes,
+        summary,
+        deployment.outputs["LogGroup"],
+        shown,
+    )
 
 
 # A peer's failure is seen within the agent's poll (15 s); then fabric run stops.

@@ -423,3 +423,22 @@ def test_a_spot_notice_on_node_1_interrupts_the_run_and_a_new_cluster_resumes_it
     throttled = re.findall(r"the nodes met an AWS that throttles: (\d+) of (\d+) ", out)
     assert throttled and all(int(refused) > 0 for refused, _ in throttled), throttled
     assert leftovers(manifest) == {}
+
+
+def test_data_env_and_a_secret_reach_every_rank_and_the_secret_shows_nowhere(
+    tmp_path: Path,
+) -> None:
+    """A data channel in the emulated S3, a variable and a SecureString: the example trains on
+    the channel (bit for bit as the local cluster on the same files) and reads both; every node
+    holds the files on its own disk; a second start copies nothing, a change in S3 only what
+    changed; the secret's value is in no file, log event, parameter, object, template or line
+    of make status and make logs, and the script's own print of it is masked."""
+    assert REASON is None, REASON
+    out, manifest = rehearse(tmp_path, "--inputs", "--devices-per-node", "1")
+    assert "trained on channel train (2048 samples) and read REHEARSAL_NOTE and HF_TOKEN" in out
+    assert "every node holds the same 2 file(s) on its own disk" in out
+    assert "a second start copied 0 of 2 file(s) on every node; after a change in S3, 1" in out
+    assert "the script's print of it reads 'env HF_TOKEN=********'" in out
+    assert "[node 0] [fabric-agent] phase: reading-secrets" in out
+    assert "the same result as the local cluster, bit for bit" in out
+    assert leftovers(manifest) == {}

@@ -142,7 +142,7 @@ class Progress:
         self.done = 0
         self.report = report
         self.lock = threading.Lock()
-        self.last = 0.0
+        self.last = time.monotonic()  # the first and last are said anyway
 
     def add(self, size: int) -> None:
         with self.lock:
