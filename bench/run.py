@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import recovery, spot_upload
+from bench import data_copy, recovery, spot_upload
 from stacks.config import PROJECT_DIR
 from stacks.user_data import UV_VERSION
 
@@ -449,6 +449,7 @@ def main() -> int:
         print("\n".join(spot_upload.NOTE), flush=True)
     if not args.skip_rehearsal:  # one rehearsal: its figures are times of single events
         section(recovery.TITLE, recovery.rows(recovery.measure(1)))
+    section(data_copy.TITLE, data_copy.rows(*data_copy.measure(runs)))
     RESULTS.write_text("\n".join(out))
     print(f"written to {RESULTS}")
     return 0

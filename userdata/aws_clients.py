@@ -55,8 +55,13 @@ def retrying(client: Any) -> Any:
     return client
 
 
-def aws_client(service: str, region: str, timeout: float) -> Any:
+def aws_client(service: str, region: str, timeout: float, connections: int = 10) -> Any:
     """A node's client. Honours AWS_ENDPOINT_URL (boto3 reads it): tests and rehearsals stay
-    local."""
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries=retries())
+    local. connections: as many as the threads that share it (botocore's default is 10)."""
+    config = Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries=retries(),
+        max_pool_connections=connections,
+    )
     return retrying(boto3.client(service, region_name=region, config=config))

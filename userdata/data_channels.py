@@ -37,6 +37,7 @@ WORKERS = 16  # objects at once; S3 advises one request per 85-90 MB/s wanted
 TRANSFER = TransferConfig(
     multipart_threshold=64 * 1024**2, multipart_chunksize=16 * 1024**2, max_concurrency=4
 )
+CONNECTIONS = WORKERS * TRANSFER.max_request_concurrency  # of the client the copy shares
 RESERVE_BYTES = 1024**3  # left free on the volume for logs, checkpoints and caches
 # Seconds between progress phases: PutParameter is a few calls a second for the whole account.
 REPORT_EVERY = 30.0
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if not channels:
         print(f"no data channels in {args.inputs}")
         return 0
-    s3 = aws_client("s3", args.region, 30.0)
+    s3 = aws_client("s3", args.region, 30.0, CONNECTIONS)
     try:
         result = copy_channels(s3, channels, Path(args.data_dir), print)
     except AgentError as error:

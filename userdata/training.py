@@ -29,7 +29,7 @@ from userdata.cluster_control import (
     StopWatch,
     is_spot_notice,
 )
-from userdata.data_channels import copy_channels, data_dir_variable
+from userdata.data_channels import CONNECTIONS, copy_channels, data_dir_variable
 from userdata.errors import AgentError
 from userdata.fabric_command import (
     fabric_environment,
@@ -138,6 +138,7 @@ def data_variables(
         return {}
     data_dir = Path(args.data_dir)
     if not args.dry_run:
+        s3 = aws_client("s3", s3.meta.region_name, 30.0, CONNECTIONS)  # one per copy thread
         copied = copy_channels(s3, inputs.data, data_dir, reporter.record)
         log(f"data: {copied.describe()} in {data_dir}")
         reporter.record("waiting-for-main")
