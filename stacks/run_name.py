@@ -35,8 +35,14 @@ def run_fingerprint(config: ClusterConfig) -> str:
 
 def run_name(config: ClusterConfig) -> str:
     """The same project and training settings: the same run, which a new cluster continues;
-    a change of code, arguments or world size: a new run beside the old ones."""
+    a change of code, arguments, data channels or world size: a new run beside the old ones
+    (variables and secrets are not what it trains on: a new key continues the run)."""
     if config.run:
         return config.run
-    what = {"training": run_fingerprint(config), "script_args": list(config.script_args)}
+    what: dict[str, object] = {
+        "training": run_fingerprint(config),
+        "script_args": list(config.script_args),
+    }
+    if config.inputs.data:  # as a --data in script_args would; no data: the names as before
+        what["data"] = [[channel.name, channel.uri] for channel in config.inputs.data]
     return "run-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]

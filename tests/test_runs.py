@@ -28,11 +28,21 @@ def test_the_same_project_and_settings_are_the_same_run() -> None:
     assert run_name(config()).startswith("run-")
     # Where it trains is not what it trains.
     assert run_name(config(instance_type="c7i.xlarge", spot="true")) == run_name(config())
+    # Nor its variables and keys (a new key continues the run); its data is.
+    assert run_name(config(env="NCCL_DEBUG=INFO", secrets="K=/team/k")) == run_name(config())
+    with_data = run_name(config(data="s3://my-data/mnist/"))
+    assert run_name(config(data="s3://my-data/mnist")) == with_data
+    assert run_name(config(data="train=s3://my-data/mnist/")) != with_data
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"script_args": "--epochs 5"}, {"num_nodes": "3"}, {"precision": "bf16-mixed"}],
+    [
+        {"script_args": "--epochs 5"},
+        {"num_nodes": "3"},
+        {"precision": "bf16-mixed"},
+        {"data": "s3://my-data/mnist/"},
+    ],
 )
 def test_changed_arguments_or_world_size_start_a_new_run(change: dict[str, str]) -> None:
     assert run_name(config(**change)) != run_name(config())
