@@ -287,6 +287,17 @@ def test_status_in_progress_shows_progress_and_an_eta(endpoint: str) -> None:
     assert out.splitlines()[-1] == "run run-a: in progress"
 
 
+def test_status_shows_a_nodes_data_copy_while_it_copies(endpoint: str) -> None:
+    world = deploy(endpoint, ["data: 3.2 of 10.0 GB", "waiting-for-main"])
+
+    result = console("status", "--stack", world.stack)
+
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if line.lstrip().startswith("0 ")]
+    assert "data: 3.2 of 10.0 GB" in row
+    assert result.stdout.splitlines()[-1] == "run run-a: in progress"
+
+
 def test_status_watch_ends_with_the_verdict(endpoint: str) -> None:
     world = deploy(endpoint, ["done", "done"])
     result = console("status", "--stack", world.stack, "--watch", "--interval", "1")
