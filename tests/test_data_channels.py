@@ -159,3 +159,13 @@ def test_data_that_does_not_fit_the_volume_is_refused_before_any_copy(
 def test_fabric_data_dir_is_the_channel_itself_when_there_is_one(tmp_path: Path) -> None:
     assert data_dir_variable(tmp_path, (TRAIN,)) == str(tmp_path / "train")
     assert data_dir_variable(tmp_path, (TRAIN, EVAL)) == str(tmp_path)
+
+
+def test_a_key_that_is_also_another_keys_folder_is_one_line(s3, bucket, tmp_path: Path) -> None:
+    s3.put_object(Bucket=BUCKET, Key="mnist/eval/labels.txt/extra.bin", Body=b"x")
+    with pytest.raises(AgentError) as error:
+        copy_channels(s3, (EVAL,), tmp_path, lambda _: None, workers=1)
+    assert str(error.value).startswith(
+        f"data channel eval: cannot write s3://{BUCKET}/mnist/eval/labels.txt"
+    )
+    assert not list(tmp_path.rglob("*.fabric-part"))

@@ -12,6 +12,7 @@ GB`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -173,28 +174,32 @@ def check_room(data_dir: Path, missing: int) -> None:
 
 
 def _download(s3: Any, item: S3Object, bucket: str, target: Path, progress: Progress) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """One object to a temporary name beside its place, renamed once whole; one line naming
+    the channel and the object when it cannot be (S3, or this disk: full, a key that is also
+    another key's folder, a name too long)."""
+    source = f"s3://{bucket}/{item.key}"
     partial = target.with_name(target.name + ".fabric-part")
     try:
-        s3.download_file(
-            bucket,
-            item.key,
-            str(partial),
-            Callback=progress.add,
-            Config=TRANSFER,
-        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, item.key, str(partial), Callback=progress.add, Config=TRANSFER)
+        size = partial.stat().st_size
+        if size != item.size:
+            raise AgentError(
+                f"data channel {item.channel}: {source} came as {size} bytes, not {item.size}"
+            )
+        os.replace(partial, target)
     except (ClientError, BotoCoreError) as error:
-        partial.unlink(missing_ok=True)
         raise AgentError(
-            f"data channel {item.channel}: cannot copy s3://{bucket}/{item.key}: {_reason(error)}"
+            f"data channel {item.channel}: cannot copy {source}: {_reason(error)}"
         ) from None
-    if partial.stat().st_size != item.size:
-        partial.unlink(missing_ok=True)
+    except OSError as error:
         raise AgentError(
-            f"data channel {item.channel}: s3://{bucket}/{item.key} came as "
-            f"{partial.stat().st_size} bytes, not {item.size}"
-        )
-    os.replace(partial, target)
+            f"data channel {item.channel}: cannot write {source} to {target}: "
+            f"{error.strerror or error}"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 def remove_stale(data_dir: Path, manifest: Manifest, listed: dict[str, list[S3Object]]) -> None:
