@@ -3,6 +3,8 @@ cdk-nag and checkov acknowledgments of what the stack grants it."""
 
 from __future__ import annotations
 
+import re
+
 import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from constructs import Construct
@@ -206,6 +208,9 @@ SECRET_SERVICES = (
 )
 
 
+_SECRET_SUFFIX = re.compile(r"-[A-Za-z0-9]{6}$")
+
+
 def _secret_place(stack: cdk.Stack, secret: SecretRef) -> tuple[str, str, str]:
     """(partition, region, account) of a secret: its ARN's, else the stack's."""
     if secret.arn_parts:
@@ -218,6 +223,8 @@ def secret_arn(stack: cdk.Stack, secret: SecretRef) -> str:
     """A parameter's ARN, or a secret's with the six characters Secrets Manager appends to its
     name (AWS: name-??????, not name-*, which would also match name-a-longer-name)."""
     if secret.arn_parts:
+        if secret.service == "secretsmanager" and not _SECRET_SUFFIX.search(secret.name):
+            return f"{secret.name}-??????"  # a partial ARN: Secrets Manager accepts it
         return secret.name
     if secret.service == "ssm":
         return stack.format_arn(

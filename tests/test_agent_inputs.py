@@ -93,6 +93,8 @@ def test_the_script_gets_env_the_secret_and_its_data_and_the_secret_shows_nowher
     assert SECRET not in phase
     history = ssm.get_parameter_history(Name=parameters.phase(0))["Parameters"]
     assert not [p for p in history if SECRET in p["Value"]]
+    stops = ssm.get_parameter_history(Name=parameters.stop)["Parameters"]  # the cluster's stop
+    assert not [p for p in stops if SECRET in p["Value"]]
     if outcome == "ok":
         assert result.returncode == 0, output
         assert phase == "done"

@@ -169,3 +169,25 @@ def test_a_key_that_is_also_another_keys_folder_is_one_line(s3, bucket, tmp_path
         f"data channel eval: cannot write s3://{BUCKET}/mnist/eval/labels.txt"
     )
     assert not list(tmp_path.rglob("*.fabric-part"))
+
+
+def test_a_stop_meanwhile_ends_the_copy_and_keeps_what_is_whole(
+    s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop of the cluster (or SIGTERM) during a long copy: no more objects start, what is
+    whole is kept; the next start copies the rest. Leftovers of a killed copy are wiped."""
+    monkeypatch.setattr(data_channels, "STOP_EVERY", 0.05)
+    (tmp_path / data_channels.PARTIAL_DIR).mkdir(parents=True)
+    (tmp_path / data_channels.PARTIAL_DIR / "7.a1b2c3").write_bytes(b"left by a killed copy")
+    looks = []
+
+    def stop() -> str | None:
+        looks.append(1)
+        return "node 1 failed (out of memory)" if len(looks) >= 2 else None
+
+    with pytest.raises(data_channels.CopyStopped, match="node 1 failed"):
+        copy_channels(s3, (TRAIN,), tmp_path, lambda _: None, workers=1, stop=stop)
+    assert not (tmp_path / data_channels.PARTIAL_DIR / "7.a1b2c3").exists()
+    rest = copy_channels(s3, (TRAIN,), tmp_path, lambda _: None)
+    assert 0 < rest.files_copied < 3
+    assert not (tmp_path / data_channels.PARTIAL_DIR).exists()

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from tests.conftest import REGION, moto_client
+from userdata import secret_values
 from userdata.errors import AgentError
 from userdata.masking import MASK, Masker, pump
 from userdata.phase import PhaseReporter
@@ -125,3 +126,62 @@ def test_a_phase_never_holds_a_value(capsys: pytest.CaptureFixture[str]) -> None
         capsys.readouterr().out
         == f"[fabric-agent] phase: failed: script: ValueError: bad token {MASK}\n"
     )
+
+
+def test_escaped_encoded_and_json_field_forms_are_masked_too() -> None:
+    secret = '{"username": "svc-user", "password": "p@ss w\\"ord/1"}'
+    masker = Masker([secret])
+    printed = [
+        'password p@ss w"ord/1',  # one field of the JSON secret
+        "repr 'p@ss w\"ord/1'",
+        'json "p@ss w\\"ord/1"',
+        "url postgres://svc-user:p%40ss%20w%22ord%2F1@db/x",
+        "form p%40ss+w%22ord%2F1",
+    ]
+    for line in printed:
+        assert "p@ss" not in masker.mask(line) and "p%40ss" not in masker.mask(line), line
+    assert masker.mask("user svc-user") == f"user {MASK}"
+
+
+def test_a_sink_that_is_gone_does_not_block_the_child() -> None:
+    child_read, child_write = os.pipe()
+    sink_read, sink_write = os.pipe()
+    os.close(sink_read)  # nobody reads: every write fails (EPIPE)
+    with os.fdopen(child_read, "rb", buffering=0) as source:
+        thread = threading.Thread(target=pump, args=(source, sink_write, Masker([VALUE])))
+        thread.start()
+        for _ in range(64):  # far more than a pipe holds: the pump must keep draining
+            os.write(child_write, b"x" * 4096 + b"\n")
+        os.close(child_write)
+        thread.join(10)
+        assert not thread.is_alive()
+    os.close(sink_write)
+
+
+def test_parameters_are_read_ten_at_a_time(
+    moto_url: str, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 nodes read their secrets at once from an account-wide quota: one GetParameters per
+    ten, not one call per secret."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    ssm = moto_client(moto_url, "ssm")
+    names = [f"/batch-{os.getpid()}/key-{index}" for index in range(12)]
+    for index, name in enumerate(names):
+        ssm.put_parameter(Name=name, Value=f"value-{index:04d}", Type="SecureString")
+    calls: list[str] = []
+    real = secret_values.aws_client
+
+    def counted(*args, **kwargs):
+        client = real(*args, **kwargs)
+        client.meta.events.register("before-call.*.*", lambda model, **_: calls.append(model.name))
+        return client
+
+    monkeypatch.setattr(secret_values, "aws_client", counted)
+    refs = tuple(SecretRef(f"KEY_{index}", "ssm", name) for index, name in enumerate(names))
+    try:
+        found = read_secrets(refs, REGION, 5.0)
+    finally:
+        ssm.delete_parameters(Names=names[:10])
+        ssm.delete_parameters(Names=names[10:])
+    assert found == {f"KEY_{index}": f"value-{index:04d}" for index in range(12)}
+    assert calls == ["GetParameters", "GetParameters"]

@@ -165,9 +165,10 @@ def test_secrets_given_by_arn_in_another_region_are_granted_there(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:shared/hf-AbCdEf"
-    synth = synthesized(tmp_path_factory, secrets=f"HF_TOKEN={arn}")
+    partial = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:shared/db"  # no suffix
+    synth = synthesized(tmp_path_factory, secrets=f"HF_TOKEN={arn},DB={partial}")
     (get_secret,) = with_action(synth, "secretsmanager:GetSecretValue")
-    assert listed(get_secret["Resource"]) == [arn]
+    assert sorted(listed(get_secret["Resource"])) == sorted([arn, f"{partial}-??????"])
     (decrypt,) = with_action(synth, "kms:Decrypt")
     assert listed(decrypt["Resource"]) == ["arn:aws:kms:eu-west-1:123456789012:key/*"]
     assert json.dumps(decrypt["Condition"]["StringEquals"]) == json.dumps(

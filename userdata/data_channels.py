@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ RESERVE_BYTES = 1024**3  # left free on the volume for logs, checkpoints and cac
 REPORT_EVERY = 30.0
 SAVE_EVERY = 5.0  # seconds between manifest writes: a crash copies at most that much again
 GB = 1e9
+PARTIAL_DIR = ".partial"
+STOP_EVERY = 5.0  # seconds between looks at whether to stop
 
 
 @dataclass(frozen=True)
@@ -173,15 +175,33 @@ def check_room(data_dir: Path, missing: int) -> None:
         )
 
 
-def _download(s3: Any, item: S3Object, bucket: str, target: Path, progress: Progress) -> None:
-    """One object to a temporary name beside its place, renamed once whole; one line naming
-    the channel and the object when it cannot be (S3, or this disk: full, a key that is also
-    another key's folder, a name too long)."""
+class CopyStopped(Exception):
+    """The copy stopped before its end: a stop of the cluster, or of this node, meanwhile."""
+
+
+def _fetch(s3: Any, item: S3Object, bucket: str, partial: Path, progress: Progress) -> None:
+    """A small object in one GET, pinned to the listed ETag (IfMatch: no mix of two
+    versions); a large one in ranges, several at once (s3transfer)."""
+    if item.size >= TRANSFER.multipart_threshold:
+        s3.download_file(bucket, item.key, str(partial), Callback=progress.add, Config=TRANSFER)
+        return
+    body = s3.get_object(Bucket=bucket, Key=item.key, IfMatch=item.etag)["Body"]
+    with partial.open("wb") as out:
+        while chunk := body.read(1024**2):
+            out.write(chunk)
+            progress.add(len(chunk))
+
+
+def _download(
+    s3: Any, item: S3Object, bucket: str, target: Path, partial: Path, progress: Progress
+) -> None:
+    """One object to a temporary name (in the data dir's .partial/, wiped at each start),
+    renamed into place once whole; one line naming the channel and the object when it cannot
+    be (S3, or this disk: full, a key that is also another key's folder, a name too long)."""
     source = f"s3://{bucket}/{item.key}"
-    partial = target.with_name(target.name + ".fabric-part")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, item.key, str(partial), Callback=progress.add, Config=TRANSFER)
+        _fetch(s3, item, bucket, partial, progress)
         size = partial.stat().st_size
         if size != item.size:
             raise AgentError(
@@ -237,7 +257,10 @@ def copy_channels(
     data_dir: Path,
     report: Callable[[str], None],
     workers: int = WORKERS,
+    stop: Callable[[], str | None] = lambda: None,
 ) -> CopyResult:
+    """stop: why to stop now (a stop of the cluster or of this node), looked at every few
+    seconds; CopyStopped then, with what is whole kept for the next start."""
     started = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
     listed = {channel.name: list_channel(s3, channel) for channel in channels}
@@ -259,25 +282,38 @@ def copy_channels(
     progress = Progress(total, report)
     progress.done = have
     progress.say()
+    partials = data_dir / PARTIAL_DIR  # what a killed copy left: never taken for data
+    shutil.rmtree(partials, ignore_errors=True)
+    partials.mkdir()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data")
+    futures = {
+        pool.submit(
+            _download, s3, item, buckets[item.channel], target, partials / str(index), progress
+        ): item
+        for index, (item, target) in enumerate(todo)
+    }
     saved = time.monotonic()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data") as pool:
-        futures = {
-            pool.submit(_download, s3, item, buckets[item.channel], target, progress): item
-            for item, target in todo
-        }
-        try:
-            for future in as_completed(futures):
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=STOP_EVERY, return_when=FIRST_COMPLETED)
+            for future in done:  # every whole one recorded before a failure is raised
+                if future.exception() is None:
+                    manifest.record(futures[future])
+            for future in done:
                 future.result()
-                manifest.record(futures[future])
-                if time.monotonic() - saved >= SAVE_EVERY:
-                    manifest.save()
-                    saved = time.monotonic()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        finally:
-            manifest.save()
+            if time.monotonic() - saved >= SAVE_EVERY:
+                manifest.save()
+                saved = time.monotonic()
+            reason = stop()
+            if reason and pending:
+                raise CopyStopped(reason)
+    finally:
+        # On a failure or a stop, what is under way ends on its own; nothing more starts.
+        pool.shutdown(wait=not pending, cancel_futures=True)
+        manifest.save()
+        if not pending:
+            shutil.rmtree(partials, ignore_errors=True)
     progress.say()
     return CopyResult(
         total=total,

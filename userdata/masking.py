@@ -3,16 +3,40 @@ on to agent.log, the journal, the console and CloudWatch Logs) and the phases.""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 from collections.abc import Iterable
 from typing import BinaryIO, TextIO
+from urllib.parse import quote, quote_plus
 
 MASK = "********"
 MIN_LENGTH = 4  # shorter values would mask ordinary text; such a value is no secret anyway
 LINE_ENDS = (b"\n", b"\r")  # \r: progress bars redraw their line
 HOLD_LIMIT = 64 * 1024  # a line longer than this goes out in pieces
+
+
+def forms(value: str) -> set[str]:
+    """The ways a script may print a value: as it is, a line at a time (a key file), escaped
+    as repr or JSON would, URL-encoded (a password in a connection string), and each string
+    field of a JSON object (Secrets Manager's usual form). Best effort: base64 is not caught."""
+    found = {value, *value.splitlines()}
+    try:
+        fields = json.loads(value)
+    except ValueError:
+        fields = None
+    if isinstance(fields, dict):
+        found |= {item for item in fields.values() if isinstance(item, str)}
+    for each in list(found):
+        found |= {
+            json.dumps(each)[1:-1],
+            json.dumps(each, ensure_ascii=False)[1:-1],
+            repr(each)[1:-1],
+            quote(each, safe=""),
+            quote_plus(each),
+        }
+    return found
 
 
 class Masker:
@@ -23,10 +47,9 @@ class Masker:
     def add(self, values: Iterable[str]) -> None:
         found = set(self.values)
         for value in values:
-            # A multi-line secret (a key file) may be printed line by line.
-            for part in [value, *value.splitlines()]:
-                if len(part.strip()) >= MIN_LENGTH:
-                    found.add(part.strip().encode())
+            for form in forms(value):
+                if len(form.strip()) >= MIN_LENGTH:
+                    found.add(form.strip().encode())
         self.values = sorted(found, key=len, reverse=True)  # the longest first
 
     def __bool__(self) -> bool:
@@ -67,6 +90,7 @@ def pump(source: BinaryIO, sink: int, masker: Masker) -> None:
     split across reads is still caught), until the child closes it."""
     held = b""
     fd = source.fileno()
+    sink_open = True
     while chunk := os.read(fd, 65536):
         held += chunk
         cut = max(held.rfind(end) for end in LINE_ENDS) + 1
@@ -74,9 +98,10 @@ def pump(source: BinaryIO, sink: int, masker: Masker) -> None:
             longest = max(len(value) for value in masker.values)
             cut = _outside_values(held, len(held) - longest, masker)
         if cut > 0:
-            _write(sink, masker.mask_bytes(held[:cut]))
+            # A sink gone (the tee killed) must not fill the pipe and block the ranks: drain.
+            sink_open = sink_open and _write(sink, masker.mask_bytes(held[:cut]))
             held = held[cut:]
-    if held:
+    if held and sink_open:
         _write(sink, masker.mask_bytes(held))
 
 
@@ -92,10 +117,15 @@ def _outside_values(data: bytes, cut: int, masker: Masker) -> int:
     return cut
 
 
-def _write(fd: int, data: bytes) -> None:
+def _write(fd: int, data: bytes) -> bool:
+    """Whether the sink took it all."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        return False
+    return True
 
 
 def start_pump(source: BinaryIO, sink: int, masker: Masker) -> threading.Thread:

@@ -37,7 +37,9 @@ class Records:
         self.phase.record(phase)
 
     def fail(self, reason: str) -> None:
-        """The cluster's stop first (the other nodes stop sooner), then this node's phase."""
+        """The cluster's stop first (the other nodes stop sooner), then this node's phase; a
+        secret's value masked in both (the reason may quote the script's error)."""
+        reason = self.phase.masker.mask(reason)
         if self.control:
             self.control.declare(FAILED, reason)
         self.phase.record(f"failed: {reason}")

@@ -229,6 +229,7 @@ def secret_ref(variable: str, reference: str) -> SecretRef:
             (reference.startswith("/") or reference.startswith("ssm:"))
             and _SSM_NAME.fullmatch(name)
             and len(name) <= 1011
+            and (name.startswith("/") or "/" not in name)  # SSM: a path starts with /
             and not name.lstrip("/").lower().startswith(("aws", "ssm"))
         ):
             return SecretRef(variable, "ssm", name)

@@ -29,7 +29,7 @@ from userdata.cluster_control import (
     StopWatch,
     is_spot_notice,
 )
-from userdata.data_channels import CONNECTIONS, copy_channels, data_dir_variable
+from userdata.data_channels import CONNECTIONS, CopyStopped, copy_channels, data_dir_variable
 from userdata.errors import AgentError
 from userdata.fabric_command import (
     fabric_environment,
@@ -69,6 +69,11 @@ INTERRUPT_GRACE = 90.0  # seconds a node's ranks get to checkpoint on a stop els
 # recover: the members moved on to a new generation (a node replaced) while fabric run ran.
 GENERATION_MOVED = threading.Event()
 PROGRESS_INTERVAL = 15.0  # seconds between uploads of the script's progress.json
+PUMP_DRAIN_SECONDS = 10.0  # for the masked output's last lines once fabric run has ended
+# A node's copy of the data channels at its slowest (a replaced node's empty disk): below gp3's
+# 125 MiB/s baseline, which the copy reaches (bench/results.md, section 8).
+SLOWEST_COPY_BYTES_PER_S = 50 * 1024**2
+PEER_LOOK_SECONDS = 30.0
 
 
 def resolve(
@@ -130,19 +135,70 @@ def secret_variables(
 
 
 def data_variables(
-    args: argparse.Namespace, inputs: RunInputs, s3, reporter: PhaseReporter
+    args: argparse.Namespace,
+    inputs: RunInputs,
+    s3,
+    reporter: PhaseReporter,
+    stop: Callable[[], str | None],
 ) -> dict[str, str]:
-    """$FABRIC_DATA_DIR, once the data channels are on this node's own disk. A dry run copies
-    nothing."""
+    """$FABRIC_DATA_DIR, once the data channels are on this node's own disk; the rendezvous
+    bound grows by the time a node with an empty disk (a replaced one) takes to copy them.
+    A dry run copies nothing. A stop of this node or of the cluster meanwhile ends the copy
+    (CopyStopped)."""
     if not inputs.data:
         return {}
     data_dir = Path(args.data_dir)
     if not args.dry_run:
         s3 = aws_client("s3", s3.meta.region_name, 30.0, CONNECTIONS)  # one per copy thread
-        copied = copy_channels(s3, inputs.data, data_dir, reporter.record)
+        copied = copy_channels(s3, inputs.data, data_dir, reporter.record, stop=stop)
         log(f"data: {copied.describe()} in {data_dir}")
+        longest = int(copied.total / SLOWEST_COPY_BYTES_PER_S)
+        if longest > 0:
+            args.rendezvous_timeout += longest
+            log(
+                f"data: the rendezvous waits up to {args.rendezvous_timeout} s, {longest} s "
+                "more for a peer that copies it all"
+            )
         reporter.record("waiting-for-main")
     return {DATA_DIR_ENV: data_dir_variable(data_dir, inputs.data)}
+
+
+class StopLook:
+    """Why a data copy should stop: SIGTERM here, or the cluster's stop written by another
+    node (read at most every PEER_LOOK_SECONDS: Parameter Store's throughput is shared)."""
+
+    def __init__(self, control: ClusterControl | None, max_hours: float) -> None:
+        self.control = control
+        self.max_hours = max_hours
+        self.looked = time.monotonic()
+        self.stop: Stop | None = None
+
+    def __call__(self) -> str | None:
+        if TERMINATED.is_set():
+            return stopped_from_outside(self.max_hours)
+        if self.control is None or time.monotonic() - self.looked < PEER_LOOK_SECONDS:
+            return None
+        self.looked = time.monotonic()
+        try:
+            stop = self.control.read_stop()
+        except (BotoCoreError, ClientError):
+            return None  # a missed look: the next one, or the rendezvous, tells
+        if stop is not None and stop.instance != self.control.instance:
+            self.stop = stop
+            return stop.describe()
+        return None
+
+
+def copy_stopped(stopped: CopyStopped, look: StopLook, reporter: PhaseReporter) -> int:
+    """The data copy ended by a stop: this node's (interrupted) or another node's."""
+    log(f"data: the copy stopped: {stopped}; what is whole stays for the next start")
+    if TERMINATED.is_set():
+        reporter.record(f"interrupted: {stopped}")
+        return 0
+    if look.stop is not None and look.stop.state == FAILED:
+        raise PeerFailed(str(stopped))
+    reporter.record(f"interrupted: {stopped}")
+    return 0
 
 
 def run_fabric(
@@ -173,8 +229,8 @@ def run_fabric(
         return process.wait()
     finally:
         RUNNING[0] = None
-        if pump:
-            pump.join()
+        if pump:  # a grandchild that keeps the pipe open must not hold the agent here
+            pump.join(PUMP_DRAIN_SECONDS)
 
 
 def train(args: argparse.Namespace, records: Records) -> int:
@@ -232,7 +288,12 @@ def train(args: argparse.Namespace, records: Records) -> int:
             log=log,
         )
     # After node 0 has published (recover): the others wait for its address, not its copy.
-    given_to_script.update(data_variables(args, inputs, s3, reporter))
+    on_stop_signal(control, args.max_hours)
+    look = StopLook(control, args.max_hours)
+    try:
+        given_to_script.update(data_variables(args, inputs, s3, reporter, look))
+    except CopyStopped as stopped:
+        return copy_stopped(stopped, look, reporter)
     command, environment = resolve(args, identity, ssm)
     environment.update(given_to_script)
     if args.dry_run:
@@ -256,7 +317,6 @@ def train(args: argparse.Namespace, records: Records) -> int:
         sync.mark_seen(restored.paths)  # in S3 already
         sync.start()
         kept = KeptOutputs.start(s3, args)
-    on_stop_signal(control, args.max_hours)
     log(f"running: {shlex.join(command)}")
     watcher = SpotWatcher(
         imds, args.spot_poll_interval, log, on_notice=lambda notice: declare_notice(control, notice)
