@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,17 @@ def checkov(*templates: Path) -> dict[str, Any]:
              for check in report["results"].get(kind, [])}  # fmt: skip
     assert files == {str(t.resolve()) for t in templates}, files  # every template was read
     return report
+
+
+def assert_lint_clean(*synths: Synth) -> None:
+    """cdk-nag (during the synth), cfn-lint and checkov find nothing in these templates."""
+    for synth in synths:
+        assert synth.violations("AwsSolutions") == []
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable",
+             str(synth.template_path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    results = checkov(*(synth.template_path for synth in synths))["results"]
+    assert [(c["check_id"], c["resource"]) for c in results["failed_checks"]] == []

@@ -112,34 +112,33 @@ def test_the_script_gets_env_the_secret_and_its_data_and_the_secret_shows_nowher
         )
 
 
-def test_a_missing_secret_fails_the_node_before_training_in_one_line(
-    aws_env, ssm, tmp_path: Path
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            RunInputs(secrets=(SecretRef("HF_TOKEN", "ssm", "/test/absent"),)),
+            "secret HF_TOKEN (parameter /test/absent): not found",
+        ),
+        (
+            RunInputs(data=(DataChannel("train", "no-such-bucket", "x/"),)),
+            "data channel train: cannot list s3://no-such-bucket/x/: the bucket does not exist",
+        ),
+    ],
+    ids=["missing-secret", "unreadable-channel"],
+)
+def test_an_input_that_cannot_be_had_fails_the_node_before_training_in_one_line(
+    aws_env, ssm, tmp_path: Path, inputs: RunInputs, message: str
 ) -> None:
     parameters = StackParameters.put(ssm, "127.0.0.1")
     path = tmp_path / "inputs.json"
-    path.write_text(RunInputs(secrets=(SecretRef("HF_TOKEN", "ssm", "/test/absent"),)).to_json())
+    path.write_text(inputs.to_json())
     with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
         result = run_agent(
             aws_env, imds, *agent_args(parameters, tmp_path, path, "never-run.py"), timeout=60
         )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    message = "secret HF_TOKEN (parameter /test/absent): not found"
     assert f"error: {message}" in result.stderr
     assert parameters.phase_of(ssm, 0) == f"failed: {message}"
-    assert "fabric run" not in result.stdout
-
-
-def test_a_data_channel_that_cannot_be_read_fails_the_node_in_one_line(
-    aws_env, ssm, tmp_path: Path
-) -> None:
-    parameters = StackParameters.put(ssm, "127.0.0.1")
-    path = tmp_path / "inputs.json"
-    path.write_text(RunInputs(data=(DataChannel("train", "no-such-bucket", "x/"),)).to_json())
-    with ImdsStub(node_values("i-0", "127.0.0.1", 0, 1)) as imds:
-        result = run_agent(
-            aws_env, imds, *agent_args(parameters, tmp_path, path, "never-run.py"), timeout=60
-        )
-    message = "data channel train: cannot list s3://no-such-bucket/x/: the bucket does not exist"
-    assert f"error: {message}" in result.stderr
-    assert parameters.phase_of(ssm, 0) == f"failed: {message}"
+    assert parameters.stop_value(ssm).reason == message  # the cluster stops with it
+    assert "running: fabric run" not in result.stdout

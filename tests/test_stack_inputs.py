@@ -5,14 +5,11 @@ without them, the inputs in the payload and no secret anywhere in the synthesize
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cfn import Synth, checkov, synthesized, user_data_text
+from tests.cfn import Synth, assert_lint_clean, synthesized, user_data_text
 from userdata.run_inputs import INPUTS_FILE, RunInputs
 
 DATA = "train=s3://my-data/datasets/train/,eval=s3://other-data.example/eval"
@@ -150,15 +147,7 @@ def test_no_secret_and_no_variable_in_the_template_or_the_user_data(inputs: Synt
 
 
 def test_cdk_nag_cfn_lint_and_checkov_are_clean(inputs: Synth) -> None:
-    assert inputs.violations("AwsSolutions") == []
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable",
-         str(inputs.template_path)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    results = checkov(inputs.template_path)["results"]
-    assert [(c["check_id"], c["resource"]) for c in results["failed_checks"]] == []
+    assert_lint_clean(inputs)
 
 
 def test_secrets_given_by_arn_in_another_region_are_granted_there(

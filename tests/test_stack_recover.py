@@ -5,15 +5,12 @@ groups. recover=false keeps one AWS::EC2::Instance per rank (the other template 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stacks.config import TAG_CLUSTER, TAG_NODE_RANK, TAG_NUM_NODES
-from tests.cfn import Synth, checkov, synthesized, user_data_text
+from tests.cfn import Synth, assert_lint_clean, synthesized, user_data_text
 from userdata.generations import NOT_PUBLISHED
 
 SPOT_TYPES = "t3.large,m5.large"
@@ -152,16 +149,7 @@ def test_spot_groups_pick_among_the_types_price_capacity_optimized(spot_groups: 
 
 
 def test_cdk_nag_cfn_lint_and_checkov_are_clean(groups: Synth, spot_groups: Synth) -> None:
-    for synth in (groups, spot_groups):
-        assert synth.violations("AwsSolutions") == []
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable",
-             str(synth.template_path)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-    results = checkov(groups.template_path, spot_groups.template_path)["results"]
-    assert [(c["check_id"], c["resource"]) for c in results["failed_checks"]] == []
+    assert_lint_clean(groups, spot_groups)
 
 
 def test_64_ranks_of_groups_stay_within_cloudformations_limits(
