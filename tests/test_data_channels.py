@@ -66,7 +66,7 @@ def test_every_object_of_each_channel_is_copied_whole(s3, bucket, tmp_path: Path
         relative = key.removeprefix(f"mnist/{channel}/")
         assert (tmp_path / channel / relative).read_bytes() == body
     assert not (tmp_path / "train" / "empty-folder").exists()
-    assert not list(tmp_path.rglob("*.fabric-part"))
+    assert not (tmp_path / data_channels.PARTIAL_DIR).exists()
     assert "-" in s3.head_object(Bucket=BUCKET, Key="mnist/train/big.bin")["ETag"]  # multipart
     total = sum(len(b) for k, b in bucket.items() if not k.startswith("mnist/other/"))
     assert (result.files, result.files_copied, result.total, result.copied) == (4, 4, total, total)
@@ -165,10 +165,22 @@ def test_a_key_that_is_also_another_keys_folder_is_one_line(s3, bucket, tmp_path
     s3.put_object(Bucket=BUCKET, Key="mnist/eval/labels.txt/extra.bin", Body=b"x")
     with pytest.raises(AgentError) as error:
         copy_channels(s3, (EVAL,), tmp_path, lambda _: None, workers=1)
-    assert str(error.value).startswith(
-        f"data channel eval: cannot write s3://{BUCKET}/mnist/eval/labels.txt"
+    assert str(error.value) == (
+        f"data channel eval: s3://{BUCKET}/mnist/eval/labels.txt is an object and also the "
+        f"folder of s3://{BUCKET}/mnist/eval/labels.txt/extra.bin; a disk holds one of them"
     )
-    assert not list(tmp_path.rglob("*.fabric-part"))
+    assert not (tmp_path / "eval").exists()  # found at the listing, before any byte
+
+
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(s3, bucket, tmp_path: Path) -> None:
+    (tmp_path / "eval").mkdir(parents=True)
+    (tmp_path / "eval" / "labels.txt").mkdir()  # a folder where the object must go
+    with pytest.raises(AgentError) as error:
+        copy_channels(s3, (EVAL,), tmp_path, lambda _: None, workers=1)
+    assert str(error.value).startswith(
+        f"data channel eval: cannot write s3://{BUCKET}/mnist/eval/labels.txt to "
+    )
+    assert not (tmp_path / data_channels.PARTIAL_DIR).exists()
 
 
 def test_a_stop_meanwhile_ends_the_copy_and_keeps_what_is_whole(

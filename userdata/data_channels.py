@@ -100,7 +100,22 @@ def list_channel(s3: Any, channel: DataChannel) -> list[S3Object]:
         ) from None
     if not found:
         raise AgentError(f"data channel {channel.name}: no objects under {channel.uri}")
+    _refuse_file_and_folder(channel, found)
     return found
+
+
+def _refuse_file_and_folder(channel: DataChannel, found: list[S3Object]) -> None:
+    """S3 may hold both `a` and `a/b`; a disk cannot: one line before any byte is copied."""
+    files = {item.relative for item in found}
+    for item in found:
+        parts = item.relative.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise AgentError(
+                    f"data channel {channel.name}: {channel.uri}{folder} is an object and "
+                    f"also the folder of {channel.uri}{item.relative}; a disk holds one of them"
+                )
 
 
 class Manifest:
