@@ -192,10 +192,7 @@ class StopLook:
 def copy_stopped(stopped: CopyStopped, look: StopLook, reporter: PhaseReporter) -> int:
     """The data copy ended by a stop: this node's (interrupted) or another node's."""
     log(f"data: the copy stopped: {stopped}; what is whole stays for the next start")
-    if TERMINATED.is_set():
-        reporter.record(f"interrupted: {stopped}")
-        return 0
-    if look.stop is not None and look.stop.state == FAILED:
+    if not TERMINATED.is_set() and look.stop is not None and look.stop.state == FAILED:
         raise PeerFailed(str(stopped))
     reporter.record(f"interrupted: {stopped}")
     return 0
