@@ -47,3 +47,25 @@ def test_sigterm_here_stops_the_copy_at_once() -> None:
         assert look().startswith("stopped from outside")
     finally:
         TERMINATED.clear()
+
+
+class Phases:
+    def __init__(self) -> None:
+        self.recorded: list[str] = []
+
+    def record(self, phase: str) -> None:
+        self.recorded.append(phase)
+
+
+def test_a_copy_stopped_by_another_nodes_failure_fails_this_one_else_is_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(training, "PEER_LOOK_SECONDS", 0.0)
+    failed = training.StopLook(Control(Stop(FAILED, 1, "i-1", "oom")), 12)  # type: ignore[arg-type]
+    reason = failed()
+    with pytest.raises(training.PeerFailed, match=r"node 1 failed \(oom\)"):
+        training.copy_stopped(training.CopyStopped(reason), failed, Phases())  # type: ignore[arg-type]
+    phases = Phases()
+    interrupted = training.StopLook(Control(Stop("interrupted", 1, "i-1", "spot")), 12)  # type: ignore[arg-type]
+    status = training.copy_stopped(training.CopyStopped(interrupted()), interrupted, phases)  # type: ignore[arg-type]
+    assert status == 0 and phases.recorded == ["interrupted: node 1 interrupted (spot)"]
