@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from userdata.agent_log import log
 from userdata.aws_clients import aws_client
+from userdata.data_channels import DATA_DIR
 from userdata.errors import AgentError
 from userdata.fabric_command import PRECISIONS
 from userdata.imds import Imds, read_identity
@@ -99,7 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--data-dir",
-        default="/opt/fabric/data",
+        default=DATA_DIR,
         help="where the data channels are copied, on this node's own disk",
     )
     parser.add_argument(

@@ -45,6 +45,7 @@ REPORT_EVERY = 30.0
 SAVE_EVERY = 5.0  # seconds between manifest writes: a crash copies at most that much again
 GB = 1e9
 PARTIAL_DIR = ".partial"
+DATA_DIR = "/opt/fabric/data"  # on a node's own disk; boot.sh passes $FABRIC_HOME/data
 STOP_EVERY = 5.0  # seconds between looks at whether to stop
 
 
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m userdata.data_channels", description=main.__doc__
     )
     parser.add_argument("--inputs", default="/opt/fabric/payload/inputs.json")
-    parser.add_argument("--data-dir", default="/opt/fabric/data")
+    parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", ""))
     args = parser.parse_args(argv)
     channels = RunInputs.read(args.inputs).data
