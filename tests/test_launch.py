@@ -7,11 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from torch.distributed import TCPStore
 
 from userdata.fabric_command import LAUNCH_SCRIPT
+from userdata.launch import FINISHED_KEY, wait_for_peers
 from userdata.launch_status import outcome, read_statuses
 
 ONE_STEP = """\
@@ -137,3 +142,63 @@ def test_a_node_with_a_rank_that_never_ended_its_script_has_not_finished(tmp_pat
     assert outcome(folder, ranks=2).finished
     (folder / "rank-2.json").write_text("{torn")
     assert [status.rank for status in read_statuses(folder)] == [0, 1]
+
+
+@pytest.fixture
+def torchrun_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[TCPStore]:
+    """torchrun's own store, as a rank sees it: at MASTER_ADDR:MASTER_PORT, 2 ranks."""
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                        "WORLD_SIZE": "2", "RANK": "3"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    yield store
+
+
+def count_in(store: TCPStore, key: str = f"{FINISHED_KEY}/0") -> None:
+    """The other rank's end, as its launcher counts itself in."""
+    if store.add(key, 1) >= 2:
+        store.set(f"{key}/all", "1")
+
+
+@pytest.mark.slow
+def test_a_rank_that_finished_leaves_only_once_every_rank_has(
+    tmp_path: Path, torchrun_store: TCPStore
+) -> None:
+    """Rank 3 finished; its peer is still in its last lines: rank 3 stays (a rank that left
+    first and aborted at exit would have torchrun kill the peer before it recorded its end)."""
+    command = [sys.executable, str(LAUNCH_SCRIPT), "--", script(tmp_path, ONE_STEP)]
+    environment = {**os.environ, "FABRIC_LAUNCH_STATUS_DIR": str(tmp_path / "status")}
+    with subprocess.Popen(command, cwd=tmp_path, env=environment, text=True) as rank:
+        deadline = time.monotonic() + 60
+        while (
+            not (tmp_path / "status" / "rank-3.json").exists()
+            or record(tmp_path)["state"] != "finished"
+        ):
+            assert rank.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)
+        assert rank.poll() is None  # finished, and waiting for its peer
+        count_in(torchrun_store)
+        assert rank.wait(timeout=30) == 0
+
+
+def test_a_rank_whose_peers_never_finish_leaves_after_the_wait(
+    torchrun_store: TCPStore, capfd: pytest.CaptureFixture[str]
+) -> None:
+    wait_for_peers(timedelta(seconds=1))
+    assert "rank 3 finished; not every rank did within 1 s, leaving without them" in (
+        capfd.readouterr().err
+    )
+
+
+def test_the_last_rank_to_finish_opens_the_gate_at_once(
+    torchrun_store: TCPStore, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count_in(torchrun_store, f"{FINISHED_KEY}/2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # torchrun's third try: its own count
+    started = time.monotonic()
+    wait_for_peers(timedelta(seconds=20))
+    assert time.monotonic() - started < 5
+    assert torchrun_store.get(f"{FINISHED_KEY}/2/all") == b"1"
+    assert "leaving without them" not in capfd.readouterr().err

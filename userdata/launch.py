@@ -12,7 +12,11 @@ module as `python -m MODULE` would (which `fabric run` cannot start itself), and
   resumes from a checkpoint), with the error's last line; see userdata/launch_status.py;
 - a clean end: a script that returns without `destroy_process_group()` (most do) would now and
   then abort at interpreter exit on a non-zero node (`terminate called without an active
-  exception`, a gloo thread torn down under a closed peer socket): the group is destroyed here.
+  exception`, a gloo thread torn down under a closed peer socket): the group is destroyed here;
+- a common end: a rank that finished waits until every rank has recorded its end (or
+  FINISH_WAIT), so that no rank leaves first. A rank that left and then died at interpreter
+  exit would make torchrun kill its peers still in their last lines (a final save, a log), and
+  a peer killed before its record reads as a fault: the finished run would be restarted.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import re
 import runpy
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
 STATUS_DIR_ENV = "FABRIC_LAUNCH_STATUS_DIR"
+# How long a rank that finished waits for the others (their final save, an upload) before it
+# leaves without them; what it recorded stays either way.
+FINISH_WAIT = timedelta(minutes=2)
+FINISHED_KEY = "fabric-launch/finished"
 # Known mistakes, by a pattern of the error's line, and their fix.
 KNOWN_MISTAKES = {
     re.compile(r"Calling\s+`\.launch\(\)` again is not allowed"): "under `fabric run`, leave "
@@ -120,6 +129,31 @@ def destroy_process_group() -> None:
         print(f"[fabric-launch] destroy_process_group: {error}", file=sys.__stderr__)
 
 
+def wait_for_peers(timeout: timedelta = FINISH_WAIT) -> None:
+    """A barrier on torchrun's own store (MASTER_ADDR:MASTER_PORT, there whether or not the
+    script made a process group): every rank counts itself in, the last one opens the gate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if world <= 1 or not address or not port:
+        return
+    # One count per torchrun attempt: a store that outlived a restart has the last one's.
+    key = f"{FINISHED_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        from torch.distributed import TCPStore
+
+        store = TCPStore(address, int(port), is_master=False, timeout=timeout)
+        if store.add(key, 1) >= world:
+            store.set(f"{key}/all", "1")
+        store.wait([f"{key}/all"])
+    except Exception as error:  # the script is done: waiting is a courtesy to the others
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"[fabric-launch] rank {rank} finished; not every rank did within "
+            f"{timeout.total_seconds():g} s, leaving without them ({' '.join(str(error).split())})",
+            file=sys.__stderr__,
+        )
+
+
 def target(argv: list[str]) -> tuple[str, str, list[str]]:
     """("script", path, args) or ("module", name, args) from the launcher's own arguments."""
     if argv[:1] == ["--"]:
@@ -161,6 +195,7 @@ def main() -> int:
                 status.write("failed", error_line(error, stderr), is_infrastructure(error))
             raise
     status.write("finished")
+    wait_for_peers()
     destroy_process_group()
     return 0
 
